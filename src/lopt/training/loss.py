@@ -1,0 +1,69 @@
+"""Causal-LM cross entropy without materializing [batch, seq, vocab] logits.
+
+Only positions with a label are kept, and the LM head is applied to them in chunks of tokens. The
+backward recomputes each chunk's logits instead of storing them, so the loss holds at most one
+chunk of float32 logits at a time, never the whole batch's (a 150k vocabulary at 4 x 1024 tokens is
+2.4 GB of float32 logits; one 1024-token chunk is 0.6 GB, and only while it is being used).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Sum over tokens of cross_entropy(hidden @ weight.T, labels), computed chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            logits = (hidden[start : start + chunk] @ weight.t()).float()
+            total += F.cross_entropy(logits, labels[start : start + chunk], reduction="sum")
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.chunk = chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        hidden, weight, labels = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[start : start + ctx.chunk]
+            # d(sum CE)/d logits = softmax(logits) - one_hot(label)
+            grad_logits = torch.softmax((h @ weight.t()).float(), dim=-1)
+            grad_logits[torch.arange(h.shape[0], device=h.device), labels[start : start + ctx.chunk]] -= 1.0
+            grad_logits *= grad_total
+            if grad_hidden is not None:
+                grad_hidden[start : start + ctx.chunk] = (grad_logits @ weight.float()).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += grad_logits.t() @ h.float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def causal_lm_loss_sum(
+    hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross entropy over labelled positions, and the number of those positions.
+
+    `hidden` is [batch, seq, hidden] (the LM head's input), `labels` is [batch, seq] with -100 where
+    no loss applies. The caller divides by the token count of the whole accumulation window.
+    """
+    if lm_head.bias is not None:
+        raise ValueError("causal_lm_loss_sum supports LM heads without bias (all supported families)")
+    shifted_labels = labels[:, 1:]
+    keep = shifted_labels != IGNORE_INDEX
+    trained_hidden = hidden[:, :-1][keep]
+    trained_labels = shifted_labels[keep]
+    n_tokens = int(trained_labels.numel())
+    if n_tokens == 0:
+        return hidden.sum() * 0.0, 0  # keeps the graph connected so every process runs the same backward
+    loss = _ChunkedLinearCrossEntropy.apply(trained_hidden, lm_head.weight, trained_labels, chunk_tokens)
+    return loss, n_tokens

@@ -1,0 +1,81 @@
+"""Memory measurements: saved-for-backward bytes (deterministic) and the process/device peak.
+
+Peak *activation* memory is measured as the peak of live bytes that autograd keeps for backward,
+counted through `torch.autograd.graph.saved_tensors_hooks`. It depends only on the model, the batch
+and the backward mode, so it is the same on every machine. Parameters are excluded (they live for
+the whole run); each storage counts once however many views of it are saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+from typing import Iterable, Iterator
+
+import torch
+
+
+class _Saved:
+    """A saved tensor under watch: releasing it (when autograd frees the graph) releases its bytes."""
+
+    __slots__ = ("meter", "key", "tensor")
+
+    def __init__(self, meter: "SavedTensorMeter", key: int, tensor: torch.Tensor):
+        self.meter, self.key, self.tensor = meter, key, tensor
+
+    def __del__(self):
+        self.meter._release(self.key)
+
+
+class SavedTensorMeter:
+    """Tracks live and peak bytes saved for backward while `active()` is entered."""
+
+    def __init__(self, parameters: Iterable[torch.Tensor] = ()):
+        self._excluded = {p.untyped_storage().data_ptr() for p in parameters}
+        self._refs: dict[int, list[int]] = {}  # storage pointer -> [reference count, bytes]
+        self.live_bytes = 0
+        self.peak_bytes = 0
+
+    def reset_peak(self) -> None:
+        self.peak_bytes = self.live_bytes
+
+    def _pack(self, tensor: torch.Tensor):
+        if tensor.device.type == "meta" or tensor.layout != torch.strided:
+            return tensor
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0 or key in self._excluded:
+            return tensor
+        entry = self._refs.get(key)
+        if entry is None:
+            self._refs[key] = [1, storage.nbytes()]
+            self.live_bytes += storage.nbytes()
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        else:
+            entry[0] += 1
+        return _Saved(self, key, tensor)
+
+    def _release(self, key: int) -> None:
+        entry = self._refs[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live_bytes -= entry[1]
+            del self._refs[key]
+
+    @staticmethod
+    def _unpack(packed):
+        return packed.tensor if isinstance(packed, _Saved) else packed
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["SavedTensorMeter"]:
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            yield self
+
+
+def device_peak_bytes(device: torch.device) -> int:
+    """Peak memory so far: allocated CUDA memory on GPU, the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux

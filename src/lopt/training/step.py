@@ -1,0 +1,121 @@
+"""One optimizer step: forward and backward over the micro-batches of an accumulation window.
+
+Local backward (the default) back-propagates each block's local loss as soon as the block has run,
+then the task loss through the final block only. Joint backward (the reference implementation's
+behaviour, kept for comparison) sums everything and calls backward once, keeping every block's
+activations alive until then. Both give the same gradients.
+
+The model is never wrapped in DistributedDataParallel: DDP expects one backward per forward, and
+local backward runs k of them. Gradients are averaged across processes explicitly after the window
+instead, which gives the same result as one process on the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lopt.errors import LoptError
+from lopt.models.lopt import LocalLearningLM
+from lopt.training.loss import causal_lm_loss_sum
+
+BACKWARD_MODES = ("local", "joint")
+
+
+@dataclass
+class StepResult:
+    task_loss: float  # mean next-token cross entropy over the window's trained tokens
+    aux_losses: list[float]  # mean local loss per non-final block
+    tokens: int  # trained (labelled) tokens in the window, this process
+    input_tokens: int  # all non-padding tokens in the window, this process
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce_sum(value: float, device: torch.device) -> float:
+    if _world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def average_gradients_across_processes(parameters: list[torch.nn.Parameter]) -> None:
+    """Sum gradients over processes (the losses are already scaled by the global normalizers)."""
+    if _world_size() == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def forward_backward(
+    model: LocalLearningLM,
+    micro_batches: list[dict[str, torch.Tensor]],
+    backward: str = "local",
+    scale_loss=lambda loss: loss,
+) -> StepResult:
+    """Accumulate the gradients of one optimizer step over `micro_batches`.
+
+    The task loss is normalized by the number of trained tokens in the whole window (on all
+    processes), so a window split into micro-batches or across processes gives the gradient of
+    the same global mean. Each block's local loss is a per-micro-batch mean, averaged over the
+    window. `scale_loss` is the fp16 loss scaler's `scale` when one is used.
+    """
+    if backward not in BACKWARD_MODES:
+        raise LoptError(f"--backward {backward!r} is not valid; choose one of: {', '.join(BACKWARD_MODES)}")
+    device = micro_batches[0]["input_ids"].device
+    local_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
+    global_tokens = _all_reduce_sum(local_tokens, device)
+    if global_tokens == 0:
+        raise LoptError("No trained tokens in this step: every example's response was masked or truncated.")
+    micro_weight = 1.0 / (len(micro_batches) * _world_size())
+    aux_weight = model.lambda_aux / max(model.num_blocks - 1, 1) * micro_weight
+
+    def run_backward(loss: torch.Tensor) -> None:
+        scale_loss(loss).backward()
+
+    task_sum, aux_sums = 0.0, [0.0] * (model.num_blocks - 1)
+    for batch in micro_batches:
+        local = run_backward if backward == "local" else None
+        with model.boundary_step(local, aux_weight) as aux_losses:
+            hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
+        loss_sum, _ = causal_lm_loss_sum(hidden, model.parts.lm_head, batch["labels"])
+        objective = loss_sum / global_tokens
+        if local is None and aux_losses:
+            objective = objective + aux_weight * torch.stack(aux_losses).sum()
+        run_backward(objective)
+        task_sum += float(loss_sum.detach())
+        for i, aux in enumerate(aux_losses):
+            aux_sums[i] += float(aux.detach()) / len(micro_batches)
+    return StepResult(
+        task_loss=_all_reduce_sum(task_sum, device) / global_tokens,
+        aux_losses=aux_sums,
+        tokens=local_tokens,
+        input_tokens=sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
+    )
+
+
+def check_finite(result: StepResult, grad_norm: float, step: int) -> None:
+    """Stop before a poisoned optimizer step; the caller keeps the last good checkpoint."""
+    values = {"task loss": result.task_loss, "gradient norm": grad_norm}
+    values.update({f"aux loss (block {i + 1})": v for i, v in enumerate(result.aux_losses)})
+    bad = {name: v for name, v in values.items() if not math.isfinite(v)}
+    if bad:
+        detail = ", ".join(f"{name} = {v}" for name, v in bad.items())
+        raise LoptError(
+            f"Non-finite values at step {step}: {detail}. The optimizer step was not taken and no checkpoint "
+            "of these weights was written. Lower --learning_rate / --lr_k1 or --lambda_aux, set --max_grad_norm, "
+            "or use --bf16 instead of --fp16."
+        )
