@@ -123,7 +123,7 @@ def test_gradient_checkpointing_keeps_gradients(backward):
 
 
 def test_objective_matches_hand_computed_loss():
-    """task CE (token mean) + lambda * mean over blocks of MSE(head(out), in)."""
+    """task CE (token mean) + lambda * mean over blocks of MSE(head(out), in) over real (unpadded) tokens."""
     base = tiny_model("llama", layers=4)
     batch = tiny_batch()
     model = wrap(base, num_blocks=2, lambda_aux=10.0)
@@ -133,7 +133,10 @@ def test_objective_matches_hand_computed_loss():
         logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
         task = F.cross_entropy(logits, batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
         block_in, block_out = out.hidden_states[0], out.hidden_states[2]
-        aux = F.mse_loss(model.aux_heads[0](block_out), block_in)
+        per_token = (model.aux_heads[0](block_out) - block_in).pow(2).mean(-1)
+        real = batch["attention_mask"].bool()
+        aux = per_token[real].mean()
+        assert not torch.isclose(aux, per_token.mean())  # the batch has padding, so the mask matters
     assert result.task_loss == pytest.approx(float(task), abs=1e-5)
     assert result.aux_losses[0] == pytest.approx(float(aux), abs=1e-6)
 
@@ -239,3 +242,19 @@ def test_non_finite_loss_stops_with_the_step_number():
     with pytest.raises(LoptError, match=r"aux loss \(block 1\) = inf"):
         check_finite(StepResult(task_loss=1.0, aux_losses=[float("inf")], tokens=1, input_tokens=1), 1.0, 3)
     check_finite(StepResult(task_loss=1.0, aux_losses=[0.5], tokens=1, input_tokens=1), 2.0, 3)
+
+
+def test_frozen_early_blocks_ablation_trains_only_the_final_block():
+    base = tiny_model("llama", layers=4)
+    model = LocalLearningLM(copy.deepcopy(base), num_blocks=2, early_blocks="frozen").train()
+    assert len(model.aux_heads) == 0 and model.parameter_groups()["early"] == []
+    before = {n: p.detach().clone() for n, p in model.model.named_parameters()}
+    optimizer = build_optimizer(model, learning_rate=1e-2, lr_k1=None, weight_decay=0.0)
+    result = forward_backward(model, [tiny_batch()], backward="local")
+    optimizer.step()
+    assert result.aux_losses == []
+    changed = {n for n, p in model.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".layers.0." not in n and ".layers.1." not in n and "embed" not in n for n in changed)
+    assert any(".layers.3." in n for n in changed) and "lm_head.weight" in changed
+    with pytest.raises(LoptError, match="recon, frozen"):
+        LocalLearningLM(copy.deepcopy(base), num_blocks=2, early_blocks="random")

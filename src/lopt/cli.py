@@ -10,22 +10,67 @@ USAGE = """usage: lopt <command> [flags]
 
 commands:
   sft     supervised fine-tuning, --method lopt (local learning, default) or e2e
+  grpo    GRPO with verifiable math rewards on TRL's GRPOTrainer, --method lopt or e2e
+  dpo     DPO on preference pairs on TRL's DPOTrainer, --method lopt or e2e
+  eval    task accuracy, retention (perplexity vs the starting model) and lm-eval benchmarks of saved models
+  report  tables and plots comparing runs, from their training_args.json, metrics.jsonl and eval.json
   demo    a short LoPT SFT of the embedded SmolLM2-135M with a before/after answer
   bench   activation memory and step time of E2E vs LoPT (local and joint backward)
 
 `lopt <command> --help` lists a command's flags."""
 
 
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"  # None: a resumed run had no step left
+
+
 def _sft(argv: list[str]) -> None:
     from lopt.config import SFTConfig, parse_config
+    from lopt.training.distributed import is_main_process
     from lopt.training.sft import console, run_sft
 
     config = parse_config(argv, SFTConfig, prog="lopt sft", description="Supervised fine-tuning (E2E or LoPT).")
     result = run_sft(config)
-    console.print(
-        f"done: {result.steps} steps in {result.elapsed_s:.1f} s, task loss {result.first_loss:.4f} -> "
-        f"{result.last_loss:.4f}; model saved to {result.output_dir}"
-    )
+    if is_main_process():
+        console.print(
+            f"done: {result.steps} steps in {result.elapsed_s:.1f} s, task loss {_loss(result.first_loss)} -> "
+            f"{_loss(result.last_loss)}; model saved to {result.output_dir}"
+        )
+
+
+def _grpo(argv: list[str]) -> None:
+    from lopt.config import GRPOConfig, parse_config
+    from lopt.training.grpo import run_grpo
+    from lopt.training.sft import console
+
+    config = parse_config(argv, GRPOConfig, prog="lopt grpo", description="GRPO with verifiable rewards (E2E or LoPT).")
+    result = run_grpo(config)
+    rewards = " -> ".join(f"{r:.3f}" for r in result.rewards)
+    console.print(f"done: {result.steps} steps in {result.elapsed_s:.1f} s, mean reward per logged step {rewards}; "
+                  f"model saved to {result.output_dir}")
+
+
+def _dpo(argv: list[str]) -> None:
+    from lopt.config import DPOConfig, parse_config
+    from lopt.training.dpo import run_dpo
+    from lopt.training.sft import console
+
+    config = parse_config(argv, DPOConfig, prog="lopt dpo", description="DPO on preference pairs (E2E or LoPT).")
+    result = run_dpo(config)
+    console.print(f"done: {result.steps} steps in {result.elapsed_s:.1f} s, DPO loss {result.losses[0]:.4f} -> "
+                  f"{result.losses[-1]:.4f}; model saved to {result.output_dir}")
+
+
+def _eval(argv: list[str]) -> None:
+    from lopt.evaluation import main as eval_main
+
+    eval_main(argv)
+
+
+def _report(argv: list[str]) -> None:
+    from lopt.report import main as report_main
+
+    report_main(argv)
 
 
 def _demo(argv: list[str]) -> None:
@@ -40,7 +85,7 @@ def _bench(argv: list[str]) -> None:
     bench_main(argv)
 
 
-COMMANDS = {"sft": _sft, "demo": _demo, "bench": _bench}
+COMMANDS = {"sft": _sft, "grpo": _grpo, "dpo": _dpo, "eval": _eval, "report": _report, "demo": _demo, "bench": _bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -27,7 +27,12 @@ def _opt(default, help: str, **extra):
 
 
 @dataclass
-class SFTConfig:
+class RunConfig:
+    """The flags every recipe (sft, grpo, dpo) shares; each recipe's config adds its own."""
+
+    # flags that must be at least 1; recipes extend the tuple with theirs
+    AT_LEAST_ONE: ClassVar[tuple[str, ...]] = ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps")
+
     # model
     model_name_or_path: str = _opt("smollm2-135m", "alias (smollm2-135m, qwen3-4b, ...), local folder or hub id")
     trust_remote_code: bool = _opt(False, "allow the model's own code from the hub (off: it runs remote code)")
@@ -35,19 +40,19 @@ class SFTConfig:
     method: str = _opt("lopt", "lopt (alias ll): local learning in k blocks; e2e: the end-to-end baseline",
                        choices=sorted(METHODS))
     num_blocks: int = _opt(2, "LoPT: number of contiguous blocks k (2 .. number of layers)")
+    early_blocks: str = _opt("recon", "LoPT: recon (local reconstruction loss) or frozen (ablation: early blocks not trained)",
+                             choices=["recon", "frozen"])
     aux_loss: str = _opt("recon", "LoPT: local objective of the non-final blocks", choices=["recon"])
     lambda_aux: float = _opt(10.0, "LoPT: weight of the mean local loss in the objective")
     lr_k1: float | None = _opt(None, "LoPT: learning rate of embeddings, early blocks and heads (default: --learning_rate)")
     backward: str = _opt("local", "LoPT: local (block by block, frees activations) or joint (one backward, as the reference)",
                          choices=["local", "joint"])
     # data
-    dataset_preset: str = _opt("gsm-symbolic", "data preset: gsm-symbolic (offline), alpaca, metamathqa, tulu3")
-    dataset_name: str | None = _opt(None, "hub dataset id (overrides --dataset_preset)")
+    dataset_name: str | None = _opt(None, "hub dataset id (overrides --dataset_preset / --task's own data)")
     dataset_config: str | None = _opt(None, "hub dataset config name")
     train_file: str | None = _opt(None, "local .json / .jsonl / .parquet file (overrides --dataset_name and the preset)")
     split: str = _opt("train", "dataset split")
     max_samples: int | None = _opt(None, "keep the first N records")
-    max_seq_length: int = _opt(1024, "truncate examples to this many tokens")
     # optimization
     per_device_train_batch_size: int = _opt(4, "micro-batch size per process")
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
@@ -67,6 +72,8 @@ class SFTConfig:
     overwrite_output_dir: bool = _opt(False, "allow writing into a non-empty --output_dir")
     logging_steps: int = _opt(10, "write a metrics.jsonl line every N steps")
     save_steps: int = _opt(500, "write checkpoint-N/ every N steps (0 disables)")
+    save_total_limit: int | None = _opt(None, "keep only the newest N checkpoints")
+    resume_from_checkpoint: str | None = _opt(None, "continue a run: a checkpoint-N folder, or 'latest' in --output_dir")
     config: str | None = _opt(None, "YAML file with any of these flags as keys (the command line wins)")
 
     # which fields the user set (YAML or CLI); not a flag
@@ -78,6 +85,51 @@ class SFTConfig:
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("internal")}
+
+
+@dataclass
+class SFTConfig(RunConfig):
+    AT_LEAST_ONE: ClassVar[tuple[str, ...]] = RunConfig.AT_LEAST_ONE + ("max_seq_length",)
+
+    dataset_preset: str = _opt("gsm-symbolic", "data preset: gsm-symbolic (offline), alpaca, metamathqa, tulu3")
+    max_seq_length: int = _opt(1024, "truncate examples to this many tokens")
+
+
+@dataclass
+class GRPOConfig(RunConfig):
+    """GRPO with TRL's GRPOTrainer; the sampling and loss flags are TRL's, passed through."""
+
+    AT_LEAST_ONE: ClassVar[tuple[str, ...]] = RunConfig.AT_LEAST_ONE + (
+        "num_generations", "max_prompt_length", "max_completion_length", "num_iterations",
+    )
+
+    learning_rate: float = _opt(1e-6, "learning rate of the final block, final norm and LM head (all of E2E)")
+    task: str = _opt("gsm-symbolic", "gsm-symbolic (offline), gsm8k (openai/gsm8k), numinamath (AI-MO/NuminaMath-CoT)",
+                     choices=["gsm-symbolic", "gsm8k", "numinamath"])
+    format_reward_weight: float = _opt(0.0, "weight of a reward for writing the answer in the task's format (0: off)")
+    num_generations: int = _opt(4, "completions sampled per prompt (a group)")
+    max_prompt_length: int = _opt(512, "prompts longer than this many tokens are skipped")
+    max_completion_length: int = _opt(256, "tokens generated per completion at most")
+    temperature: float = _opt(1.0, "sampling temperature")
+    top_p: float = _opt(1.0, "nucleus sampling probability")
+    beta: float = _opt(0.0, "KL coefficient against the frozen starting model (0: no reference model)")
+    loss_type: str = _opt("dapo", "TRL's GRPO loss: grpo, dapo, dr_grpo, bnpo, ... (passed through)")
+    num_iterations: int = _opt(1, "optimization passes over each generated batch (mu)")
+    steps_per_generation: int | None = _opt(None, "micro-batches per generation (default: --gradient_accumulation_steps)")
+    use_vllm: bool = _opt(False, "generate with vLLM (needs vllm installed and a GPU)")
+
+
+@dataclass
+class DPOConfig(RunConfig):
+    """DPO with TRL's DPOTrainer; the reference model is the frozen starting model."""
+
+    AT_LEAST_ONE: ClassVar[tuple[str, ...]] = RunConfig.AT_LEAST_ONE + ("max_seq_length",)
+
+    learning_rate: float = _opt(1e-6, "learning rate of the final block, final norm and LM head (all of E2E)")
+    dataset_preset: str = _opt("gsm-symbolic-pairs", "preference preset: gsm-symbolic-pairs (synthetic, offline)")
+    max_seq_length: int = _opt(1024, "truncate prompt + answer to this many tokens")
+    beta: float = _opt(0.1, "DPO temperature: how far the policy may move from the reference model")
+    loss_type: str = _opt("sigmoid", "TRL's DPO loss: sigmoid, ipo, hinge, ... (passed through)")
 
 
 def _flag_fields(cls) -> list[dataclasses.Field]:
@@ -172,7 +224,7 @@ def validate(config) -> None:
     if config.method not in METHODS:
         raise LoptError(f"--method {config.method!r} is not valid; choose one of: {', '.join(sorted(METHODS))}.")
     if config.canonical_method == "e2e":
-        for name in ("num_blocks", "lr_k1", "backward"):
+        for name in ("num_blocks", "lr_k1", "backward", "early_blocks"):
             if name in config.explicit:
                 raise LoptError(f"--{name} applies to --method lopt only; drop it or use --method lopt.")
     elif config.num_blocks < 2:
@@ -182,11 +234,13 @@ def validate(config) -> None:
         )
     if config.bf16 and config.fp16:
         raise LoptError("--bf16 and --fp16 are exclusive; pass one (bf16 where the GPU supports it).")
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length", "logging_steps"):
+    for name in config.AT_LEAST_ONE:
         if getattr(config, name) < 1:
             raise LoptError(f"--{name} must be at least 1, got {getattr(config, name)}.")
     if config.learning_rate <= 0 or (config.lr_k1 is not None and config.lr_k1 < 0):
         raise LoptError("--learning_rate must be > 0 and --lr_k1 >= 0.")
+    if config.save_total_limit is not None and config.save_total_limit < 1:
+        raise LoptError(f"--save_total_limit must be at least 1, got {config.save_total_limit}.")
     if config.max_samples is not None and config.max_samples < 1:
         raise LoptError(f"--max_samples must be at least 1, got {config.max_samples}.")
     if not config.output_dir:

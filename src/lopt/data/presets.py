@@ -10,9 +10,12 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import random
+from decimal import Decimal, InvalidOperation
 from dataclasses import dataclass
 from pathlib import Path
 
+from lopt.answers import extract_final_answer
 from lopt.errors import LoptError
 
 logger = logging.getLogger(__name__)
@@ -212,3 +215,153 @@ def _warn_ignored(chosen: str, others: dict[str, str | None]) -> None:
     for flag, value in others.items():
         if value is not None:
             logger.warning("%s takes precedence; ignoring %s %s", chosen, flag, value)
+
+
+# ---- GRPO: prompts with a verifiable final answer ---------------------------------------------------
+
+BOXED_ANSWER_INSTRUCTION = "Solve the problem step by step, then write the final answer in \\boxed{}."
+_ANSWER_INSTRUCTIONS = {"hash": GSM_ANSWER_INSTRUCTION, "boxed": BOXED_ANSWER_INSTRUCTION}
+
+
+@dataclass(frozen=True)
+class GRPOTask:
+    description: str
+    style: str  # where the final answer is written: "hash" (#### <answer>) or "boxed" (\boxed{<answer>})
+    hub_id: str | None = None  # None: generated offline
+    hub_config: str | None = None
+
+
+GRPO_TASKS: dict[str, GRPOTask] = {
+    "gsm-symbolic": GRPOTask("grade-school math word problems (reasoning-gym gsm_symbolic, offline)", "hash"),
+    "gsm8k": GRPOTask("GSM8K grade-school math (hub)", "hash", "openai/gsm8k", "main"),
+    "numinamath": GRPOTask("NuminaMath-CoT competition math (hub)", "boxed", "AI-MO/NuminaMath-CoT"),
+}
+# Column pairs a GRPO record may have: the question, and a text whose final answer is the gold one.
+_QUESTION_ANSWER_COLUMNS = (("question", "answer"), ("problem", "solution"), ("prompt", "answer"))
+
+
+def grpo_records(
+    task: str,
+    *,
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    train_file: str | Path | None = None,
+    split: str = "train",
+    max_samples: int | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """GRPO prompts as ``{"prompt": [user message], "answer": gold final answer}`` records.
+
+    The records come from the task's own source (reasoning-gym, or the task's hub dataset), or from
+    ``dataset_name`` / ``train_file`` (question/answer or problem/solution columns); the task decides
+    the answer format the prompt asks for and how the gold answer is read from the reference
+    solution. Records whose solution holds no final answer are skipped.
+    """
+    if task not in GRPO_TASKS:
+        close = difflib.get_close_matches(task, list(GRPO_TASKS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        listing = "\n".join(f"  {name}: {t.description}" for name, t in GRPO_TASKS.items())
+        raise LoptError(f"unknown --task {task!r}.{hint} Available tasks:\n{listing}")
+    spec = GRPO_TASKS[task]
+    if train_file is not None or dataset_name is not None:
+        raw = load_records(dataset_name=dataset_name, dataset_config=dataset_config, train_file=train_file,
+                           split=split, max_samples=max_samples, seed=seed)
+    elif spec.hub_id is not None:
+        raw = _load_hub(spec.hub_id, spec.hub_config, split, max_samples)
+    else:  # generated questions already carry the answer instruction
+        raw = [{"prompt": r["question"], "answer": r["answer"]}
+               for r in gsm_symbolic_records(DEFAULT_GSM_SAMPLES if max_samples is None else max_samples, seed)]
+    if not raw:
+        raise LoptError(f"--task {task} gave no records; check the data source and --max_samples")
+    question_column, answer_column = _grpo_columns(raw[0])
+    records = []
+    for record in raw:
+        gold = extract_final_answer(str(record[answer_column]), spec.style)
+        if gold is None:
+            continue
+        question = str(record[question_column])
+        if question_column != "prompt":
+            question = f"{question}\n{_ANSWER_INSTRUCTIONS[spec.style]}"
+        records.append({"prompt": [{"role": "user", "content": question}], "answer": gold})
+    if not records:
+        raise LoptError(
+            f"--task {task}: none of the {len(raw)} records has a final answer in its {answer_column!r} column "
+            f"({'#### <answer>' if spec.style == 'hash' else chr(92) + 'boxed{...}'}); pass data in this task's format."
+        )
+    if len(records) < len(raw):
+        logger.warning("--task %s: skipped %d of %d records without a final answer", task, len(raw) - len(records), len(raw))
+    return records
+
+
+def _grpo_columns(record: dict) -> tuple[str, str]:
+    for question, answer in _QUESTION_ANSWER_COLUMNS:
+        if question in record and answer in record:
+            return question, answer
+    shapes = ", ".join(f"{q}/{a}" for q, a in _QUESTION_ANSWER_COLUMNS)
+    raise LoptError(f"GRPO data has columns {sorted(record)}; expected one of the column pairs: {shapes}")
+
+
+# ---- DPO: preference pairs ---------------------------------------------------------------------------
+
+DPO_PRESETS = {
+    "gsm-symbolic-pairs": "synthetic pairs: a correct gsm_symbolic solution vs. the same one with a wrong final answer (offline)",
+}
+
+
+def dpo_records(
+    preset: str | None = "gsm-symbolic-pairs",
+    *,
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    train_file: str | Path | None = None,
+    split: str = "train",
+    max_samples: int | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """Preference records with ``chosen`` and ``rejected`` (strings or conversations) and usually ``prompt``.
+
+    ``train_file`` > ``dataset_name`` > ``preset``, as for SFT. TRL's DPOTrainer reads both the
+    prompt/chosen/rejected shape and chat-format pairs whose chosen/rejected hold the whole conversation.
+    """
+    if train_file is not None or dataset_name is not None:
+        records = load_records(dataset_name=dataset_name, dataset_config=dataset_config, train_file=train_file,
+                               split=split, max_samples=max_samples, seed=seed)
+        missing = {"chosen", "rejected"} - set(records[0])
+        if missing:
+            raise LoptError(
+                f"DPO data has columns {sorted(records[0])}, missing {sorted(missing)}; expected prompt/chosen/rejected "
+                "records or chat-format chosen/rejected conversations."
+            )
+        return records
+    if preset not in DPO_PRESETS:
+        close = difflib.get_close_matches(str(preset), list(DPO_PRESETS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        listing = "\n".join(f"  {name}: {text}" for name, text in DPO_PRESETS.items())
+        raise LoptError(f"unknown DPO --dataset_preset {preset!r}.{hint} Available presets:\n{listing}")
+    return gsm_symbolic_pairs(DEFAULT_GSM_SAMPLES if max_samples is None else max_samples, seed)
+
+
+def gsm_symbolic_pairs(size: int, seed: int) -> list[dict]:
+    """Synthetic preference pairs: chosen = the correct worked solution; rejected = the same solution
+    whose final ``#### <answer>`` line is changed to a wrong number (the answer plus a non-zero offset)."""
+    rng = random.Random(seed)
+    pairs = []
+    for record in gsm_symbolic_records(size, seed):
+        steps, final = record["answer"].rsplit("\n", 1) if "\n" in record["answer"] else ("", record["answer"])
+        gold = final.removeprefix("####").strip()
+        wrong = _wrong_number(gold, rng)
+        rejected = f"{steps}\n#### {wrong}" if steps else f"#### {wrong}"
+        pairs.append({
+            "prompt": [{"role": "user", "content": record["question"]}],
+            "chosen": [{"role": "assistant", "content": record["answer"]}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        })
+    return pairs
+
+
+def _wrong_number(gold: str, rng: random.Random) -> str:
+    offset = rng.choice([-1, 1]) * rng.randint(1, 10)
+    try:
+        return str(Decimal(gold.replace(",", "")) + offset)
+    except InvalidOperation:  # not a number: any other text is wrong
+        return f"{gold}{offset}"

@@ -9,6 +9,8 @@ With local backward the second hook also runs the block's backward on the spot, 
 activations are freed before the next block runs: peak activation memory is that of one block.
 
 `num_blocks=1` is end-to-end training: no boundary, no head, the model as it is.
+`early_blocks="frozen"` is the ablation that separates local reconstruction from merely freezing
+the bottom of the model: the boundaries stay, the non-final blocks and embeddings are not trained.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from lopt.errors import LoptError
 from lopt.models.adapters import model_parts
 
 BackwardFn = Callable[[torch.Tensor], None]
+EARLY_BLOCK_MODES = ("recon", "frozen")
 
 
 def split_blocks(num_layers: int, num_blocks: int) -> list[range]:
@@ -73,6 +76,7 @@ class _BoundaryStep:
 
     backward: BackwardFn | None  # local backward: run each block's backward on the spot; None: joint
     aux_weight: float  # weight of one block's local loss in the step objective
+    token_mask: torch.Tensor | None  # [batch, seq], 1 for real tokens: padding takes no part in the local loss
     losses: list[torch.Tensor] = field(default_factory=list)
     block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -95,18 +99,24 @@ def _hidden_of(output) -> torch.Tensor:
 class LocalLearningLM(nn.Module):
     """A Hugging Face causal LM split into `num_blocks` locally trained blocks."""
 
-    def __init__(self, model: nn.Module, num_blocks: int = 2, lambda_aux: float = 10.0):
+    def __init__(self, model: nn.Module, num_blocks: int = 2, lambda_aux: float = 10.0, early_blocks: str = "recon"):
         super().__init__()
+        if early_blocks not in EARLY_BLOCK_MODES:
+            raise LoptError(f"--early_blocks {early_blocks!r} is not valid; choose one of: {', '.join(EARLY_BLOCK_MODES)}")
         self.model = model
         self.parts = model_parts(model)
         self.blocks = split_blocks(len(self.parts.layers), num_blocks)
         self.lambda_aux = lambda_aux
+        self.early_blocks = early_blocks
         hidden_size = self.parts.embeddings[0].weight.shape[1]
-        self.aux_heads = nn.ModuleList(ReconstructionHead(hidden_size) for _ in self.blocks[:-1])
+        heads = len(self.blocks) - 1 if early_blocks == "recon" else 0
+        self.aux_heads = nn.ModuleList(ReconstructionHead(hidden_size) for _ in range(heads))
         self.aux_heads.to(device=self.parts.embeddings[0].weight.device)
         self._step: _BoundaryStep | None = None
         if num_blocks > 1:
             self._untie_embeddings()
+            if early_blocks == "frozen":
+                self._freeze_early_blocks()
             for i, block in enumerate(self.blocks[:-1]):
                 self.parts.layers[block.start].register_forward_pre_hook(
                     functools.partial(self._record_block_input, i), with_kwargs=True
@@ -147,9 +157,14 @@ class LocalLearningLM(nn.Module):
         text_config.tie_word_embeddings = False
         self.model.config.tie_word_embeddings = False
 
+    def _freeze_early_blocks(self) -> None:
+        early = list(self.parts.embeddings) + [self.parts.layers[i] for b in self.blocks[:-1] for i in b]
+        for module in early:
+            module.requires_grad_(False)
+
     # ---- hooks -----------------------------------------------------------------------------------
     def _record_block_input(self, block: int, module, args, kwargs):
-        if self._step is not None and torch.is_grad_enabled():
+        if self._step is not None and self.aux_heads and torch.is_grad_enabled():
             self._step.block_inputs[block] = _first_hidden(args, kwargs)
         return None
 
@@ -158,24 +173,35 @@ class LocalLearningLM(nn.Module):
             return None
         hidden = _hidden_of(output)
         step = self._step
-        if step is not None:
+        if step is not None and self.aux_heads:
             target = step.block_inputs.pop(block).detach()
-            loss = F.mse_loss(self.aux_heads[block](hidden.float()), target.float())
+            loss = self._reconstruction_loss(block, hidden, target, step.token_mask)
             if step.backward is not None:
                 step.backward(step.aux_weight * loss)  # frees this block's activations now
                 loss = loss.detach()
             step.losses.append(loss)
         return _with_hidden(output, hidden.detach())
 
+    def _reconstruction_loss(self, block, hidden, target, token_mask) -> torch.Tensor:
+        """Mean squared error in float32 between head(block output) and the block input, over real tokens."""
+        per_token = (self.aux_heads[block](hidden.float()) - target.float()).pow(2).mean(dim=-1)
+        if token_mask is None:
+            return per_token.mean()
+        mask = token_mask.to(per_token.dtype)
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
     @contextlib.contextmanager
-    def boundary_step(self, backward: BackwardFn | None, aux_weight: float) -> Iterator[list[torch.Tensor]]:
+    def boundary_step(
+        self, backward: BackwardFn | None, aux_weight: float, token_mask: torch.Tensor | None = None
+    ) -> Iterator[list[torch.Tensor]]:
         """Within this context a forward computes the local losses, yielded as a list (one per block).
 
         With `backward` given (local mode) each block's weighted loss is back-propagated as soon as the
         block has run and the list holds detached values; with None (joint mode) the losses keep their
-        graphs and the caller adds them to the task loss.
+        graphs and the caller adds them to the task loss. `token_mask` (the attention mask) keeps
+        padding out of the local losses.
         """
-        self._step = _BoundaryStep(backward=backward, aux_weight=aux_weight)
+        self._step = _BoundaryStep(backward=backward, aux_weight=aux_weight, token_mask=token_mask)
         try:
             yield self._step.losses
         finally:

@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from lopt.errors import LoptError
+
 TRAINING_STATE = "training_state.pt"
 
 
@@ -63,3 +65,61 @@ def save_final_model(output_dir: Path, model, tokenizer) -> None:
     for path in files:
         os.replace(path, output_dir / path.name)
     tmp.rmdir()
+
+
+def load_training_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / TRAINING_STATE, map_location="cpu", weights_only=False)
+
+
+def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in output_dir.glob("checkpoint-*"):
+        suffix = path.name.split("-", 1)[1]
+        if suffix.isdigit() and (path / TRAINING_STATE).is_file():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def find_checkpoint(output_dir: Path, spec: str) -> Path:
+    """`latest` -> the newest complete checkpoint in `output_dir`; otherwise the given folder."""
+    if spec == "latest":
+        found = _checkpoints(output_dir)
+        if not found:
+            raise LoptError(
+                f"--resume_from_checkpoint latest: no checkpoint-N/ with {TRAINING_STATE} in {output_dir}. "
+                "Start without --resume_from_checkpoint, or pass the folder of a checkpoint."
+            )
+        return found[-1][1]
+    path = Path(spec)
+    if not (path / TRAINING_STATE).is_file():
+        raise LoptError(
+            f"--resume_from_checkpoint {spec}: not a lopt checkpoint (expected a checkpoint-N folder with "
+            f"{TRAINING_STATE}). Pass one, or 'latest' to take the newest in --output_dir."
+        )
+    return path
+
+
+def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
+    """Delete all but the newest `keep` checkpoints (--save_total_limit)."""
+    if keep is None:
+        return
+    for _, path in _checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(path)
+
+
+def check_writable(output_dir: Path, model) -> None:
+    """Fail before training, not after hours of it, when the final model cannot be written."""
+    probe = output_dir / ".lopt-write-test"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise LoptError(f"--output_dir {output_dir} is not writable ({exc.strerror}). Pass a folder you can write.") from exc
+    weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
+    free = shutil.disk_usage(output_dir).free
+    if free < 1.1 * weights:
+        raise LoptError(
+            f"--output_dir {output_dir} has {free / 2**30:.2f} GiB free; the final model alone needs "
+            f"{weights / 2**30:.2f} GiB (each checkpoint about 3x that with the optimizer state). Free space or "
+            "pass another --output_dir."
+        )

@@ -2,7 +2,8 @@
 
 The whole training step is `train_step` below: forward/backward over the accumulation window
 (local or joint backward, see step.py), gradient sync across processes, global-norm clipping,
-a finiteness check, then the optimizer and schedule.
+a finiteness check, then the optimizer and schedule. `run_sft` around it sets the run up, logs,
+checkpoints, resumes, and stops cleanly on SIGINT / SIGTERM.
 """
 
 from __future__ import annotations
@@ -21,13 +22,23 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lopt.config import SFTConfig, save_config
 from lopt.data.collate import collate, tokenize_sft
+from lopt.data.order import batches_from, batches_per_epoch
 from lopt.data.presets import load_records
 from lopt.errors import LoptError
 from lopt.models.lopt import LocalLearningLM
 from lopt.models.registry import load_model_and_tokenizer
-from lopt.training.checkpoint import save_checkpoint, save_final_model
+from lopt.training import distributed
+from lopt.training.checkpoint import (
+    check_writable,
+    find_checkpoint,
+    load_training_state,
+    prune_checkpoints,
+    save_checkpoint,
+    save_final_model,
+)
 from lopt.training.memory import SavedTensorMeter, device_peak_bytes
 from lopt.training.optim import build_optimizer, build_scheduler
+from lopt.training.signals import StopRequest
 from lopt.training.step import average_gradients_across_processes, check_finite, forward_backward
 
 console = Console(stderr=True)
@@ -37,16 +48,12 @@ console = Console(stderr=True)
 class SFTResult:
     output_dir: Path
     steps: int
-    first_loss: float
-    last_loss: float
+    first_loss: float | None  # None when a resumed run had no step left to take
+    last_loss: float | None
     elapsed_s: float
     peak_mem_bytes: int
     activation_peak_bytes: int
     skipped_truncated: int
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def prepare_output_dir(config: SFTConfig) -> Path:
@@ -54,10 +61,12 @@ def prepare_output_dir(config: SFTConfig) -> Path:
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise LoptError(f"--output_dir {out} exists and is a file; pass a folder path.")
-    if out.is_dir() and any(out.iterdir()) and not config.overwrite_output_dir:
+    resuming = config.resume_from_checkpoint is not None
+    if out.is_dir() and any(out.iterdir()) and not (config.overwrite_output_dir or resuming):
         raise LoptError(
             f"--output_dir {out} is not empty (it holds an earlier run's files). Pass a new folder, "
-            "or --overwrite_output_dir to write into it (files with the same names are replaced)."
+            "--resume_from_checkpoint latest to continue that run, or --overwrite_output_dir to write into it "
+            "(files with the same names are replaced)."
         )
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -72,28 +81,20 @@ def weights_dtype(config: SFTConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float32
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_model(config: SFTConfig, device: torch.device):
+def build_model(config: SFTConfig, device: torch.device, weights: str | None = None):
+    """The wrapped model; `weights` (a checkpoint folder) replaces the starting weights on resume."""
     model, tokenizer = load_model_and_tokenizer(
-        config.model_name_or_path, dtype=weights_dtype(config, device), trust_remote_code=config.trust_remote_code
+        weights or config.model_name_or_path, dtype=weights_dtype(config, device),
+        trust_remote_code=config.trust_remote_code,
     )
     num_blocks = config.num_blocks if config.canonical_method == "lopt" else 1
-    wrapped = LocalLearningLM(model, num_blocks=num_blocks, lambda_aux=config.lambda_aux).to(device)
+    wrapped = LocalLearningLM(
+        model, num_blocks=num_blocks, lambda_aux=config.lambda_aux, early_blocks=config.early_blocks
+    ).to(device)
     if config.gradient_checkpointing:
         wrapped.enable_gradient_checkpointing()
     wrapped.train()
     return wrapped, tokenizer
-
-
-def micro_batches(loader, epochs: int):
-    """Yield (epoch as a float, batch) for as many epochs as needed."""
-    for epoch in range(epochs):
-        for i, batch in enumerate(loader):
-            yield epoch + (i + 1) / len(loader), batch
 
 
 def train_step(model, window, config, optimizer, scheduler, scaler, step, autocast):
@@ -116,66 +117,105 @@ def train_step(model, window, config, optimizer, scheduler, scaler, step, autoca
     return result, grad_norm
 
 
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def run_sft(config: SFTConfig) -> SFTResult:
-    device = pick_device()
-    out = prepare_output_dir(config)
-    seed_everything(config.seed)
-    model, tokenizer = build_model(config, device)
+    device = distributed.init_from_environment()
+    main_process, world = distributed.is_main_process(), distributed.world_size()
+    out = prepare_output_dir(config) if main_process else Path(config.output_dir)
+    distributed.barrier()
+    resume_dir = find_checkpoint(out, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    model, tokenizer = build_model(config, device, weights=str(resume_dir) if resume_dir else None)
+    if main_process:
+        check_writable(out, model)
+    # The default preset yields to a file or hub dataset silently; an explicit one is reported as ignored.
+    explicit_source = config.train_file or config.dataset_name
     records = load_records(
-        preset=config.dataset_preset, dataset_name=config.dataset_name, dataset_config=config.dataset_config,
+        preset=config.dataset_preset if "dataset_preset" in config.explicit or not explicit_source else None, dataset_name=config.dataset_name, dataset_config=config.dataset_config,
         train_file=config.train_file, split=config.split, max_samples=config.max_samples, seed=config.seed,
     )
     examples, data_stats = tokenize_sft(records, tokenizer, config.max_seq_length)
-    generator = torch.Generator().manual_seed(config.seed)
-    loader = torch.utils.data.DataLoader(
-        examples, batch_size=config.per_device_train_batch_size, shuffle=True, generator=generator,
-        collate_fn=lambda items: collate(items, tokenizer.pad_token_id),
-    )
-    steps_per_epoch = max(len(loader) // config.gradient_accumulation_steps, 1)
+    per_epoch = batches_per_epoch(len(examples), config.per_device_train_batch_size, world)
+    if per_epoch == 0:
+        raise LoptError(
+            f"{len(examples)} examples do not fill one global batch of {config.per_device_train_batch_size} x {world} "
+            "processes; lower --per_device_train_batch_size or add data."
+        )
+    steps_per_epoch = max(per_epoch // config.gradient_accumulation_steps, 1)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
-    epochs = math.ceil(total_steps * config.gradient_accumulation_steps / len(loader))
 
     optimizer = build_optimizer(model, config.learning_rate, config.lr_k1, config.weight_decay)
     scheduler = build_scheduler(optimizer, config.lr_scheduler_type, config.warmup_ratio, total_steps)
     scaler = torch.amp.GradScaler("cuda") if config.fp16 else None
     autocast = torch.autocast("cuda", dtype=torch.float16) if config.fp16 else nullcontext()
+    start_step, position = 0, (0, 0)
+    if resume_dir is not None:
+        state = load_training_state(resume_dir)
+        model.aux_heads.load_state_dict(state["aux_heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"][distributed.rank()])
+        start_step, position = state["step"], tuple(state["position"])
     meter = SavedTensorMeter(model.parameters())
-    save_config(config, out / "training_args.json")
+    if main_process:
+        save_config(config, out / "training_args.json")
+        console.print(
+            f"[bold]lopt sft[/]: {config.canonical_method}"
+            + (f" k={model.num_blocks} ({', '.join(str(len(b)) for b in model.blocks)} layers), "
+               f"{config.backward} backward, early blocks {config.early_blocks}" if model.num_blocks > 1 else "")
+            + f" | {data_stats['examples']} examples ({data_stats['skipped_truncated']} skipped: response truncated"
+              f" away) | effective batch {config.per_device_train_batch_size} x {config.gradient_accumulation_steps}"
+              f" accumulation x {world} processes = "
+              f"{config.per_device_train_batch_size * config.gradient_accumulation_steps * world} sequences"
+            + f" | {total_steps} steps | device {device}"
+            + (f" | resumed from {resume_dir} at step {start_step}" if resume_dir else "")
+        )
 
-    console.print(
-        f"[bold]lopt sft[/]: {config.canonical_method}"
-        + (f" k={model.num_blocks} ({', '.join(str(len(b)) for b in model.blocks)} layers), {config.backward} backward"
-           if model.num_blocks > 1 else "")
-        + f" | {data_stats['examples']} examples ({data_stats['skipped_truncated']} skipped: response truncated away)"
-        + f" | {total_steps} steps x {config.per_device_train_batch_size * config.gradient_accumulation_steps} "
-          f"sequences | device {device}"
-    )
-    batches = micro_batches(loader, epochs)
+    batches = batches_from(position, len(examples), config.per_device_train_batch_size, world,
+                           distributed.rank(), config.seed)
     losses, window_tokens, start = [], 0, time.perf_counter()
-    log_start, first_loss, peak_activation = start, None, 0
-    with (out / "metrics.jsonl").open("w") as metrics, Progress(
+    log_start, peak_activation, last_saved = start, 0, None
+    metrics = (out / "metrics.jsonl").open("a" if resume_dir else "w") if main_process else None
+    progress = Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeRemainingColumn(), console=console, transient=False,
-    ) as progress:
-        task = progress.add_task("training", total=total_steps)
-        for step in range(1, total_steps + 1):
+        TimeRemainingColumn(), console=console, disable=not main_process,
+    )
+    with StopRequest() as stop, progress, metrics or nullcontext():
+        task = progress.add_task("training", total=total_steps, completed=start_step)
+        for step in range(start_step + 1, total_steps + 1):
             window = []
             for _ in range(config.gradient_accumulation_steps):
-                epoch, batch = next(batches)
+                position, indices = next(batches)
+                batch = collate([examples[i] for i in indices], tokenizer.pad_token_id)
                 window.append({k: v.to(device) for k, v in batch.items()})
             meter.reset_peak()
             with meter.active():
                 result, grad_norm = train_step(model, window, config, optimizer, scheduler, scaler, step, autocast)
             peak_activation = max(peak_activation, meter.peak_bytes)
-            first_loss = result.task_loss if first_loss is None else first_loss
             losses.append(result.task_loss)
-            window_tokens += result.input_tokens
+            window_tokens += distributed.all_reduce_sum(result.input_tokens, device)
             progress.update(task, advance=1, description=f"training  loss {result.task_loss:.4f}")
-            if step % config.logging_steps == 0 or step == total_steps:
+            if main_process and (step % config.logging_steps == 0 or step == total_steps):
                 now = time.perf_counter()
                 record = {
-                    "step": step, "epoch": round(epoch, 4), "task_loss": result.task_loss,
-                    "aux_loss": result.aux_losses, "lr": scheduler.get_last_lr()[-1],
+                    "step": step, "epoch": round(position[0] + position[1] / per_epoch, 4),
+                    "task_loss": result.task_loss, "aux_loss": result.aux_losses, "lr": scheduler.get_last_lr()[-1],
                     "lr_k1": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                     "tokens_per_s": window_tokens / (now - log_start), "peak_mem_bytes": device_peak_bytes(device),
                     "activation_peak_bytes": meter.peak_bytes, "elapsed_s": now - start,
@@ -183,13 +223,34 @@ def run_sft(config: SFTConfig) -> SFTResult:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 window_tokens, log_start = 0, now
-            if config.save_steps > 0 and step % config.save_steps == 0 and step < total_steps:
-                state = {"step": step, "aux_heads": model.aux_heads.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
-                save_checkpoint(out, step, model, tokenizer, state)
-    save_final_model(out, model, tokenizer)
+            stopping = distributed.any_process(stop.requested, device)
+            periodic = config.save_steps > 0 and step % config.save_steps == 0 and step < total_steps
+            if periodic or (stopping and step < total_steps):
+                rng = _gather_rng_states(device)
+                if main_process:
+                    state = {"step": step, "position": position, "aux_heads": model.aux_heads.state_dict(),
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "scaler": scaler.state_dict() if scaler else None, "rng": rng}
+                    last_saved = save_checkpoint(out, step, model, tokenizer, state)
+                    prune_checkpoints(out, config.save_total_limit)
+                distributed.barrier()
+            if stopping and step < total_steps:
+                stop.exit_after_save(last_saved, step)
+    if main_process:
+        save_final_model(out, model, tokenizer)
+    distributed.barrier()
     return SFTResult(
-        output_dir=out, steps=total_steps, first_loss=first_loss, last_loss=losses[-1],
-        elapsed_s=time.perf_counter() - start, peak_mem_bytes=device_peak_bytes(device),
-        activation_peak_bytes=peak_activation, skipped_truncated=data_stats["skipped_truncated"],
+        output_dir=out, steps=total_steps, first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None, elapsed_s=time.perf_counter() - start,
+        peak_mem_bytes=device_peak_bytes(device), activation_peak_bytes=peak_activation,
+        skipped_truncated=data_stats["skipped_truncated"],
     )
+
+
+def _gather_rng_states(device: torch.device) -> list[dict]:
+    """Every process's RNG state, so each resumes its own stream (one entry per rank)."""
+    if distributed.world_size() == 1:
+        return [_rng_state()]
+    states = [None] * distributed.world_size()
+    torch.distributed.all_gather_object(states, _rng_state())
+    return states

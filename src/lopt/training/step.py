@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from lopt.errors import LoptError
 from lopt.models.lopt import LocalLearningLM
+from lopt.training.distributed import all_reduce_sum, world_size
 from lopt.training.loss import causal_lm_loss_sum
 
 BACKWARD_MODES = ("local", "joint")
@@ -33,21 +34,9 @@ class StepResult:
     input_tokens: int  # all non-padding tokens in the window, this process
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _all_reduce_sum(value: float, device: torch.device) -> float:
-    if _world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item())
-
-
 def average_gradients_across_processes(parameters: list[torch.nn.Parameter]) -> None:
     """Sum gradients over processes (the losses are already scaled by the global normalizers)."""
-    if _world_size() == 1:
+    if world_size() == 1:
         return
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
@@ -77,19 +66,19 @@ def forward_backward(
         raise LoptError(f"--backward {backward!r} is not valid; choose one of: {', '.join(BACKWARD_MODES)}")
     device = micro_batches[0]["input_ids"].device
     local_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
-    global_tokens = _all_reduce_sum(local_tokens, device)
+    global_tokens = all_reduce_sum(local_tokens, device)
     if global_tokens == 0:
         raise LoptError("No trained tokens in this step: every example's response was masked or truncated.")
-    micro_weight = 1.0 / (len(micro_batches) * _world_size())
-    aux_weight = model.lambda_aux / max(model.num_blocks - 1, 1) * micro_weight
+    micro_weight = 1.0 / (len(micro_batches) * world_size())
+    aux_weight = model.lambda_aux / max(len(model.aux_heads), 1) * micro_weight
 
     def run_backward(loss: torch.Tensor) -> None:
         scale_loss(loss).backward()
 
-    task_sum, aux_sums = 0.0, [0.0] * (model.num_blocks - 1)
+    task_sum, aux_sums = 0.0, [0.0] * len(model.aux_heads)
     for batch in micro_batches:
         local = run_backward if backward == "local" else None
-        with model.boundary_step(local, aux_weight) as aux_losses:
+        with model.boundary_step(local, aux_weight, batch["attention_mask"]) as aux_losses:
             hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
         loss_sum, _ = causal_lm_loss_sum(hidden, model.parts.lm_head, batch["labels"])
         objective = loss_sum / global_tokens
@@ -100,8 +89,8 @@ def forward_backward(
         for i, aux in enumerate(aux_losses):
             aux_sums[i] += float(aux.detach()) / len(micro_batches)
     return StepResult(
-        task_loss=_all_reduce_sum(task_sum, device) / global_tokens,
-        aux_losses=aux_sums,
+        task_loss=all_reduce_sum(task_sum, device) / global_tokens,
+        aux_losses=[all_reduce_sum(a, device) / world_size() for a in aux_sums],
         tokens=local_tokens,
         input_tokens=sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
     )

@@ -1,0 +1,57 @@
+"""Multi-process training under torchrun / accelerate launch, without DDP's module wrapper.
+
+Local backward runs one backward per block, and DistributedDataParallel expects exactly one per
+forward, so lopt keeps the model unwrapped and sums gradients across processes itself after the
+accumulation window (see step.py). This module holds the process-group plumbing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_from_environment() -> torch.device:
+    """Join the process group the launcher describes (WORLD_SIZE > 1) and return this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(value: float, device: torch.device) -> float:
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True on every process when the flag is set on at least one (a signal reaches one process first)."""
+    return all_reduce_sum(float(flag), device) > 0

@@ -1,0 +1,145 @@
+"""GRPO, end-to-end or with LoPT, on TRL's GRPOTrainer (completions sampled from the current policy).
+
+How LoPT enters TRL is in trl_lopt.py; this module adds what is GRPO's own: the prompts with a
+verifiable answer, the rewards, and `completions.jsonl` (sample completions with their rewards, for
+the dashboard).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+from lopt.config import GRPOConfig, save_config
+from lopt.data.collate import build_prompt
+from lopt.data.presets import GRPO_TASKS, grpo_records
+from lopt.errors import LoptError
+from lopt.rewards import TASK_REWARDS, completion_text, format_reward
+from lopt.training.checkpoint import save_final_model
+from lopt.training.sft import build_model, console, prepare_output_dir
+from lopt.training.trl_lopt import LoptTrainerMixin, MetricsCallback, trl_arguments
+
+
+# metrics.jsonl columns that GRPO adds to the shared schema, and the TRL log keys they come from
+GRPO_METRICS = {"reward": "reward", "reward_std": "reward_std", "completion_length": "completions/mean_length",
+                "step_time_s": "step_time"}
+
+
+@dataclass
+class GRPOResult:
+    output_dir: Path
+    steps: int
+    rewards: list[float]  # mean reward per logged step
+    elapsed_s: float
+
+
+def _make_trainer_class():
+    from trl import GRPOTrainer  # imported here: TRL takes seconds to import
+
+    class LoptGRPOTrainer(LoptTrainerMixin, GRPOTrainer):
+        """GRPOTrainer with LoPT (see trl_lopt.py) that also writes every scored completion to a file."""
+
+        completions_path: Path | None = None
+
+        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            if self.completions_path is not None and self.accelerator.is_main_process:
+                # the rewards are gathered over processes; this process's rows come at its offset
+                mine = rewards[self.accelerator.process_index * len(prompts):][: len(prompts)].tolist()
+                weights = self.reward_weights.tolist()
+                with self.completions_path.open("a") as fh:
+                    for prompt, completion, row in zip(prompts, completions, mine, strict=True):
+                        fh.write(json.dumps({
+                            "step": self.state.global_step + 1,  # the first step that trains on them
+                            "prompt": completion_text(prompt),
+                            "completion": completion_text(completion),
+                            "rewards": dict(zip(self.reward_func_names, row, strict=True)),
+                            "reward": sum(w * r for w, r in zip(weights, row, strict=True)),
+                        }) + "\n")
+            return rewards
+
+    return LoptGRPOTrainer
+
+
+def _prompt_length(tokenizer, prompt) -> int:
+    text = prompt if isinstance(prompt, str) else build_prompt(tokenizer, prompt)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def prepare_prompts(records: list[dict], tokenizer, max_prompt_length: int) -> list[dict]:
+    """Drop prompts longer than `max_prompt_length` tokens (a cut question cannot be answered), and
+    render them as text when the tokenizer has no chat template (TRL renders conversations itself)."""
+    kept = [r for r in records if _prompt_length(tokenizer, r["prompt"]) <= max_prompt_length]
+    if not kept:
+        raise LoptError(
+            f"every prompt is longer than --max_prompt_length {max_prompt_length} tokens; raise --max_prompt_length"
+        )
+    if len(kept) < len(records):
+        console.print(f"skipped {len(records) - len(kept)} of {len(records)} prompts longer than "
+                      f"--max_prompt_length {max_prompt_length}")
+    if not tokenizer.chat_template:
+        kept = [{**r, "prompt": build_prompt(tokenizer, r["prompt"])} for r in kept]
+    return kept
+
+
+def build_grpo_trainer(config: GRPOConfig, out: Path, **trl_settings):
+    """The LoPT (or E2E) GRPO trainer for `config`, writing into `out`; `trl_settings` are extra
+    TRLGRPOConfig fields (tests use them, e.g. for greedy generation)."""
+    import datasets
+    from transformers import set_seed
+    from trl import GRPOConfig as TRLGRPOConfig
+
+    set_seed(config.seed)  # before the heads are initialized
+    correctness, style = TASK_REWARDS[config.task]
+    reward_funcs, reward_weights = [correctness], [1.0]
+    if config.format_reward_weight:
+        reward_funcs.append(format_reward(style))
+        reward_weights.append(config.format_reward_weight)
+    args = trl_arguments(
+        TRLGRPOConfig, config,
+        num_generations=config.num_generations, max_completion_length=config.max_completion_length,
+        temperature=config.temperature, top_p=config.top_p, beta=config.beta, loss_type=config.loss_type,
+        num_iterations=config.num_iterations, steps_per_generation=config.steps_per_generation,
+        use_vllm=config.use_vllm, reward_weights=reward_weights, **trl_settings,
+    )
+    wrapper, tokenizer = build_model(config, args.device)  # accelerate's device: this process's GPU, else CPU
+    records = grpo_records(
+        config.task, dataset_name=config.dataset_name, dataset_config=config.dataset_config,
+        train_file=config.train_file, split=config.split, max_samples=config.max_samples, seed=config.seed,
+    )
+    dataset = datasets.Dataset.from_list(prepare_prompts(records, tokenizer, config.max_prompt_length))
+    try:
+        trainer = _make_trainer_class()(
+            model=wrapper.model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
+            processing_class=tokenizer, lopt=wrapper, backward=config.backward, lr_k1=config.lr_k1,
+        )
+    except (ValueError, ImportError) as error:  # TRL's checks of the settings (group sizes, vLLM, ...)
+        raise LoptError(f"TRL's GRPOTrainer rejected these settings: {error}") from error
+    trainer.completions_path = out / "completions.jsonl"
+    trainer.completions_path.write_text("")
+    trainer.add_callback(MetricsCallback(out / "metrics.jsonl", wrapper, trainer.saved_meter, args.device, GRPO_METRICS))
+    return trainer
+
+
+def run_grpo(config: GRPOConfig) -> GRPOResult:
+    if config.resume_from_checkpoint:
+        raise LoptError("--resume_from_checkpoint is not supported by `lopt grpo` yet; start a new run.")
+    out = prepare_output_dir(config)
+    trainer = build_grpo_trainer(config, out)
+    save_config(config, out / "training_args.json")
+    wrapper = trainer.lopt
+    console.print(
+        f"[bold]lopt grpo[/]: {config.canonical_method}"
+        + (f" k={wrapper.num_blocks}, {config.backward} backward" if wrapper.num_blocks > 1 else "")
+        + f" | task {config.task} ({GRPO_TASKS[config.task].description}), {len(trainer.train_dataset)} prompts"
+        + f" | {config.num_generations} completions per prompt | device {trainer.args.device}"
+    )
+    start = time.perf_counter()
+    trainer.train()
+    save_final_model(out, wrapper, trainer.processing_class)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return GRPOResult(output_dir=out, steps=trainer.state.global_step, rewards=[r["reward"] for r in logged],
+                      elapsed_s=time.perf_counter() - start)

@@ -1,0 +1,195 @@
+"""LoPT inside TRL's trainers: the pieces GRPO and DPO share.
+
+TRL trains the plain Hugging Face model (`LocalLearningLM.model`). The wrapper's hooks sit on that
+model's decoder layers, so every forward TRL runs already detaches hidden states at the block
+boundaries; the wrapper itself stays outside TRL and holds the reconstruction heads. The mixin below
+changes a TRL trainer at the narrowest hooks only, and never TRL's loss code:
+
+- `compute_loss` runs TRL's own `compute_loss` inside `wrapper.boundary_step(...)`. With local
+  backward each block's weighted local loss is back-propagated through `accelerator.backward` as
+  soon as the block has run (its activations are freed before the next block runs); with joint
+  backward the local losses are added to the loss TRL returns. Either way they are scaled exactly
+  as TRL's loss is for gradient accumulation. Reference-model, old-log-prob and generation passes
+  run without gradients, where the boundary hooks do nothing.
+- `create_optimizer` uses lopt's `build_optimizer` (the `--lr_k1` groups, heads included).
+- `_clip_grad_norm` clips over the model and the heads together, as the SFT loop does.
+- `training_step` counts the bytes saved for backward (`SavedTensorMeter`) for `metrics.jsonl`.
+- `_save_checkpoint` adds the heads to TRL's checkpoint folder (never to the model files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from lopt.config import RunConfig
+from lopt.errors import LoptError
+from lopt.models.lopt import LocalLearningLM
+from lopt.training.checkpoint import TRAINING_STATE
+from lopt.training.memory import SavedTensorMeter, device_peak_bytes
+from lopt.training.optim import build_optimizer
+
+logger = logging.getLogger(__name__)
+
+# Metric names in TRL's metrics dict (averaged over a logging window by TRL's `log`).
+TASK_LOSS_KEY = "lopt/task_loss"
+AUX_LOSS_KEY = "lopt/aux_loss_block_{}"
+
+
+class LoptTrainerMixin:
+    """Put before a TRL trainer class: ``class LoptGRPOTrainer(LoptTrainerMixin, GRPOTrainer)``."""
+
+    def __init__(self, *args, lopt: LocalLearningLM, backward: str = "local", lr_k1: float | None = None, **kwargs):
+        self.lopt = lopt
+        self.lopt_backward = backward
+        self.lopt_lr_k1 = lr_k1
+        self.saved_meter = SavedTensorMeter(lopt.parameters())
+        super().__init__(*args, **kwargs)
+        lopt.aux_heads.to(self.args.device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not (self.model.training and torch.is_grad_enabled()):  # evaluation: TRL's loss as it is
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        blocks = self.lopt.num_blocks
+        block_weight = self.lopt.lambda_aux / max(blocks - 1, 1)
+        # Trainer.training_step divides the returned loss by the accumulation steps unless the trainer
+        # says it already did (`loss_is_scaled_for_ga`: GRPO yes, DPO no); either way, what reaches
+        # `accelerator.backward` is a micro-batch's loss / accumulation steps, and so are the local losses.
+        local = self.lopt_backward == "local"
+        backward_fn = self.accelerator.backward if local else None
+        with self.lopt.boundary_step(backward_fn, block_weight / self.current_gradient_accumulation_steps) as aux_losses:
+            output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = output[0] if return_outputs else output
+        returned_scale = self.current_gradient_accumulation_steps if self.loss_is_scaled_for_ga else 1
+        metrics = self._metrics["train"]
+        metrics[TASK_LOSS_KEY].append(float(loss.detach()) * returned_scale)
+        for i, aux in enumerate(aux_losses):
+            metrics[AUX_LOSS_KEY.format(i + 1)].append(float(aux.detach()))
+        if not local and aux_losses:
+            loss = loss + block_weight / returned_scale * torch.stack(aux_losses).sum()
+        return (loss, output[1]) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        with self.saved_meter.active():
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = build_optimizer(self.lopt, self.args.learning_rate, self.lopt_lr_k1, self.args.weight_decay)
+        return self.optimizer
+
+    def _clip_grad_norm(self, model):
+        # The heads are not part of the model TRL trains; the clip is global over both (as in SFT).
+        params = itertools.chain(model.parameters(), self.lopt.aux_heads.parameters())
+        return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save and len(self.lopt.aux_heads):
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            torch.save({"step": self.state.global_step, "aux_heads": self.lopt.aux_heads.state_dict()},
+                       folder / TRAINING_STATE)
+
+
+def trl_arguments(trl_config_cls, config: RunConfig, **specific):
+    """TRL's config for a run: lopt's shared flags plus the recipe's `specific` ones.
+
+    Settings the installed TRL does not have are left out and reported once, by name. Values TRL
+    rejects become a LoptError that quotes TRL's reason.
+    """
+    known = {f.name for f in dataclasses.fields(trl_config_cls)}
+    # Settings renamed in transformers 5 (the old names warn, or are gone): use whichever TRL has.
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
+    # transformers 5 reads a warmup_steps below 1 as a ratio of the training steps.
+    warmup = "warmup_ratio" if "warmup_ratio" in known else "warmup_steps"
+    requested = dict(
+        output_dir=config.output_dir,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        **{warmup: config.warmup_ratio},
+        lr_scheduler_type=config.lr_scheduler_type,
+        max_grad_norm=config.max_grad_norm if config.max_grad_norm > 0 else 0.0,
+        seed=config.seed,
+        logging_steps=config.logging_steps,
+        save_strategy="steps" if config.save_steps > 0 else "no",
+        save_steps=max(config.save_steps, 1),
+        save_total_limit=config.save_total_limit,
+        trust_remote_code=config.trust_remote_code,
+        # --bf16 loads the weights in bfloat16 (see sft.weights_dtype), so TRL needs no bf16 autocast;
+        # --fp16 is autocast with loss scaling, which TRL's accelerator provides.
+        bf16=False,
+        fp16=config.fp16,
+        report_to="none",
+        # LoPT checkpoints each layer itself (LocalLearningLM.enable_gradient_checkpointing, from
+        # --gradient_checkpointing) so that a recomputation never re-runs a block boundary; TRL's own
+        # checkpointing (on by default) would wrap the boundary hooks.
+        **{checkpointing: False},
+        **specific,
+    )
+    unknown = sorted(set(requested) - known)
+    if unknown:
+        import trl
+
+        logger.warning(
+            "the installed TRL %s has no setting for %s; %s not passed to TRL. Upgrade TRL to use %s.",
+            trl.__version__, ", ".join(f"--{name}" for name in unknown), "it is" if len(unknown) == 1 else "they are",
+            "it" if len(unknown) == 1 else "them",
+        )
+    try:
+        return trl_config_cls(**{k: v for k, v in requested.items() if k in known})
+    except ValueError as error:
+        raise LoptError(f"TRL rejected these settings: {error}") from error
+
+
+class MetricsCallback(TrainerCallback):
+    """Writes `metrics.jsonl` in the schema the SFT loop writes, plus the recipe's own columns.
+
+    `extra` maps a column name in metrics.jsonl to the key of TRL's logs it comes from.
+    `activation_peak_bytes` is the peak of bytes saved for backward over the logging window.
+    """
+
+    def __init__(self, path: Path, lopt: LocalLearningLM, meter: SavedTensorMeter, device: torch.device,
+                 extra: dict[str, str]):
+        self.path, self.lopt, self.meter, self.device, self.extra = path, lopt, meter, device, extra
+        self.start = self.last_time = time.perf_counter()
+        self.last_tokens = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.last_time = time.perf_counter()
+        self.path.write_text("")
+
+    def on_log(self, args, state, control, logs=None, lr_scheduler=None, **kwargs):
+        if not state.is_world_process_zero or not logs or TASK_LOSS_KEY not in logs:
+            return  # the end-of-training summary and evaluation logs carry no step metrics
+        now = time.perf_counter()
+        tokens = float(logs.get("num_tokens", self.last_tokens))
+        rates = lr_scheduler.get_last_lr() if lr_scheduler is not None else [float("nan")]
+        record = {
+            "step": state.global_step,
+            "epoch": logs.get("epoch"),
+            "task_loss": logs[TASK_LOSS_KEY],
+            "aux_loss": [logs.get(AUX_LOSS_KEY.format(i + 1)) for i in range(len(self.lopt.aux_heads))],
+            "lr": rates[-1],
+            "lr_k1": rates[0],  # build_optimizer puts the early groups first
+            "grad_norm": logs.get("grad_norm"),
+            "tokens_per_s": (tokens - self.last_tokens) / max(now - self.last_time, 1e-9),
+            "peak_mem_bytes": device_peak_bytes(self.device),
+            "activation_peak_bytes": self.meter.peak_bytes,
+            "elapsed_s": now - self.start,
+        }
+        record.update({column: logs.get(key) for column, key in self.extra.items()})
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        self.meter.reset_peak()
+        self.last_time, self.last_tokens = now, tokens

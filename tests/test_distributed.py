@@ -1,0 +1,76 @@
+"""Two processes (gloo, CPU) give the gradients of one process on the same global batch."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lopt.models.lopt import LocalLearningLM
+from lopt.training.step import average_gradients_across_processes, forward_backward
+from tiny_models import tiny_batch, tiny_model, tiny_model_dir
+
+WORLD = 2
+
+
+def _halves(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    return [{k: v[i::WORLD] for k, v in batch.items()} for i in range(WORLD)]
+
+
+def _wrapped(backward_blocks: int) -> LocalLearningLM:
+    base = tiny_model("llama", layers=4)
+    torch.manual_seed(123)
+    return LocalLearningLM(copy.deepcopy(base), num_blocks=backward_blocks).train()
+
+
+def _worker(rank: int, init_file: str, out_dir: str, backward: str, num_blocks: int) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model = _wrapped(num_blocks)
+        batch = tiny_batch(batch=4, seed=5)
+        forward_backward(model, [_halves(batch)[rank]], backward=backward)
+        average_gradients_across_processes([p for p in model.parameters() if p.requires_grad])
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        torch.save(grads, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("backward", "num_blocks"), [("local", 2), ("joint", 2), ("local", 1)])
+def test_two_processes_match_one_process_on_the_global_batch(tmp_path, backward, num_blocks):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), backward, num_blocks), nprocs=WORLD, join=True)
+    # One process, the same global batch as two micro-batches (the per-process halves).
+    model = _wrapped(num_blocks)
+    forward_backward(model, _halves(tiny_batch(batch=4, seed=5)), backward=backward)
+    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got.keys() == expected.keys()
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-5)
+
+
+def test_lopt_sft_under_torchrun_writes_from_the_main_process_only(tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": f"{i}"}) + "\n" for i in range(12)))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+               "-m", "lopt.cli", "sft", "--model_name_or_path", str(model_dir), "--train_file", str(data),
+               "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
+               "--logging_steps", "1", "--save_steps", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes = 4 sequences" in done.stderr.replace("\n", " ")
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]  # one writer
+    assert (out / "checkpoint-1").is_dir() and (out / "config.json").exists()

@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""The reference implementation's GRPO entry point, kept so its documented commands run unchanged.
+
+It is `lopt grpo` with the same flags: `python train_grpo.py --method ll --num_blocks 2 --task gsm8k ...`.
+"""
+
+import sys
+
+from lopt.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["grpo", *sys.argv[1:]]))
