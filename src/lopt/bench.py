@@ -1,39 +1,46 @@
 """`lopt bench`: memory and throughput of one training step, E2E vs LoPT, measured side by side.
 
-Two measurements per configuration (method, k, backward mode, checkpointing) and batch shape:
+For each configuration (method, k, backward mode, checkpointing) and batch shape, one training step
+(forward + backward + AdamW step) is measured for:
 - peak activation memory: the peak of live bytes saved for backward (deterministic, machine-free);
-- step time (forward + backward + optimizer step): the median of `--steps` timed steps after
-  `--warmup` untimed ones, with the configurations interleaved step by step so that drift of the
-  machine's speed hits them all alike.
-On CUDA the peak allocated device memory of each configuration's steps is recorded too. Every figure
-is also given as a ratio to `e2e` in the same run.
+- peak device memory: `torch.cuda.max_memory_allocated` on GPU, the process's peak RSS on CPU;
+- step time and tokens/s: the median over `--rounds` x `--steps` timed steps.
+Each configuration runs in a fresh subprocess so that peaks never mix, and the configurations are
+run round-robin `--rounds` times so that drift of the machine's speed hits them all alike. Every
+figure is also given as a ratio to `e2e` at the same batch shape. A second table isolates the loss:
+saved bytes of lopt's chunked LM-head cross entropy against full float32 logits.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
+import subprocess
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from lopt.errors import LoptError
 from lopt.models.lopt import LocalLearningLM
 from lopt.models.registry import DEFAULT_MODEL, load_model_and_tokenizer
-from lopt.training.memory import SavedTensorMeter
+from lopt.training.loss import causal_lm_loss_sum
+from lopt.training.memory import SavedTensorMeter, device_peak_bytes
 from lopt.training.optim import build_optimizer
 from lopt.training.step import forward_backward
 
-console = Console()
+# Wide enough for the whole table when printed to a file or a CI log (rich assumes 80 columns there).
+console = Console(width=None if sys.stdout.isatty() else 150)
 METHODS = ("e2e", "e2e+ckpt", "lopt-joint", "lopt", "lopt+ckpt")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Configuration:
     method: str  # one of METHODS
     num_blocks: int  # 1 for e2e
@@ -60,19 +67,18 @@ class Record:
     batch: int
     seq: int
     activation_bytes: int
-    device_peak_bytes: int | None
+    device_peak_bytes: int
+    device_peak_kind: str  # "cuda_max_allocated" or "process_peak_rss"
     step_s: float
     tokens_per_s: float
+    step_times: list[float] = field(default_factory=list)
     activation_ratio: float | None = None
+    device_peak_ratio: float | None = None
     step_time_ratio: float | None = None
 
 
 def configurations(methods: list[str], blocks: list[int]) -> list[Configuration]:
-    out = []
-    for method in methods:
-        ks = [1] if method.startswith("e2e") else blocks
-        out.extend(Configuration(method, k) for k in ks)
-    return out
+    return [Configuration(m, k) for m in methods for k in ([1] if m.startswith("e2e") else blocks)]
 
 
 def synthetic_batch(batch: int, seq: int, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -85,84 +91,158 @@ def synthetic_batch(batch: int, seq: int, vocab: int, device: torch.device) -> d
             "labels": labels.to(device)}
 
 
-class _Runner:
-    """One configuration: its own copy of the model and optimizer, stepped on demand."""
-
-    def __init__(self, base, config: Configuration, batch: dict[str, torch.Tensor]):
-        self.config, self.batch = config, batch
-        torch.manual_seed(0)
-        self.model = LocalLearningLM(copy.deepcopy(base), num_blocks=config.num_blocks).train()
-        if config.checkpointing:
-            self.model.enable_gradient_checkpointing()
-        self.optimizer = build_optimizer(self.model, 1e-5, None, 0.0)
-        self.meter = SavedTensorMeter(self.model.parameters())
-        self.times: list[float] = []
-        self.device_peak = 0
-
-    def step(self, timed: bool) -> None:
-        device = self.batch["input_ids"].device
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(device)
+def measure(base, config: Configuration, batch: int, seq: int, steps: int, warmup: int) -> Record:
+    """Train `base` (wrapped as `config`) for warmup + steps steps on one synthetic batch."""
+    device = base.device
+    torch.manual_seed(0)
+    model = LocalLearningLM(base, num_blocks=config.num_blocks).train()
+    if config.checkpointing:
+        model.enable_gradient_checkpointing()
+    optimizer = build_optimizer(model, 1e-5, None, 0.0)
+    data = synthetic_batch(batch, seq, base.config.vocab_size, device)
+    meter = SavedTensorMeter(model.parameters())
+    times = []
+    for i in range(warmup + steps):
+        _sync(device)
         start = time.perf_counter()
-        with self.meter.active():
-            forward_backward(self.model, [self.batch], self.config.backward)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            self.device_peak = max(self.device_peak, torch.cuda.max_memory_allocated(device))
-        if timed:
-            self.times.append(time.perf_counter() - start)
+        with meter.active():
+            forward_backward(model, [data], config.backward)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    return Record(
+        config.method, config.num_blocks, config.backward, config.checkpointing, batch, seq, meter.peak_bytes,
+        device_peak_bytes(device), "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
+        step_s, batch * seq / step_s, times,
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure_in_subprocess(model_name: str, config: Configuration, batch: int, seq: int, steps: int, warmup: int,
+                           device: str) -> Record:
+    job = {"model": model_name, "method": config.method, "k": config.num_blocks, "batch": batch, "seq": seq,
+           "steps": steps, "warmup": warmup, "device": device}
+    done = subprocess.run([sys.executable, "-m", "lopt.bench", "--child", json.dumps(job)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise LoptError(f"bench of {config.label} at {batch} x {seq} failed:\n{done.stderr[-2000:]}")
+    return Record(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _child(job: dict) -> None:
+    model, _ = load_model_and_tokenizer(job["model"], device=job["device"])
+    record = measure(model, Configuration(job["method"], job["k"]), job["batch"], job["seq"], job["steps"],
+                     job["warmup"])
+    print(json.dumps(asdict(record)))
 
 
 def run_bench(model_name: str, methods: list[str], blocks: list[int], batches: list[int], seqs: list[int],
-              steps: int, warmup: int, device: torch.device) -> list[Record]:
-    base, _ = load_model_and_tokenizer(model_name, device=device)
+              steps: int, warmup: int, rounds: int, device: str) -> list[Record]:
+    shapes = [(b, s) for b in batches for s in seqs]
+    runs: dict[tuple, list[Record]] = {}
+    for round_index in range(rounds):  # round-robin: each round visits every configuration once
+        for batch, seq in shapes:
+            for config in configurations(methods, blocks):
+                console.print(f"round {round_index + 1}/{rounds}: {config.label} at {batch} x {seq}")
+                runs.setdefault((config, batch, seq), []).append(
+                    _measure_in_subprocess(model_name, config, batch, seq, steps, warmup, device))
     records = []
-    for batch_size in batches:
-        for seq in seqs:
-            batch = synthetic_batch(batch_size, seq, base.config.vocab_size, device)
-            runners = [_Runner(base, c, batch) for c in configurations(methods, blocks)]
-            for i in range(warmup + steps):
-                for runner in runners:  # interleaved: machine drift hits every configuration alike
-                    runner.step(timed=i >= warmup)
-            for r in runners:
-                step_s = statistics.median(r.times)
-                records.append(Record(
-                    r.config.method, r.config.num_blocks, r.config.backward, r.config.checkpointing, batch_size, seq,
-                    r.meter.peak_bytes, r.device_peak if device.type == "cuda" else None, step_s,
-                    batch_size * seq / step_s,
-                ))
-            del runners
-    _add_ratios(records)
+    for (config, batch, seq), measured in runs.items():
+        first = measured[0]
+        first.step_times = [t for r in measured for t in r.step_times]
+        first.step_s = statistics.median(first.step_times)
+        first.tokens_per_s = batch * seq / first.step_s
+        first.device_peak_bytes = max(r.device_peak_bytes for r in measured)
+        records.append(first)
+    add_ratios(records)
     return records
 
 
-def _add_ratios(records: list[Record]) -> None:
+def add_ratios(records: list[Record]) -> None:
     for r in records:
         e2e = next((x for x in records if x.method == "e2e" and (x.batch, x.seq) == (r.batch, r.seq)), None)
         if e2e is not None:
             r.activation_ratio = r.activation_bytes / e2e.activation_bytes
+            r.device_peak_ratio = r.device_peak_bytes / e2e.device_peak_bytes
             r.step_time_ratio = r.step_s / e2e.step_s
 
 
-def print_table(records: list[Record]) -> None:
-    table = Table(title="lopt bench: one training step (forward + backward + optimizer)")
-    for column in ("config", "batch x seq", "activation MiB", "x e2e", "device peak MiB", "step s", "x e2e", "tokens/s"):
+def loss_part(hidden_size: int, vocab: int, batch: int, seq: int) -> dict:
+    """Saved-for-backward bytes of the loss alone: chunked (lopt) vs full float32 logits (plain HF)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(hidden_size, vocab, bias=False)
+    hidden = torch.randn(batch, seq, hidden_size, requires_grad=True)
+    labels = synthetic_batch(batch, seq, vocab, torch.device("cpu"))["labels"]
+
+    def full() -> torch.Tensor:
+        logits = head(hidden).float()
+        return F.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), reduction="sum")
+
+    measured = {}
+    for name, loss_fn in (("full_logits", full), ("chunked", lambda: causal_lm_loss_sum(hidden, head, labels)[0])):
+        meter = SavedTensorMeter(head.parameters())
+        with meter.active():
+            loss_fn().backward()
+        measured[name] = meter.peak_bytes
+    return {"batch": batch, "seq": seq, "vocab": vocab, **measured,
+            "reduction": measured["full_logits"] / measured["chunked"]}
+
+
+def print_tables(records: list[Record], losses: list[dict]) -> None:
+    table = Table(title="lopt bench: one training step (forward + backward + AdamW step)")
+    peak_kind = "device peak MiB" if records[0].device_peak_kind == "cuda_max_allocated" else "process peak RSS MiB"
+    for column in ("config", "batch x seq", "activation MiB", "x e2e", peak_kind, "x e2e", "step s", "x e2e",
+                   "tokens/s"):
         table.add_column(column, justify="right")
     for r in records:
         label = r.method if r.k == 1 else f"{r.method} k={r.k}"
         table.add_row(
             label, f"{r.batch} x {r.seq}", f"{r.activation_bytes / 2**20:.1f}", _ratio(r.activation_ratio),
-            "-" if r.device_peak_bytes is None else f"{r.device_peak_bytes / 2**20:.0f}",
-            f"{r.step_s:.3f}", _ratio(r.step_time_ratio), f"{r.tokens_per_s:.0f}",
+            f"{r.device_peak_bytes / 2**20:.0f}", _ratio(r.device_peak_ratio), f"{r.step_s:.3f}",
+            _ratio(r.step_time_ratio), f"{r.tokens_per_s:.0f}",
         )
     console.print(table)
+    loss_table = Table(title="the loss alone: saved-for-backward bytes")
+    for column in ("batch x seq", "vocab", "full fp32 logits MiB", "chunked MiB", "reduction"):
+        loss_table.add_column(column, justify="right")
+    for r in losses:
+        loss_table.add_row(f"{r['batch']} x {r['seq']}", str(r["vocab"]), f"{r['full_logits'] / 2**20:.1f}",
+                           f"{r['chunked'] / 2**20:.1f}", f"{r['reduction']:.1f}x")
+    console.print(loss_table)
 
 
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def plot(records: list[Record], path: Path) -> bool:
+    """Bars of activation memory and step time relative to e2e; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    labels = [f"{r.method if r.k == 1 else f'{r.method} k={r.k}'}\n{r.batch}x{r.seq}" for r in records]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, len(records) * 1.1), 4.5))
+    for ax, key, title in ((axes[0], "activation_ratio", "peak activation memory / e2e"),
+                           (axes[1], "step_time_ratio", "step time / e2e")):
+        ax.bar(range(len(records)), [getattr(r, key) or 0 for r in records], color="#4a7fb5")
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xticks(range(len(records)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def _int_list(text: str) -> list[int]:
@@ -173,22 +253,44 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lopt bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model_name_or_path", default=DEFAULT_MODEL)
     parser.add_argument("--batch", type=_int_list, default=[4], help="comma-separated batch sizes (default: 4)")
-    parser.add_argument("--seq", type=_int_list, default=[256], help="comma-separated sequence lengths (default: 256)")
+    parser.add_argument("--seq", type=_int_list, default=[512], help="comma-separated sequence lengths (default: 512)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
     parser.add_argument("--blocks", type=_int_list, default=[2, 4], help="LoPT block counts (default: 2,4)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (default: 3)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration and round (default: 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: 1)")
+    parser.add_argument("--rounds", type=int, default=2, help="round-robin passes over the configurations (default: 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="outputs/bench", help="folder for bench.json (default: outputs/bench)")
+    parser.add_argument("--out", default="outputs/bench", help="folder for bench.json and bench.png")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        _child(json.loads(args.child))
+        return
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if "e2e" not in methods:
+        parser.error("--methods must include e2e: every ratio is taken against it")
     records = run_bench(args.model_name_or_path, methods, args.blocks, args.batch, args.seq, args.steps,
-                        args.warmup, torch.device(args.device))
-    print_table(records)
+                        args.warmup, args.rounds, args.device)
+    from transformers import AutoConfig
+
+    from lopt.models.registry import resolve_model
+
+    model_config = AutoConfig.from_pretrained(resolve_model(args.model_name_or_path))
+    losses = [loss_part(model_config.hidden_size, model_config.vocab_size, b, s) for b in args.batch for s in args.seq]
+    print_tables(records, losses)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps([asdict(r) for r in records], indent=2) + "\n")
-    console.print(f"wrote {out / 'bench.json'}")
+    result = {"model": args.model_name_or_path, "device": args.device,
+              "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "steps": args.steps,
+              "records": [asdict(r) for r in records], "loss": losses}
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    plotted = plot(records, out / "bench.png")
+    console.print(f"wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if plotted else
+                  " (no plot: pip install matplotlib)"))
+
+
+if __name__ == "__main__":
+    main()

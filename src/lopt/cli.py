@@ -14,7 +14,7 @@ commands:
   dpo     DPO on preference pairs on TRL's DPOTrainer, --method lopt or e2e
   eval    task accuracy, retention (perplexity vs the starting model) and lm-eval benchmarks of saved models
   report  tables and plots comparing runs, from their training_args.json, metrics.jsonl and eval.json
-  demo    a short LoPT SFT of the embedded SmolLM2-135M with a before/after answer
+  demo    the E2E-vs-LoPT study on the embedded SmolLM2-135M: train, evaluate, report
   bench   activation memory and step time of E2E vs LoPT (local and joint backward)
 
 `lopt <command> --help` lists a command's flags."""
@@ -45,7 +45,7 @@ def _grpo(argv: list[str]) -> None:
 
     config = parse_config(argv, GRPOConfig, prog="lopt grpo", description="GRPO with verifiable rewards (E2E or LoPT).")
     result = run_grpo(config)
-    rewards = " -> ".join(f"{r:.3f}" for r in result.rewards)
+    rewards = " -> ".join(f"{m['reward']:.3f}" for m in result.metrics)
     console.print(f"done: {result.steps} steps in {result.elapsed_s:.1f} s, mean reward per logged step {rewards}; "
                   f"model saved to {result.output_dir}")
 
@@ -57,8 +57,9 @@ def _dpo(argv: list[str]) -> None:
 
     config = parse_config(argv, DPOConfig, prog="lopt dpo", description="DPO on preference pairs (E2E or LoPT).")
     result = run_dpo(config)
-    console.print(f"done: {result.steps} steps in {result.elapsed_s:.1f} s, DPO loss {result.losses[0]:.4f} -> "
-                  f"{result.losses[-1]:.4f}; model saved to {result.output_dir}")
+    losses = [m["task_loss"] for m in result.metrics]
+    console.print(f"done: {result.steps} steps in {result.elapsed_s:.1f} s, DPO loss {losses[0]:.4f} -> "
+                  f"{losses[-1]:.4f}; model saved to {result.output_dir}")
 
 
 def _eval(argv: list[str]) -> None:

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from lopt.data.presets import GRPO_TASKS
 from lopt.errors import LoptError
 
 METHODS = {"e2e": "e2e", "lopt": "lopt", "ll": "lopt"}  # 'll' is the reference implementation's name
@@ -105,7 +106,7 @@ class GRPOConfig(RunConfig):
 
     learning_rate: float = _opt(1e-6, "learning rate of the final block, final norm and LM head (all of E2E)")
     task: str = _opt("gsm-symbolic", "gsm-symbolic (offline), gsm8k (openai/gsm8k), numinamath (AI-MO/NuminaMath-CoT)",
-                     choices=["gsm-symbolic", "gsm8k", "numinamath"])
+                     choices=sorted(GRPO_TASKS))
     format_reward_weight: float = _opt(0.0, "weight of a reward for writing the answer in the task's format (0: off)")
     num_generations: int = _opt(4, "completions sampled per prompt (a group)")
     max_prompt_length: int = _opt(512, "prompts longer than this many tokens are skipped")

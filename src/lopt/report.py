@@ -111,6 +111,11 @@ def table_rows(runs: list[Run]) -> list[list[str]]:
     return rows
 
 
+def markdown_table(runs: list[Run]) -> list[str]:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    return lines + ["| " + " | ".join(row) + " |" for row in table_rows(runs)]
+
+
 def make_plots(runs: list[Run], out: Path) -> list[tuple[str, str]]:
     """Write the PNG plots; returns (file name, caption) of those that had data."""
     import matplotlib
@@ -188,11 +193,8 @@ def _eval_note(runs: list[Run]) -> str:
 
 
 def write_markdown(path: Path, title: str, runs: list[Run], plots: list[tuple[str, str]]) -> None:
-    rows = table_rows(runs)
     lines = [f"# {title}", "", f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from "
-             f"{', '.join(r.name for r in runs)}.", "", _eval_note(runs), "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+             f"{', '.join(r.name for r in runs)}.", "", _eval_note(runs), "", *markdown_table(runs)]
     for name, caption in plots:
         lines += ["", f"![{caption}]({name})"]
     path.write_text("\n".join(lines) + "\n")

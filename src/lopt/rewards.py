@@ -53,7 +53,10 @@ def gsm_symbolic_score(completions, answer, **kwargs) -> list[float]:
     """reasoning-gym's own score for gsm_symbolic: 1.0 correct, 0.01 a wrong number, 0.0 no number.
 
     The model's final answer is located as for GSM8K and normalized first (``1,000`` -> ``1000``),
-    because the scorer reads the first number of the string it is given.
+    because the scorer reads the first number of the string it is given. Its pattern
+    (``\\b-?\\d+...``) drops a leading minus sign, so it would score a correct negative answer 0.01;
+    gsm_symbolic's answers are non-negative quantities (none of 2,000 generated problems has a
+    negative one), so the score is left as reasoning-gym defines it.
     """
     scorer = _gsm_symbolic_scorer()
     scores = []

@@ -55,24 +55,34 @@ def _device() -> torch.device:
 
 
 def _perplexity_of(name: str, options: EvalOptions, text: str) -> float:
-    model, tokenizer = load_model_and_tokenizer(name, device=_device())
+    try:
+        model, tokenizer = load_model_and_tokenizer(name, device=_device())
+    except LoptError as error:  # e.g. a training_args.json written on another machine names a path not here
+        raise LoptError(f"cannot load the starting model {name!r} for the retention baseline: {error}\n"
+                        "Pass --base_model with a model available here.") from error
     return perplexity(model, token_windows(tokenizer, text, options.retention_window, options.retention_windows),
                       batch_size=options.batch_size)
 
 
-def evaluate_model(model: str, options: EvalOptions, base_perplexities: dict[str, float] | None = None) -> dict:
+def evaluate_model(model: str, options: EvalOptions, base_perplexities: dict[str, float] | None = None,
+                   heldout_from: Path | None = None) -> dict:
     """Evaluate one model (a folder, alias or hub id) and return its eval.json content.
 
+    The problems exclude those the run in `heldout_from` trained on (default: the model's own folder,
+    if it is a run), so a starting model can be scored on the same problems as the runs made from it.
     `base_perplexities` caches the starting models' perplexities across calls (several runs usually
     share one starting model, and its perplexity is the costliest part of retention).
     """
+    if options.harness and not Path(model).is_dir():
+        raise LoptError(f"--harness runs on a saved model folder; {model!r} is not one.")
     base_perplexities = {} if base_perplexities is None else base_perplexities
     start = time.perf_counter()
     base = base_model_of(model, options)
     result: dict = {"model": str(model), "base_model": base}
     net, tokenizer = load_model_and_tokenizer(model, device=_device())
     if options.eval_samples > 0:
-        exclude = training_questions(Path(model)) if Path(model).is_dir() else set()
+        run = Path(heldout_from or model)
+        exclude = training_questions(run) if run.is_dir() else set()
         records = load_task(options.task, options.eval_samples, exclude)
         scores = task_accuracy(net, tokenizer, records, batch_size=options.batch_size,
                                max_new_tokens=options.max_new_tokens)
@@ -95,8 +105,6 @@ def evaluate_model(model: str, options: EvalOptions, base_perplexities: dict[str
     if options.harness:
         from lopt.evaluation.harness import run_harness
 
-        if not Path(model).is_dir():
-            raise LoptError(f"--harness runs on a saved model folder; {model!r} is not one.")
         result["harness"] = run_harness(model, list(options.harness), include_path=options.harness_include,
                                         limit=options.harness_limit, device=str(_device()))
     result["eval_seconds"] = time.perf_counter() - start

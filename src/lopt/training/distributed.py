@@ -12,9 +12,22 @@ import os
 import torch
 import torch.distributed as dist
 
+from lopt.errors import LoptError
+
+# What `accelerate launch` sets when its config asks for sharded training.
+_SHARDING_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
 
 def init_from_environment() -> torch.device:
     """Join the process group the launcher describes (WORLD_SIZE > 1) and return this process's device."""
+    for variable, name in _SHARDING_ENV.items():
+        if os.environ.get(variable, "").lower() in ("1", "true"):
+            # Running replicated under a sharding config would silently use far more memory than asked.
+            raise LoptError(
+                f"The accelerate config asks for {name}, which lopt's training loop does not implement yet: every "
+                "process would hold the whole model. Launch with a data-parallel config instead "
+                "(configs/accelerate_multi_gpu.yaml) or torchrun."
+            )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():

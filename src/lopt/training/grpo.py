@@ -8,32 +8,19 @@ the dashboard).
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-
-from lopt.config import GRPOConfig, save_config
+from lopt.config import GRPOConfig
 from lopt.data.collate import build_prompt
 from lopt.data.presets import GRPO_TASKS, grpo_records
 from lopt.errors import LoptError
 from lopt.rewards import TASK_REWARDS, completion_text, format_reward
-from lopt.training.checkpoint import save_final_model
-from lopt.training.sft import build_model, console, prepare_output_dir
-from lopt.training.trl_lopt import LoptTrainerMixin, MetricsCallback, trl_arguments
-
+from lopt.training.sft import build_model, console
+from lopt.training.trl_lopt import LoptTrainerMixin, MetricsCallback, TRLRunResult, run_trl_recipe, trl_arguments
 
 # metrics.jsonl columns that GRPO adds to the shared schema, and the TRL log keys they come from
 GRPO_METRICS = {"reward": "reward", "reward_std": "reward_std", "completion_length": "completions/mean_length",
                 "step_time_s": "step_time"}
-
-
-@dataclass
-class GRPOResult:
-    output_dir: Path
-    steps: int
-    rewards: list[float]  # mean reward per logged step
-    elapsed_s: float
 
 
 def _make_trainer_class():
@@ -124,22 +111,9 @@ def build_grpo_trainer(config: GRPOConfig, out: Path, **trl_settings):
     return trainer
 
 
-def run_grpo(config: GRPOConfig) -> GRPOResult:
-    if config.resume_from_checkpoint:
-        raise LoptError("--resume_from_checkpoint is not supported by `lopt grpo` yet; start a new run.")
-    out = prepare_output_dir(config)
-    trainer = build_grpo_trainer(config, out)
-    save_config(config, out / "training_args.json")
-    wrapper = trainer.lopt
-    console.print(
-        f"[bold]lopt grpo[/]: {config.canonical_method}"
-        + (f" k={wrapper.num_blocks}, {config.backward} backward" if wrapper.num_blocks > 1 else "")
-        + f" | task {config.task} ({GRPO_TASKS[config.task].description}), {len(trainer.train_dataset)} prompts"
-        + f" | {config.num_generations} completions per prompt | device {trainer.args.device}"
+def run_grpo(config: GRPOConfig) -> TRLRunResult:
+    return run_trl_recipe(
+        "grpo", config, build_grpo_trainer,
+        lambda trainer: f"task {config.task} ({GRPO_TASKS[config.task].description}), {len(trainer.train_dataset)} "
+                        f"prompts | {config.num_generations} completions per prompt",
     )
-    start = time.perf_counter()
-    trainer.train()
-    save_final_model(out, wrapper, trainer.processing_class)
-    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return GRPOResult(output_dir=out, steps=trainer.state.global_step, rewards=[r["reward"] for r in logged],
-                      elapsed_s=time.perf_counter() - start)

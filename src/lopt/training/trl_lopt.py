@@ -24,15 +24,18 @@ import itertools
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import TrainerCallback
 
-from lopt.config import RunConfig
+from lopt.config import RunConfig, save_config
 from lopt.errors import LoptError
 from lopt.models.lopt import LocalLearningLM
-from lopt.training.checkpoint import TRAINING_STATE
+from lopt.training.checkpoint import TRAINING_STATE, save_final_model
+from lopt.training.sft import console, prepare_output_dir
 from lopt.training.memory import SavedTensorMeter, device_peak_bytes
 from lopt.training.optim import build_optimizer
 
@@ -52,7 +55,13 @@ class LoptTrainerMixin:
         self.lopt_lr_k1 = lr_k1
         self.saved_meter = SavedTensorMeter(lopt.parameters())
         super().__init__(*args, **kwargs)
-        lopt.aux_heads.to(self.args.device)
+        if lopt.num_blocks > 1 and self.accelerator.num_processes > 1:
+            # TRL wraps the model in DistributedDataParallel, which expects one backward per forward;
+            # local backward runs one per block (the SFT loop averages gradients itself instead).
+            raise LoptError(
+                "LoPT inside TRL (lopt grpo / lopt dpo) runs on one process for now; launch it without "
+                "accelerate/torchrun, or use --method e2e for multi-process training."
+            )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not (self.model.training and torch.is_grad_enabled()):  # evaluation: TRL's loss as it is
@@ -167,6 +176,7 @@ class MetricsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.last_time = time.perf_counter()
+        self.meter.reset_peak()
         self.path.write_text("")
 
     def on_log(self, args, state, control, logs=None, lr_scheduler=None, **kwargs):
@@ -193,3 +203,32 @@ class MetricsCallback(TrainerCallback):
             fh.write(json.dumps(record) + "\n")
         self.meter.reset_peak()
         self.last_time, self.last_tokens = now, tokens
+
+
+@dataclass
+class TRLRunResult:
+    output_dir: Path
+    steps: int
+    metrics: list[dict]  # metrics.jsonl: one object per logged step
+    elapsed_s: float
+
+
+def run_trl_recipe(name: str, config: RunConfig, build_trainer: Callable, describe: Callable) -> TRLRunResult:
+    """A GRPO or DPO run: `build_trainer(config, out)` makes the trainer, `describe(trainer)` the
+    recipe's part of the start-up line; the rest (output folder, args, training, final model) is shared."""
+    if config.resume_from_checkpoint:
+        raise LoptError(f"--resume_from_checkpoint is not supported by `lopt {name}` yet; start a new run.")
+    out = prepare_output_dir(config)
+    trainer = build_trainer(config, out)
+    save_config(config, out / "training_args.json")
+    wrapper = trainer.lopt
+    console.print(
+        f"[bold]lopt {name}[/]: {config.canonical_method}"
+        + (f" k={wrapper.num_blocks}, {config.backward} backward" if wrapper.num_blocks > 1 else "")
+        + f" | {describe(trainer)} | device {trainer.args.device}"
+    )
+    start = time.perf_counter()
+    trainer.train()
+    save_final_model(out, wrapper, trainer.processing_class)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return TRLRunResult(out, trainer.state.global_step, metrics, time.perf_counter() - start)

@@ -1,0 +1,29 @@
+"""`lopt bench` on a tiny model: subprocess per configuration, ratios, loss-part figures, outputs."""
+
+from __future__ import annotations
+
+import json
+
+from lopt.bench import loss_part, main
+from tiny_models import tiny_model_dir
+
+
+def test_chunked_loss_keeps_far_fewer_bytes_than_full_logits():
+    part = loss_part(hidden_size=64, vocab=4000, batch=2, seq=128)
+    assert part["reduction"] >= 4.0
+    assert part["full_logits"] >= 2 * 127 * 4000 * 4  # at least one [tokens, vocab] float32 tensor
+
+
+def test_bench_writes_json_with_ratios_and_a_plot(tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "model", layers=4)
+    out = tmp_path / "bench"
+    main(["--model_name_or_path", str(model_dir), "--batch", "2", "--seq", "32", "--methods", "e2e,lopt-joint,lopt",
+          "--blocks", "2", "--steps", "1", "--warmup", "0", "--rounds", "1", "--device", "cpu", "--out", str(out)])
+    result = json.loads((out / "bench.json").read_text())
+    by_method = {(r["method"], r["k"]): r for r in result["records"]}
+    assert set(by_method) == {("e2e", 1), ("lopt-joint", 2), ("lopt", 2)}
+    assert by_method[("e2e", 1)]["activation_ratio"] == 1.0
+    assert by_method[("lopt", 2)]["activation_ratio"] < by_method[("lopt-joint", 2)]["activation_ratio"]
+    assert all(r["device_peak_kind"] == "process_peak_rss" and r["device_peak_bytes"] > 0 for r in result["records"])
+    assert result["loss"][0]["reduction"] > 1.0
+    assert (out / "bench.png").stat().st_size > 0
