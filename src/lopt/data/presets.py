@@ -87,9 +87,9 @@ def load_records(
     return records
 
 
-def with_answer_instruction(question: str) -> str:
-    """A GSM-style question followed by the instruction on how to write the answer."""
-    return f"{question}\n{GSM_ANSWER_INSTRUCTION}"
+def with_answer_instruction(question: str, style: str = "hash") -> str:
+    """A question followed by the instruction on how to write the final answer (`####` or `\\boxed{}`)."""
+    return f"{question}\n{_ANSWER_INSTRUCTIONS[style]}"
 
 
 def gsm_symbolic_records(size: int, seed: int) -> list[dict]:
@@ -281,7 +281,7 @@ def grpo_records(
             continue
         question = str(record[question_column])
         if question_column != "prompt":
-            question = f"{question}\n{_ANSWER_INSTRUCTIONS[spec.style]}"
+            question = with_answer_instruction(question, spec.style)
         records.append({"prompt": [{"role": "user", "content": question}], "answer": gold})
     if not records:
         raise LoptError(
