@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/lopt demo
 
-# E2E vs LoPT memory and step time on the embedded model at batch 4 x 512 (about 20 min on 2 CPU cores).
+# E2E vs LoPT memory and step time on the embedded model at batch 4 x 512 (about 15 min on 2 CPU cores).
 bench: $(STAMP)
 	$(VENV)/bin/lopt bench
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lopt.bench import loss_part, main
+from lopt.errors import LoptError
 from tiny_models import tiny_model_dir
 
 
@@ -17,13 +20,25 @@ def test_chunked_loss_keeps_far_fewer_bytes_than_full_logits():
 def test_bench_writes_json_with_ratios_and_a_plot(tmp_path):
     model_dir = tiny_model_dir(tmp_path / "model", layers=4)
     out = tmp_path / "bench"
-    main(["--model_name_or_path", str(model_dir), "--batch", "2", "--seq", "32", "--methods", "e2e,lopt-joint,lopt",
+    main(["--model_name_or_path", str(model_dir), "--batch", "2", "--seq", "32", "--methods", "e2e,e2e+ckpt,lopt-joint,lopt",
           "--blocks", "2", "--steps", "1", "--warmup", "0", "--rounds", "1", "--device", "cpu", "--out", str(out)])
     result = json.loads((out / "bench.json").read_text())
     by_method = {(r["method"], r["k"]): r for r in result["records"]}
-    assert set(by_method) == {("e2e", 1), ("lopt-joint", 2), ("lopt", 2)}
+    assert set(by_method) == {("e2e", 1), ("e2e+ckpt", 1), ("lopt-joint", 2), ("lopt", 2)}
     assert by_method[("e2e", 1)]["activation_ratio"] == 1.0
     assert by_method[("lopt", 2)]["activation_ratio"] < by_method[("lopt-joint", 2)]["activation_ratio"]
     assert all(r["device_peak_kind"] == "process_peak_rss" and r["device_peak_bytes"] > 0 for r in result["records"])
     assert result["loss"][0]["reduction"] > 1.0
     assert (out / "bench.png").stat().st_size > 0
+    [pair] = result["equal_memory"]  # lopt k=2 without checkpointing against e2e+ckpt
+    lopt, ckpt = by_method[("lopt", 2)], by_method[("e2e+ckpt", 1)]
+    assert (pair["k"], pair["lopt_activation_bytes"], pair["e2e_ckpt_activation_bytes"]) == (
+        2, lopt["activation_bytes"], ckpt["activation_bytes"])
+    assert pair["fits_e2e_ckpt_memory"] == (lopt["device_peak_bytes"] <= ckpt["device_peak_bytes"])
+    assert pair["step_time_ratio"] == lopt["step_s"] / ckpt["step_s"]
+
+
+def test_bench_liger_on_cpu_says_why_before_running(tmp_path, capsys):
+    with pytest.raises(LoptError, match="--liger needs a CUDA GPU"):
+        main(["--liger", "--device", "cpu", "--out", str(tmp_path / "bench")])
+    assert not (tmp_path / "bench").exists()

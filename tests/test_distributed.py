@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lopt.models.lopt import LocalLearningLM
-from lopt.training.step import average_gradients_across_processes, forward_backward
+from lopt.training.step import all_reduce_gradients, forward_backward
 from tiny_models import tiny_batch, tiny_model, tiny_model_dir
 
 WORLD = 2
@@ -37,7 +37,7 @@ def _worker(rank: int, init_file: str, out_dir: str, backward: str, num_blocks: 
         model = _wrapped(num_blocks)
         batch = tiny_batch(batch=4, seed=5)
         forward_backward(model, [_halves(batch)[rank]], backward=backward)
-        average_gradients_across_processes([p for p in model.parameters() if p.requires_grad])
+        all_reduce_gradients([p for p in model.parameters() if p.requires_grad])
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         torch.save(grads, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -76,10 +76,16 @@ def test_lopt_sft_under_torchrun_writes_from_the_main_process_only(tmp_path):
     assert (out / "checkpoint-1").is_dir() and (out / "config.json").exists()
 
 
-def test_sharding_launch_configs_are_refused_not_silently_replicated(monkeypatch):
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharding_launch_configs_are_refused_not_silently_replicated(monkeypatch, variable):
+    """What GRPO / DPO get; `lopt sft` reads the FSDP2 settings first and shards (test_fsdp.py)."""
     from lopt.errors import LoptError
     from lopt.training.distributed import init_from_environment
 
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(LoptError, match="FSDP.*configs/accelerate_multi_gpu.yaml"):
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(LoptError, match="(FSDP|DeepSpeed).*configs/accelerate_multi_gpu.yaml"):
         init_from_environment()
+    if variable == "ACCELERATE_USE_DEEPSPEED":
+        with pytest.raises(LoptError, match="DeepSpeed"):
+            init_from_environment(shards_with_fsdp=True)
+

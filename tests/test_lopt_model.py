@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM, BertConfig, BertLMHeadModel
 
 from lopt.errors import LoptError
 from lopt.models.lopt import LocalLearningLM, ReconstructionHead, split_blocks
+from lopt.training import loss as loss_module
 from lopt.training.loss import causal_lm_loss_sum
 from lopt.training.memory import SavedTensorMeter
 from lopt.training.optim import build_optimizer
@@ -157,6 +159,35 @@ def test_chunked_loss_equals_full_logits_cross_entropy():
     assert float(loss_sum.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
     torch.testing.assert_close(got_h, hidden.grad, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got_w, head.weight.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_liger_loss_gets_weight_hidden_and_labels_in_liger_order(monkeypatch):
+    """No CUDA here: a stand-in with Liger's call signature (weight, input, target) checks the wiring."""
+    calls = []
+
+    def fake_liger(device):
+        def loss_fn(weight, inputs, target):
+            calls.append((device.type, weight.shape, inputs.shape, target.shape))
+            return F.cross_entropy(inputs @ weight.t(), target, ignore_index=-100, reduction="sum")
+        return loss_fn
+
+    monkeypatch.setattr(loss_module, "liger_linear_cross_entropy", fake_liger)
+    torch.manual_seed(0)
+    hidden, head = torch.randn(2, 9, 16), torch.nn.Linear(16, 40, bias=False)
+    labels = torch.randint(0, 40, (2, 9))
+    labels[1, :4] = -100
+    liger_sum, n = causal_lm_loss_sum(hidden, head, labels, liger=True)
+    chunked_sum, _ = causal_lm_loss_sum(hidden, head, labels)
+    assert calls == [("cpu", (40, 16), (n, 16), (n,))]
+    assert float(liger_sum.detach()) == pytest.approx(float(chunked_sum.detach()), rel=1e-6)
+
+
+def test_liger_refuses_cpu_and_a_missing_install_with_the_fix(monkeypatch):
+    with pytest.raises(LoptError, match="--liger needs a CUDA GPU"):
+        loss_module.liger_linear_cross_entropy(torch.device("cpu"))
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # import fails as if not installed
+    with pytest.raises(LoptError, match="pip install liger-kernel"):
+        loss_module.liger_linear_cross_entropy(torch.device("cuda"))
 
 
 def saved_peak(model, backward) -> int:

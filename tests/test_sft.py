@@ -193,6 +193,14 @@ def test_fp16_without_cuda_is_refused(model_dir, train_file, tmp_path, capsys):
     assert code == 2 and "--fp16 needs a CUDA GPU" in err
 
 
+def test_liger_without_cuda_is_refused_before_the_output_dir_is_made(model_dir, train_file, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, err = run_cli(sft_args(model_dir, train_file, tmp_path / "o") + ["--liger"], capsys)
+    assert code == 2 and "--liger needs a CUDA GPU" in err and "Drop --liger" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_non_empty_output_dir_is_refused_unless_overwrite(model_dir, train_file, tmp_path, capsys):
     out = tmp_path / "used"
     out.mkdir()

@@ -8,7 +8,9 @@ For each configuration (method, k, backward mode, checkpointing) and batch shape
 Each configuration runs in a fresh subprocess so that peaks never mix, and the configurations are
 run round-robin `--rounds` times so that drift of the machine's speed hits them all alike. Every
 figure is also given as a ratio to `e2e` at the same batch shape. A second table isolates the loss:
-saved bytes of lopt's chunked LM-head cross entropy against full float32 logits.
+saved bytes of lopt's chunked LM-head cross entropy against full float32 logits. A third pairs
+LoPT local backward without checkpointing against E2E with checkpointing: does the memory LoPT saves
+let it skip recomputation within E2E+ckpt's memory, and what does that buy in step time?
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from rich.table import Table
 from lopt.errors import LoptError
 from lopt.models.lopt import LocalLearningLM
 from lopt.models.registry import DEFAULT_MODEL, load_model_and_tokenizer
-from lopt.training.loss import causal_lm_loss_sum
+from lopt.training.loss import causal_lm_loss_sum, liger_linear_cross_entropy
 from lopt.training.memory import SavedTensorMeter, device_peak_bytes
 from lopt.training.optim import build_optimizer
 from lopt.training.step import forward_backward
@@ -91,7 +93,7 @@ def synthetic_batch(batch: int, seq: int, vocab: int, device: torch.device) -> d
             "labels": labels.to(device)}
 
 
-def measure(base, config: Configuration, batch: int, seq: int, steps: int, warmup: int) -> Record:
+def measure(base, config: Configuration, batch: int, seq: int, steps: int, warmup: int, liger: bool = False) -> Record:
     """Train `base` (wrapped as `config`) for warmup + steps steps on one synthetic batch."""
     device = base.device
     torch.manual_seed(0)
@@ -106,7 +108,7 @@ def measure(base, config: Configuration, batch: int, seq: int, steps: int, warmu
         _sync(device)
         start = time.perf_counter()
         with meter.active():
-            forward_backward(model, [data], config.backward)
+            forward_backward(model, [data], config.backward, liger=liger)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
@@ -126,9 +128,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _measure_in_subprocess(model_name: str, config: Configuration, batch: int, seq: int, steps: int, warmup: int,
-                           device: str) -> Record:
+                           device: str, liger: bool) -> Record:
     job = {"model": model_name, "method": config.method, "k": config.num_blocks, "batch": batch, "seq": seq,
-           "steps": steps, "warmup": warmup, "device": device}
+           "steps": steps, "warmup": warmup, "device": device, "liger": liger}
     done = subprocess.run([sys.executable, "-m", "lopt.bench", "--child", json.dumps(job)],
                           capture_output=True, text=True)
     if done.returncode != 0:
@@ -139,12 +141,12 @@ def _measure_in_subprocess(model_name: str, config: Configuration, batch: int, s
 def _child(job: dict) -> None:
     model, _ = load_model_and_tokenizer(job["model"], device=job["device"])
     record = measure(model, Configuration(job["method"], job["k"]), job["batch"], job["seq"], job["steps"],
-                     job["warmup"])
+                     job["warmup"], job["liger"])
     print(json.dumps(asdict(record)))
 
 
 def run_bench(model_name: str, methods: list[str], blocks: list[int], batches: list[int], seqs: list[int],
-              steps: int, warmup: int, rounds: int, device: str) -> list[Record]:
+              steps: int, warmup: int, rounds: int, device: str, liger: bool = False) -> list[Record]:
     shapes = [(b, s) for b in batches for s in seqs]
     runs: dict[tuple, list[Record]] = {}
     for round_index in range(rounds):  # round-robin: each round visits every configuration once
@@ -152,7 +154,7 @@ def run_bench(model_name: str, methods: list[str], blocks: list[int], batches: l
             for config in configurations(methods, blocks):
                 console.print(f"round {round_index + 1}/{rounds}: {config.label} at {batch} x {seq}")
                 runs.setdefault((config, batch, seq), []).append(
-                    _measure_in_subprocess(model_name, config, batch, seq, steps, warmup, device))
+                    _measure_in_subprocess(model_name, config, batch, seq, steps, warmup, device, liger))
     records = []
     for (config, batch, seq), measured in runs.items():
         first = measured[0]
@@ -174,19 +176,44 @@ def add_ratios(records: list[Record]) -> None:
             r.step_time_ratio = r.step_s / e2e.step_s
 
 
-def loss_part(hidden_size: int, vocab: int, batch: int, seq: int) -> dict:
-    """Saved-for-backward bytes of the loss alone: chunked (lopt) vs full float32 logits (plain HF)."""
+def equal_memory_pairs(records: list[Record]) -> list[dict]:
+    """LoPT local backward without checkpointing against E2E with checkpointing, at each batch shape.
+
+    Checkpointing buys memory with recomputation. Where LoPT's device peak without it stays within
+    E2E+ckpt's, LoPT gets that memory without the recomputation, and the step-time ratio says what that buys.
+    """
+    pairs = []
+    for r in records:
+        ckpt = next((x for x in records if x.method == "e2e+ckpt" and (x.batch, x.seq) == (r.batch, r.seq)), None)
+        if r.method != "lopt" or ckpt is None:
+            continue
+        pairs.append({
+            "k": r.k, "batch": r.batch, "seq": r.seq,
+            "lopt_device_peak_bytes": r.device_peak_bytes, "e2e_ckpt_device_peak_bytes": ckpt.device_peak_bytes,
+            "lopt_activation_bytes": r.activation_bytes, "e2e_ckpt_activation_bytes": ckpt.activation_bytes,
+            "fits_e2e_ckpt_memory": r.device_peak_bytes <= ckpt.device_peak_bytes,
+            "step_time_ratio": r.step_s / ckpt.step_s,
+        })
+    return pairs
+
+
+def loss_part(hidden_size: int, vocab: int, batch: int, seq: int, device: str = "cpu", liger: bool = False) -> dict:
+    """Saved-for-backward bytes of the loss alone: chunked (lopt) vs full float32 logits (plain HF),
+    and Liger Kernel's fused linear cross entropy when `liger` (CUDA)."""
     torch.manual_seed(0)
-    head = torch.nn.Linear(hidden_size, vocab, bias=False)
-    hidden = torch.randn(batch, seq, hidden_size, requires_grad=True)
-    labels = synthetic_batch(batch, seq, vocab, torch.device("cpu"))["labels"]
+    head = torch.nn.Linear(hidden_size, vocab, bias=False, device=device)
+    hidden = torch.randn(batch, seq, hidden_size, requires_grad=True, device=device)
+    labels = synthetic_batch(batch, seq, vocab, torch.device(device))["labels"]
 
     def full() -> torch.Tensor:
         logits = head(hidden).float()
         return F.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), reduction="sum")
 
+    kernels = {"full_logits": full, "chunked": lambda: causal_lm_loss_sum(hidden, head, labels)[0]}
+    if liger:
+        kernels["liger"] = lambda: causal_lm_loss_sum(hidden, head, labels, liger=True)[0]
     measured = {}
-    for name, loss_fn in (("full_logits", full), ("chunked", lambda: causal_lm_loss_sum(hidden, head, labels)[0])):
+    for name, loss_fn in kernels.items():
         meter = SavedTensorMeter(head.parameters())
         with meter.active():
             loss_fn().backward()
@@ -195,7 +222,7 @@ def loss_part(hidden_size: int, vocab: int, batch: int, seq: int) -> dict:
             "reduction": measured["full_logits"] / measured["chunked"]}
 
 
-def print_tables(records: list[Record], losses: list[dict]) -> None:
+def print_tables(records: list[Record], losses: list[dict], pairs: list[dict]) -> None:
     table = Table(title="lopt bench: one training step (forward + backward + AdamW step)")
     peak_kind = "device peak MiB" if records[0].device_peak_kind == "cuda_max_allocated" else "process peak RSS MiB"
     for column in ("config", "batch x seq", "activation MiB", "x e2e", peak_kind, "x e2e", "step s", "x e2e",
@@ -210,12 +237,30 @@ def print_tables(records: list[Record], losses: list[dict]) -> None:
         )
     console.print(table)
     loss_table = Table(title="the loss alone: saved-for-backward bytes")
-    for column in ("batch x seq", "vocab", "full fp32 logits MiB", "chunked MiB", "reduction"):
+    with_liger = "liger" in losses[0]
+    for column in ("batch x seq", "vocab", "full fp32 logits MiB", "chunked MiB", "reduction") + (
+            ("liger MiB",) if with_liger else ()):
         loss_table.add_column(column, justify="right")
     for r in losses:
         loss_table.add_row(f"{r['batch']} x {r['seq']}", str(r["vocab"]), f"{r['full_logits'] / 2**20:.1f}",
-                           f"{r['chunked'] / 2**20:.1f}", f"{r['reduction']:.1f}x")
+                           f"{r['chunked'] / 2**20:.1f}", f"{r['reduction']:.1f}x",
+                           *((f"{r['liger'] / 2**20:.1f}",) if with_liger else ()))
     console.print(loss_table)
+    if not pairs:
+        return
+    pair_table = Table(title="equal memory: LoPT local without checkpointing vs E2E with checkpointing")
+    for column in ("config", "batch x seq", f"lopt {peak_kind}", f"e2e+ckpt {peak_kind}", "within e2e+ckpt memory",
+                   "lopt activation MiB", "e2e+ckpt activation MiB", "step s lopt / e2e+ckpt"):
+        pair_table.add_column(column, justify="right")
+    for p in pairs:
+        extra = (p["lopt_device_peak_bytes"] - p["e2e_ckpt_device_peak_bytes"]) / 2**20
+        pair_table.add_row(
+            f"lopt k={p['k']}", f"{p['batch']} x {p['seq']}", f"{p['lopt_device_peak_bytes'] / 2**20:.0f}",
+            f"{p['e2e_ckpt_device_peak_bytes'] / 2**20:.0f}", "yes" if p["fits_e2e_ckpt_memory"] else f"no (+{extra:.0f} MiB)",
+            f"{p['lopt_activation_bytes'] / 2**20:.1f}", f"{p['e2e_ckpt_activation_bytes'] / 2**20:.1f}",
+            f"{p['step_time_ratio']:.2f}",
+        )
+    console.print(pair_table)
 
 
 def _ratio(value: float | None) -> str:
@@ -260,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: 1)")
     parser.add_argument("--rounds", type=int, default=2, help="round-robin passes over the configurations (default: 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--liger", action="store_true",
+                        help="train with Liger Kernel's fused linear cross entropy (CUDA; pip install liger-kernel)")
     parser.add_argument("--out", default="outputs/bench", help="folder for bench.json and bench.png")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -272,20 +319,25 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if "e2e" not in methods:
         parser.error("--methods must include e2e: every ratio is taken against it")
+    if args.liger:
+        liger_linear_cross_entropy(torch.device(args.device))  # says why not before any configuration runs
     records = run_bench(args.model_name_or_path, methods, args.blocks, args.batch, args.seq, args.steps,
-                        args.warmup, args.rounds, args.device)
+                        args.warmup, args.rounds, args.device, args.liger)
     from transformers import AutoConfig
 
     from lopt.models.registry import resolve_model
 
     model_config = AutoConfig.from_pretrained(resolve_model(args.model_name_or_path))
-    losses = [loss_part(model_config.hidden_size, model_config.vocab_size, b, s) for b in args.batch for s in args.seq]
-    print_tables(records, losses)
+    losses = [loss_part(model_config.hidden_size, model_config.vocab_size, b, s, args.device, args.liger)
+              for b in args.batch for s in args.seq]
+    pairs = equal_memory_pairs(records)
+    print_tables(records, losses, pairs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"model": args.model_name_or_path, "device": args.device,
               "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "steps": args.steps,
-              "records": [asdict(r) for r in records], "loss": losses}
+              "liger": args.liger,
+              "records": [asdict(r) for r in records], "loss": losses, "equal_memory": pairs}
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     plotted = plot(records, out / "bench.png")
     console.print(f"wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if plotted else

@@ -40,11 +40,14 @@ def _sft(argv: list[str]) -> None:
 
 def _grpo(argv: list[str]) -> None:
     from lopt.config import GRPOConfig, parse_config
+    from lopt.training.distributed import is_main_process
     from lopt.training.grpo import run_grpo
     from lopt.training.sft import console
 
     config = parse_config(argv, GRPOConfig, prog="lopt grpo", description="GRPO with verifiable rewards (E2E or LoPT).")
     result = run_grpo(config)
+    if not is_main_process():
+        return
     rewards = " -> ".join(f"{m['reward']:.3f}" for m in result.metrics)
     console.print(f"done: {result.steps} steps in {result.elapsed_s:.1f} s, mean reward per logged step {rewards}; "
                   f"model saved to {result.output_dir}")
@@ -52,11 +55,14 @@ def _grpo(argv: list[str]) -> None:
 
 def _dpo(argv: list[str]) -> None:
     from lopt.config import DPOConfig, parse_config
+    from lopt.training.distributed import is_main_process
     from lopt.training.dpo import run_dpo
     from lopt.training.sft import console
 
     config = parse_config(argv, DPOConfig, prog="lopt dpo", description="DPO on preference pairs (E2E or LoPT).")
     result = run_dpo(config)
+    if not is_main_process():
+        return
     losses = [m["task_loss"] for m in result.metrics]
     console.print(f"done: {result.steps} steps in {result.elapsed_s:.1f} s, DPO loss {losses[0]:.4f} -> "
                   f"{losses[-1]:.4f}; model saved to {result.output_dir}")

@@ -94,6 +94,7 @@ class SFTConfig(RunConfig):
 
     dataset_preset: str = _opt("gsm-symbolic", "data preset: gsm-symbolic (offline), alpaca, metamathqa, tulu3")
     max_seq_length: int = _opt(1024, "truncate examples to this many tokens")
+    liger: bool = _opt(False, "LM-head loss with Liger Kernel's fused linear cross entropy (CUDA; pip install liger-kernel)")
 
 
 @dataclass

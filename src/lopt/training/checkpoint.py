@@ -1,8 +1,11 @@
 """Writing run outputs so that a kill mid-write never leaves something that looks complete.
 
-A checkpoint is built in a temporary sibling folder, fsynced, and renamed into place. The final model
-goes into `--output_dir` itself (the Hugging Face convention), file by file, with `config.json`
-moved last: a folder that has a config has its weights.
+A checkpoint is complete when it holds `training_state.pt`, and that file is always written last.
+The SFT loop builds a checkpoint in a temporary sibling folder, fsyncs it, and renames it into place.
+TRL (GRPO, DPO) writes `checkpoint-N/` in place, file by file; `mark_complete` then fsyncs what is
+there and adds `training_state.pt` atomically, so a folder a kill interrupted has none. The final
+model goes into `--output_dir` itself (the Hugging Face convention), file by file, with
+`config.json` moved last: a folder that has a config has its weights.
 """
 
 from __future__ import annotations
@@ -20,16 +23,24 @@ from lopt.errors import LoptError
 TRAINING_STATE = "training_state.pt"
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            _fsync_file(path)
+    _fsync_dir(folder)
 
 
 def _build_in_temp(parent: Path, write: Callable[[Path], None]) -> Path:
@@ -59,6 +70,20 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, training_stat
     return final
 
 
+def mark_complete(folder: Path, training_state: dict) -> None:
+    """Complete a checkpoint that was written in place: fsync its files, then add `training_state.pt`.
+
+    The state goes to a temporary name first and is renamed, so a kill while writing it leaves no
+    truncated `training_state.pt` that would pass for a complete checkpoint.
+    """
+    _fsync_tree(folder)
+    tmp = folder / f".{TRAINING_STATE}.tmp"
+    torch.save(training_state, tmp)
+    _fsync_file(tmp)
+    os.replace(tmp, folder / TRAINING_STATE)
+    _fsync_dir(folder)
+
+
 def save_final_model(output_dir: Path, model, tokenizer) -> None:
     tmp = _build_in_temp(output_dir, lambda folder: model.save_pretrained(folder, tokenizer))
     files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")  # config.json last
@@ -71,12 +96,19 @@ def load_training_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / TRAINING_STATE, map_location="cpu", weights_only=False)
 
 
+def _step_of(path: Path) -> int | None:
+    """N for a folder named checkpoint-N, else None."""
+    prefix, _, suffix = path.name.partition("-")
+    return int(suffix) if prefix == "checkpoint" and suffix.isdigit() else None
+
+
 def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints in `output_dir`, oldest first."""
     found = []
     for path in output_dir.glob("checkpoint-*"):
-        suffix = path.name.split("-", 1)[1]
-        if suffix.isdigit() and (path / TRAINING_STATE).is_file():
-            found.append((int(suffix), path))
+        step = _step_of(path)
+        if step is not None and (path / TRAINING_STATE).is_file():
+            found.append((step, path))
     return sorted(found)
 
 
@@ -91,6 +123,14 @@ def find_checkpoint(output_dir: Path, spec: str) -> Path:
             )
         return found[-1][1]
     path = Path(spec)
+    if path.is_dir() and _step_of(path) is not None and not (path / TRAINING_STATE).is_file():
+        complete = [p for _, p in _checkpoints(path.parent)]
+        instead = (f"Pass {complete[-1]} (the newest complete one) or 'latest'" if complete
+                   else "No complete checkpoint is next to it: start the run again without --resume_from_checkpoint")
+        raise LoptError(
+            f"--resume_from_checkpoint {spec}: this checkpoint is incomplete (it has no {TRAINING_STATE}, which is "
+            f"written last; the run was stopped while saving it). {instead}."
+        )
     if not (path / TRAINING_STATE).is_file():
         raise LoptError(
             f"--resume_from_checkpoint {spec}: not a lopt checkpoint (expected a checkpoint-N folder with "

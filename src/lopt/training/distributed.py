@@ -2,7 +2,8 @@
 
 Local backward runs one backward per block, and DistributedDataParallel expects exactly one per
 forward, so lopt keeps the model unwrapped and sums gradients across processes itself after the
-accumulation window (see step.py). This module holds the process-group plumbing.
+accumulation window (see step.py), or shards it with FSDP2 (see sharding.py, which also reads what
+accelerate's config asks for). This module holds the process-group plumbing.
 """
 
 from __future__ import annotations
@@ -18,15 +19,20 @@ from lopt.errors import LoptError
 _SHARDING_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
 
 
-def init_from_environment() -> torch.device:
-    """Join the process group the launcher describes (WORLD_SIZE > 1) and return this process's device."""
+def init_from_environment(shards_with_fsdp: bool = False) -> torch.device:
+    """Join the process group the launcher describes (WORLD_SIZE > 1) and return this process's device.
+
+    A sharding launch is refused unless the caller shards the model itself (`shards_with_fsdp`:
+    `lopt sft`, after sharding.fsdp_settings_from_environment has accepted the FSDP2 settings).
+    """
     for variable, name in _SHARDING_ENV.items():
-        if os.environ.get(variable, "").lower() in ("1", "true"):
+        if os.environ.get(variable, "").lower() in ("1", "true") and not (shards_with_fsdp and name == "FSDP"):
             # Running replicated under a sharding config would silently use far more memory than asked.
             raise LoptError(
-                f"The accelerate config asks for {name}, which lopt's training loop does not implement yet: every "
-                "process would hold the whole model. Launch with a data-parallel config instead "
-                "(configs/accelerate_multi_gpu.yaml) or torchrun."
+                f"The accelerate config asks for {name}, which this command does not implement: every process "
+                "would hold the whole model. Launch with a data-parallel config instead "
+                "(configs/accelerate_multi_gpu.yaml) or torchrun; `lopt sft` also runs under "
+                "configs/accelerate_fsdp2.yaml."
             )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -50,6 +50,7 @@ def build_dpo_trainer(config: DPOConfig, out: Path):
         trainer = LoptDPOTrainer(
             model=wrapper.model, args=args, train_dataset=datasets.Dataset.from_list(records),
             processing_class=tokenizer, lopt=wrapper, backward=config.backward, lr_k1=config.lr_k1,
+            save_total_limit=config.save_total_limit,
         )
     except (ValueError, ImportError) as error:  # TRL's checks of the settings and the data
         raise LoptError(f"TRL's DPOTrainer rejected these settings or data: {error}") from error
@@ -58,7 +59,8 @@ def build_dpo_trainer(config: DPOConfig, out: Path):
             f"every prompt is at least --max_seq_length {config.max_seq_length} tokens long, so no answer token is left "
             "to train on; raise --max_seq_length."
         )
-    trainer.add_callback(MetricsCallback(out / "metrics.jsonl", wrapper, trainer.saved_meter, args.device, DPO_METRICS))
+    trainer.add_callback(MetricsCallback(out / "metrics.jsonl", wrapper, trainer.saved_meter, args.device, DPO_METRICS,
+                                         append=config.resume_from_checkpoint is not None))  # a resumed run appends
     return trainer
 
 

@@ -102,12 +102,16 @@ def build_grpo_trainer(config: GRPOConfig, out: Path, **trl_settings):
         trainer = _make_trainer_class()(
             model=wrapper.model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
             processing_class=tokenizer, lopt=wrapper, backward=config.backward, lr_k1=config.lr_k1,
+            save_total_limit=config.save_total_limit,
         )
     except (ValueError, ImportError) as error:  # TRL's checks of the settings (group sizes, vLLM, ...)
         raise LoptError(f"TRL's GRPOTrainer rejected these settings: {error}") from error
+    resuming = config.resume_from_checkpoint is not None  # a resumed run appends to its files
     trainer.completions_path = out / "completions.jsonl"
-    trainer.completions_path.write_text("")
-    trainer.add_callback(MetricsCallback(out / "metrics.jsonl", wrapper, trainer.saved_meter, args.device, GRPO_METRICS))
+    if trainer.accelerator.is_main_process and not resuming:
+        trainer.completions_path.write_text("")
+    trainer.add_callback(MetricsCallback(out / "metrics.jsonl", wrapper, trainer.saved_meter, args.device, GRPO_METRICS,
+                                         append=resuming))
     return trainer
 
 

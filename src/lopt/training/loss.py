@@ -4,12 +4,17 @@ Only positions with a label are kept, and the LM head is applied to them in chun
 backward recomputes each chunk's logits instead of storing them, so the loss holds at most one
 chunk of float32 logits at a time, never the whole batch's (a 150k vocabulary at 4 x 1024 tokens is
 2.4 GB of float32 logits; one 1024-token chunk is 0.6 GB, and only while it is being used).
+
+On CUDA, `--liger` swaps the chunked kernel for Liger Kernel's fused linear cross entropy (Triton),
+which also never holds the full logits and is faster there; it is optional (`pip install liger-kernel`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from lopt.errors import LoptError
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 1024
@@ -48,8 +53,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
+def liger_linear_cross_entropy(device: torch.device):
+    """Liger Kernel's fused linear cross entropy (summed), or a LoptError saying why it cannot run."""
+    if device.type != "cuda":
+        raise LoptError(f"--liger needs a CUDA GPU (Liger Kernel is Triton code); this run is on {device.type}. "
+                        "Drop --liger: the default chunked loss also never holds the full logits.")
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError as error:
+        raise LoptError(f"--liger needs Liger Kernel ({error}). Install it with `pip install liger-kernel`, "
+                        "or drop --liger to use the default chunked loss.") from error
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 def causal_lm_loss_sum(
-    hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    liger: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross entropy over labelled positions, and the number of those positions.
 
@@ -65,5 +84,8 @@ def causal_lm_loss_sum(
     n_tokens = int(trained_labels.numel())
     if n_tokens == 0:
         return hidden.sum() * 0.0, 0  # keeps the graph connected so every process runs the same backward
-    loss = _ChunkedLinearCrossEntropy.apply(trained_hidden, lm_head.weight, trained_labels, chunk_tokens)
+    if liger:
+        loss = liger_linear_cross_entropy(hidden.device)(lm_head.weight, trained_hidden, trained_labels).float()
+    else:
+        loss = _ChunkedLinearCrossEntropy.apply(trained_hidden, lm_head.weight, trained_labels, chunk_tokens)
     return loss, n_tokens

@@ -1,7 +1,8 @@
 """Supervised fine-tuning, end-to-end or with LoPT: a plain PyTorch loop.
 
 The whole training step is `train_step` below: forward/backward over the accumulation window
-(local or joint backward, see step.py), gradient sync across processes, global-norm clipping,
+(local or joint backward, see step.py), gradient sync across processes (done by FSDP itself when
+accelerate's FSDP2 config shards the model, see sharding.py), global-norm clipping,
 a finiteness check, then the optimizer and schedule. `run_sft` around it sets the run up, logs,
 checkpoints, resumes, and stops cleanly on SIGINT / SIGTERM.
 """
@@ -27,7 +28,7 @@ from lopt.data.presets import load_records
 from lopt.errors import LoptError
 from lopt.models.lopt import LocalLearningLM
 from lopt.models.registry import load_model_and_tokenizer
-from lopt.training import distributed
+from lopt.training import distributed, sharding
 from lopt.training.checkpoint import (
     check_writable,
     find_checkpoint,
@@ -36,10 +37,11 @@ from lopt.training.checkpoint import (
     save_checkpoint,
     save_final_model,
 )
+from lopt.training.loss import liger_linear_cross_entropy
 from lopt.training.memory import SavedTensorMeter, device_peak_bytes
 from lopt.training.optim import build_optimizer, build_scheduler
 from lopt.training.signals import StopRequest
-from lopt.training.step import average_gradients_across_processes, check_finite, forward_backward
+from lopt.training.step import all_reduce_gradients, check_finite, forward_backward
 
 console = Console(stderr=True)
 
@@ -99,9 +101,11 @@ def build_model(config: SFTConfig, device: torch.device, weights: str | None = N
 
 def train_step(model, window, config, optimizer, scheduler, scaler, step, autocast):
     with autocast:
-        result = forward_backward(model, window, config.backward, scale_loss=scaler.scale if scaler else (lambda x: x))
+        result = forward_backward(model, window, config.backward, scale_loss=scaler.scale if scaler else (lambda x: x),
+                                  liger=config.liger)
     params = [p for p in model.parameters() if p.requires_grad]
-    average_gradients_across_processes(params)
+    if not sharding.is_sharded(model):  # FSDP has already summed the gradients into each shard
+        all_reduce_gradients(params)
     if scaler:
         scaler.unscale_(optimizer)
     max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
@@ -132,7 +136,10 @@ def _set_rng_state(state: dict) -> None:
 
 
 def run_sft(config: SFTConfig) -> SFTResult:
-    device = distributed.init_from_environment()
+    fsdp = sharding.fsdp_settings_from_environment(config)  # None unless launched with accelerate's FSDP2 config
+    device = distributed.init_from_environment(shards_with_fsdp=fsdp is not None)
+    if config.liger:
+        liger_linear_cross_entropy(device)  # fail before loading anything when it cannot run here
     main_process, world = distributed.is_main_process(), distributed.world_size()
     out = prepare_output_dir(config) if main_process else Path(config.output_dir)
     distributed.barrier()
@@ -140,6 +147,11 @@ def run_sft(config: SFTConfig) -> SFTResult:
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     model, tokenizer = build_model(config, device, weights=str(resume_dir) if resume_dir else None)
+    state = load_training_state(resume_dir) if resume_dir else None
+    if state is not None:
+        model.aux_heads.load_state_dict(state["aux_heads"])  # full tensors: before sharding
+    if fsdp is not None:
+        sharding.shard_model(model, fsdp, device)
     if main_process:
         check_writable(out, model)
     # The default preset yields to a file or hub dataset silently; an explicit one is reported as ignored.
@@ -163,16 +175,14 @@ def run_sft(config: SFTConfig) -> SFTResult:
     scaler = torch.amp.GradScaler("cuda") if config.fp16 else None
     autocast = torch.autocast("cuda", dtype=torch.float16) if config.fp16 else nullcontext()
     start_step, position = 0, (0, 0)
-    if resume_dir is not None:
-        state = load_training_state(resume_dir)
-        model.aux_heads.load_state_dict(state["aux_heads"])
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        sharding.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"][distributed.rank()])
         start_step, position = state["step"], tuple(state["position"])
-    meter = SavedTensorMeter(model.parameters())
+    meter = SavedTensorMeter(sharding.local_parameters(model))
     if main_process:
         save_config(config, out / "training_args.json")
         console.print(
@@ -184,6 +194,7 @@ def run_sft(config: SFTConfig) -> SFTResult:
               f" accumulation x {world} processes = "
               f"{config.per_device_train_batch_size * config.gradient_accumulation_steps * world} sequences"
             + f" | {total_steps} steps | device {device}"
+            + (f" | FSDP2 across {world} processes" if fsdp else "")
             + (f" | resumed from {resume_dir} at step {start_step}" if resume_dir else "")
         )
 
@@ -227,17 +238,19 @@ def run_sft(config: SFTConfig) -> SFTResult:
             periodic = config.save_steps > 0 and step % config.save_steps == 0 and step < total_steps
             if periodic or (stopping and step < total_steps):
                 rng = _gather_rng_states(device)
+                full = sharding.full_state(model, optimizer)  # every process: a collective under FSDP
                 if main_process:
-                    state = {"step": step, "position": position, "aux_heads": model.aux_heads.state_dict(),
-                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    state = {"step": step, "position": position, "aux_heads": full.aux_heads,
+                             "optimizer": full.optimizer, "scheduler": scheduler.state_dict(),
                              "scaler": scaler.state_dict() if scaler else None, "rng": rng}
-                    last_saved = save_checkpoint(out, step, model, tokenizer, state)
+                    last_saved = save_checkpoint(out, step, full.model, tokenizer, state)
                     prune_checkpoints(out, config.save_total_limit)
                 distributed.barrier()
             if stopping and step < total_steps:
                 stop.exit_after_save(last_saved, step)
+    final = sharding.full_state(model)
     if main_process:
-        save_final_model(out, model, tokenizer)
+        save_final_model(out, final.model, tokenizer)
     distributed.barrier()
     return SFTResult(
         output_dir=out, steps=total_steps, first_loss=losses[0] if losses else None,

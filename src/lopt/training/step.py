@@ -34,8 +34,12 @@ class StepResult:
     input_tokens: int  # all non-padding tokens in the window, this process
 
 
-def average_gradients_across_processes(parameters: list[torch.nn.Parameter]) -> None:
-    """Sum gradients over processes (the losses are already scaled by the global normalizers)."""
+def all_reduce_gradients(parameters: list[torch.nn.Parameter], mean: bool = False) -> None:
+    """Sum gradients over processes, or with `mean` average them.
+
+    The SFT loop sums: its losses are already scaled by the global normalizers. TRL's losses are
+    per-process means that DistributedDataParallel would average, so LoPT inside TRL takes the mean.
+    """
     if world_size() == 1:
         return
     grads = [p.grad for p in parameters if p.grad is not None]
@@ -43,6 +47,8 @@ def average_gradients_across_processes(parameters: list[torch.nn.Parameter]) -> 
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
+    if mean:
+        flat /= world_size()
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
@@ -54,13 +60,15 @@ def forward_backward(
     micro_batches: list[dict[str, torch.Tensor]],
     backward: str = "local",
     scale_loss=lambda loss: loss,
+    liger: bool = False,
 ) -> StepResult:
     """Accumulate the gradients of one optimizer step over `micro_batches`.
 
     The task loss is normalized by the number of trained tokens in the whole window (on all
     processes), so a window split into micro-batches or across processes gives the gradient of
     the same global mean. Each block's local loss is a per-micro-batch mean, averaged over the
-    window. `scale_loss` is the fp16 loss scaler's `scale` when one is used.
+    window. `scale_loss` is the fp16 loss scaler's `scale` when one is used; `liger` picks Liger
+    Kernel's fused linear cross entropy over the chunked one (CUDA).
     """
     if backward not in BACKWARD_MODES:
         raise LoptError(f"--backward {backward!r} is not valid; choose one of: {', '.join(BACKWARD_MODES)}")
@@ -80,7 +88,7 @@ def forward_backward(
         local = run_backward if backward == "local" else None
         with model.boundary_step(local, aux_weight, batch["attention_mask"]) as aux_losses:
             hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
-        loss_sum, _ = causal_lm_loss_sum(hidden, model.parts.lm_head, batch["labels"])
+        loss_sum, _ = causal_lm_loss_sum(hidden, model.parts.lm_head, batch["labels"], liger=liger)
         objective = loss_sum / global_tokens
         if local is None and aux_losses:
             objective = objective + aux_weight * torch.stack(aux_losses).sum()

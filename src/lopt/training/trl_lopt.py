@@ -12,9 +12,19 @@ changes a TRL trainer at the narrowest hooks only, and never TRL's loss code:
   as TRL's loss is for gradient accumulation. Reference-model, old-log-prob and generation passes
   run without gradients, where the boundary hooks do nothing.
 - `create_optimizer` uses lopt's `build_optimizer` (the `--lr_k1` groups, heads included).
-- `_clip_grad_norm` clips over the model and the heads together, as the SFT loop does.
+- `_clip_grad_norm` clips over the model and the heads together, as the SFT loop does; after the
+  optimizer step a callback zeroes the heads' gradients, as the Trainer does the model's.
 - `training_step` counts the bytes saved for backward (`SavedTensorMeter`) for `metrics.jsonl`.
-- `_save_checkpoint` adds the heads to TRL's checkpoint folder (never to the model files).
+  With several processes (torchrun / accelerate launch) and LoPT, it runs TRL's step under
+  `accelerator.no_sync`, so DistributedDataParallel never all-reduces, and at the end of each
+  accumulation window (`accelerator.sync_gradients`) averages the gradients of the model and of the
+  heads across processes itself: the mean DDP would have taken, before the trainer clips. E2E runs
+  stay on DDP's own path. LoPT is data-parallel only: a sharding launch (FSDP, DeepSpeed) is refused.
+- `_save_checkpoint` adds the heads to TRL's checkpoint folder (never to the model files) in
+  `training_state.pt`, written last, after the folder is fsynced: it marks the checkpoint complete.
+  It also applies `--save_total_limit`, counting complete checkpoints only.
+- `_load_from_checkpoint` (resume) restores the heads next to the model; TRL's Trainer restores the
+  optimizer, the schedule, the RNG states and the position in the data.
 """
 
 from __future__ import annotations
@@ -23,21 +33,33 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 
 from lopt.config import RunConfig, save_config
 from lopt.errors import LoptError
 from lopt.models.lopt import LocalLearningLM
-from lopt.training.checkpoint import TRAINING_STATE, save_final_model
+from lopt.training import distributed
+from lopt.training.checkpoint import (
+    TRAINING_STATE,
+    find_checkpoint,
+    load_training_state,
+    mark_complete,
+    prune_checkpoints,
+    save_final_model,
+)
 from lopt.training.sft import console, prepare_output_dir
 from lopt.training.memory import SavedTensorMeter, device_peak_bytes
 from lopt.training.optim import build_optimizer
+from lopt.training.step import all_reduce_gradients
 
 logger = logging.getLogger(__name__)
 
@@ -46,22 +68,38 @@ TASK_LOSS_KEY = "lopt/task_loss"
 AUX_LOSS_KEY = "lopt/aux_loss_block_{}"
 
 
+class _ZeroHeadGradients(TrainerCallback):
+    """After each optimizer step the Trainer zeroes the gradients of the model it trains only; the heads
+    are outside that model, and would otherwise carry their gradients into the next step."""
+
+    def __init__(self, heads: torch.nn.Module):
+        self.heads = heads
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.heads.zero_grad(set_to_none=True)
+
+
 class LoptTrainerMixin:
     """Put before a TRL trainer class: ``class LoptGRPOTrainer(LoptTrainerMixin, GRPOTrainer)``."""
 
-    def __init__(self, *args, lopt: LocalLearningLM, backward: str = "local", lr_k1: float | None = None, **kwargs):
+    def __init__(self, *args, lopt: LocalLearningLM, backward: str = "local", lr_k1: float | None = None,
+                 save_total_limit: int | None = None, **kwargs):
         self.lopt = lopt
         self.lopt_backward = backward
         self.lopt_lr_k1 = lr_k1
+        self.lopt_save_total_limit = save_total_limit
         self.saved_meter = SavedTensorMeter(lopt.parameters())
         super().__init__(*args, **kwargs)
-        if lopt.num_blocks > 1 and self.accelerator.num_processes > 1:
-            # TRL wraps the model in DistributedDataParallel, which expects one backward per forward;
-            # local backward runs one per block (the SFT loop averages gradients itself instead).
+        sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if lopt.num_blocks > 1 and sharded:
+            # training_step averages whole gradients across processes, which assumes every process
+            # holds the whole model (data parallel); sharded gradients would be averaged wrongly.
             raise LoptError(
-                "LoPT inside TRL (lopt grpo / lopt dpo) runs on one process for now; launch it without "
-                "accelerate/torchrun, or use --method e2e for multi-process training."
+                f"LoPT inside TRL (lopt grpo / lopt dpo) trains data-parallel only, and the accelerate config asks "
+                f"for {self.accelerator.distributed_type.value}. Launch with torchrun or a data-parallel accelerate "
+                "config (configs/accelerate_multi_gpu.yaml)."
             )
+        self.add_callback(_ZeroHeadGradients(lopt.aux_heads))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not (self.model.training and torch.is_grad_enabled()):  # evaluation: TRL's loss as it is
@@ -86,8 +124,17 @@ class LoptTrainerMixin:
         return (loss, output[1]) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        with self.saved_meter.active():
-            return super().training_step(model, inputs, num_items_in_batch)
+        lopt = self.lopt.num_blocks > 1
+        # DistributedDataParallel expects one backward per forward and all-reduces during it; local
+        # backward runs one per block, and the heads are not in DDP's module at all. So for LoPT DDP
+        # never syncs, and the gradients are averaged below instead (a no-op on one process).
+        sync = self.accelerator.no_sync(model) if lopt else nullcontext()
+        with self.saved_meter.active(), sync:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        if lopt and self.accelerator.sync_gradients:  # the window's last micro-batch: the trainer clips next
+            params = [p for p in self.lopt.parameters() if p.requires_grad]
+            all_reduce_gradients(params, mean=True)
+        return loss
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -100,11 +147,20 @@ class LoptTrainerMixin:
         return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
 
     def _save_checkpoint(self, model, trial):
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            # A run resumed from an earlier checkpoint saves over the folders it re-reaches: the old
+            # marker goes first, so the folder does not pass for complete while it is rewritten.
+            (folder / TRAINING_STATE).unlink(missing_ok=True)
         super()._save_checkpoint(model, trial)
-        if self.args.should_save and len(self.lopt.aux_heads):
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            torch.save({"step": self.state.global_step, "aux_heads": self.lopt.aux_heads.state_dict()},
-                       folder / TRAINING_STATE)
+        self.accelerator.wait_for_everyone()  # every process has written its RNG state into the folder
+        if self.args.should_save:
+            mark_complete(folder, {"step": self.state.global_step, "aux_heads": self.lopt.aux_heads.state_dict()})
+            prune_checkpoints(folder.parent, self.lopt_save_total_limit)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.lopt.aux_heads.load_state_dict(load_training_state(Path(resume_from_checkpoint))["aux_heads"])
 
 
 def trl_arguments(trl_config_cls, config: RunConfig, **specific):
@@ -133,13 +189,17 @@ def trl_arguments(trl_config_cls, config: RunConfig, **specific):
         logging_steps=config.logging_steps,
         save_strategy="steps" if config.save_steps > 0 else "no",
         save_steps=max(config.save_steps, 1),
-        save_total_limit=config.save_total_limit,
+        # no save_total_limit: TRL would delete older checkpoints before the newest is complete (see
+        # LoptTrainerMixin._save_checkpoint, which prunes after it)
         trust_remote_code=config.trust_remote_code,
         # --bf16 loads the weights in bfloat16 (see sft.weights_dtype), so TRL needs no bf16 autocast;
         # --fp16 is autocast with loss scaling, which TRL's accelerator provides.
         bf16=False,
         fp16=config.fp16,
         report_to="none",
+        # accelerate runs CPU processes (torchrun without CUDA) as one data-parallel job only when told to
+        # use the CPU; otherwise each process would train alone on all the data.
+        use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         # LoPT checkpoints each layer itself (LocalLearningLM.enable_gradient_checkpointing, from
         # --gradient_checkpointing) so that a recomputation never re-runs a block boundary; TRL's own
         # checkpointing (on by default) would wrap the boundary hooks.
@@ -169,15 +229,20 @@ class MetricsCallback(TrainerCallback):
     """
 
     def __init__(self, path: Path, lopt: LocalLearningLM, meter: SavedTensorMeter, device: torch.device,
-                 extra: dict[str, str]):
+                 extra: dict[str, str], append: bool = False):
         self.path, self.lopt, self.meter, self.device, self.extra = path, lopt, meter, device, extra
+        self.append = append  # a resumed run continues the file
         self.start = self.last_time = time.perf_counter()
         self.last_tokens = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.last_time = time.perf_counter()
         self.meter.reset_peak()
-        self.path.write_text("")
+        # GRPO counts tokens in the Trainer's state, which a resume restores: the first rate counts from
+        # there (DPO counts its own from 0 each run, and leaves the state's count at 0)
+        self.last_tokens = float(state.num_input_tokens_seen)
+        if state.is_world_process_zero and not self.append:
+            self.path.write_text("")
 
     def on_log(self, args, state, control, logs=None, lr_scheduler=None, **kwargs):
         if not state.is_world_process_zero or not logs or TASK_LOSS_KEY not in logs:
@@ -215,20 +280,31 @@ class TRLRunResult:
 
 def run_trl_recipe(name: str, config: RunConfig, build_trainer: Callable, describe: Callable) -> TRLRunResult:
     """A GRPO or DPO run: `build_trainer(config, out)` makes the trainer, `describe(trainer)` the
-    recipe's part of the start-up line; the rest (output folder, args, training, final model) is shared."""
-    if config.resume_from_checkpoint:
-        raise LoptError(f"--resume_from_checkpoint is not supported by `lopt {name}` yet; start a new run.")
-    out = prepare_output_dir(config)
+    recipe's part of the start-up line; the rest (processes, output folder, resume, training, final
+    model) is shared. Only the main process writes the run's files."""
+    # Join torchrun's process group before anything is written (accelerate then uses this group),
+    # so that only the main process checks and creates the output folder.
+    distributed.init_from_environment()
+    main_process = distributed.is_main_process()
+    out = prepare_output_dir(config) if main_process else Path(config.output_dir)
+    distributed.barrier()
+    resume_dir = find_checkpoint(out, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
     trainer = build_trainer(config, out)
-    save_config(config, out / "training_args.json")
     wrapper = trainer.lopt
-    console.print(
-        f"[bold]lopt {name}[/]: {config.canonical_method}"
-        + (f" k={wrapper.num_blocks}, {config.backward} backward" if wrapper.num_blocks > 1 else "")
-        + f" | {describe(trainer)} | device {trainer.args.device}"
-    )
+    if main_process:
+        save_config(config, out / "training_args.json")
+        console.print(
+            f"[bold]lopt {name}[/]: {config.canonical_method}"
+            + (f" k={wrapper.num_blocks}, {config.backward} backward" if wrapper.num_blocks > 1 else "")
+            + f" | {describe(trainer)} | {trainer.accelerator.num_processes} process(es), device {trainer.args.device}"
+            + (f" | resuming from {resume_dir}" if resume_dir else "")
+        )
     start = time.perf_counter()
-    trainer.train()
-    save_final_model(out, wrapper, trainer.processing_class)
+    # TRL's Trainer restores the model (and, through the mixin, the heads), the optimizer, the
+    # schedule, the RNG states and the position in the data.
+    trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    if main_process:
+        save_final_model(out, wrapper, trainer.processing_class)
+    distributed.barrier()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return TRLRunResult(out, trainer.state.global_step, metrics, time.perf_counter() - start)
