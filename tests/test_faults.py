@@ -124,6 +124,11 @@ def test_a_kill_in_the_middle_of_a_save_is_ignored_by_latest(tmp_path):
 def test_signal_finishes_the_step_saves_and_says_how_to_resume(model_dir, train_file, tmp_path, signum, code):
     out = tmp_path / "run"
     process = cli_process(args(model_dir, train_file, out, "--max_steps", "400", "--save_steps", "0"))
+    assert_signal_finishes_the_step_and_saves(process, out, signum, code)
+
+
+def assert_signal_finishes_the_step_and_saves(process: subprocess.Popen, out: Path, signum: int, code: int) -> None:
+    """Signal a run once it has logged a step: it must exit with `code` after saving the step in flight."""
     wait_for(out / "metrics.jsonl", process)
     while not (out / "metrics.jsonl").read_text():
         time.sleep(0.05)
@@ -132,9 +137,9 @@ def test_signal_finishes_the_step_saves_and_says_how_to_resume(model_dir, train_
     assert process.returncode == code, err
     saved = find_checkpoint(out, "latest")
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert saved.name == f"checkpoint-{logged[-1]}"
+    assert saved.name == f"checkpoint-{logged[-1]}"  # the step in flight finished, was logged and saved
     assert "--resume_from_checkpoint latest" in err and str(saved) in err
-    assert not (out / "config.json").exists()
+    assert not (out / "config.json").exists()  # no final model from a stopped run
 
 
 def test_save_total_limit_keeps_the_newest(model_dir, train_file, tmp_path):

@@ -14,7 +14,7 @@ from lopt.cli import main
 from lopt.errors import LoptError
 from lopt.training.checkpoint import TRAINING_STATE, find_checkpoint, load_training_state
 from lopt.training.grpo import run_grpo
-from test_faults import cli_process, wait_for, weights
+from test_faults import assert_signal_finishes_the_step_and_saves, cli_process, wait_for, weights
 from test_grpo import grpo_config
 from tiny_models import tiny_model_dir
 
@@ -101,3 +101,36 @@ def test_an_incomplete_checkpoint_is_refused_with_the_one_to_use(tmp_path):
     with pytest.raises(LoptError, match=f"incomplete.*Pass {re.escape(str(tmp_path / 'checkpoint-2'))} .*or 'latest'"):
         find_checkpoint(tmp_path, str(incomplete))
     assert find_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-2"
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_finishes_the_dpo_step_saves_and_says_how_to_resume(model_dir, tmp_path, signum, code):
+    out = tmp_path / "run"
+    process = cli_process(dpo_args(model_dir, out, "--max_steps", "400", "--save_steps", "0"))
+    assert_signal_finishes_the_step_and_saves(process, out, signum, code)
+
+
+def test_a_nan_loss_stops_the_dpo_run_before_its_optimizer_step(model_dir, tmp_path, monkeypatch, capsys):
+    from trl import DPOTrainer
+
+    real = DPOTrainer.compute_loss
+
+    def poisoned_at_step_3(self, *args, **kwargs):
+        loss = real(self, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step == 2 else loss
+
+    monkeypatch.setattr(DPOTrainer, "compute_loss", poisoned_at_step_3)
+    out = tmp_path / "run"
+    assert main(dpo_args(model_dir, out, "--max_steps", "4", "--save_steps", "1")) == 2
+    assert "Non-finite values at step 3: task loss = nan" in capsys.readouterr().err.replace("\n", " ")
+    assert find_checkpoint(out, "latest").name == "checkpoint-2"  # the last good one stays; none of step 3
+    assert not (out / "checkpoint-3").exists() and not (out / "config.json").exists()
+
+
+def test_too_little_disk_is_reported_before_a_dpo_run_trains(model_dir, tmp_path, monkeypatch, capsys):
+    from lopt.training import checkpoint
+
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    out = tmp_path / "run"
+    assert main(dpo_args(model_dir, out, "--max_steps", "1")) == 2
+    assert "GiB free" in capsys.readouterr().err and not (out / "metrics.jsonl").exists()

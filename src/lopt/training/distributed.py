@@ -31,8 +31,9 @@ def init_from_environment(shards_with_fsdp: bool = False) -> torch.device:
             raise LoptError(
                 f"The accelerate config asks for {name}, which this command does not implement: every process "
                 "would hold the whole model. Launch with a data-parallel config instead "
-                "(configs/accelerate_multi_gpu.yaml) or torchrun; `lopt sft` also runs under "
-                "configs/accelerate_fsdp2.yaml."
+                "(configs/accelerate_multi_gpu.yaml) or torchrun; `lopt sft` also shards under "
+                "configs/accelerate_fsdp2.yaml (in place of ZeRO-3; with fsdp_reshard_after_forward: false, "
+                "which keeps each layer gathered from its forward to its backward, in place of ZeRO-2)."
             )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

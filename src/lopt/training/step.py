@@ -108,6 +108,11 @@ def check_finite(result: StepResult, grad_norm: float, step: int) -> None:
     """Stop before a poisoned optimizer step; the caller keeps the last good checkpoint."""
     values = {"task loss": result.task_loss, "gradient norm": grad_norm}
     values.update({f"aux loss (block {i + 1})": v for i, v in enumerate(result.aux_losses)})
+    stop_unless_finite(values, step)
+
+
+def stop_unless_finite(values: dict[str, float], step: int) -> None:
+    """Raise before optimizer step `step` when any of the named values is NaN or infinite."""
     bad = {name: v for name, v in values.items() if not math.isfinite(v)}
     if bad:
         detail = ", ".join(f"{name} = {v}" for name, v in bad.items())

@@ -25,6 +25,8 @@ changes a TRL trainer at the narrowest hooks only, and never TRL's loss code:
   It also applies `--save_total_limit`, counting complete checkpoints only.
 - `_load_from_checkpoint` (resume) restores the heads next to the model; TRL's Trainer restores the
   optimizer, the schedule, the RNG states and the position in the data.
+- As in the SFT loop, a NaN/inf loss stops the run before its optimizer step, and SIGINT / SIGTERM
+  finish the step in flight, save a checkpoint and exit with 130 / 143 (`_StopOnSignal`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -50,6 +53,7 @@ from lopt.models.lopt import LocalLearningLM
 from lopt.training import distributed
 from lopt.training.checkpoint import (
     TRAINING_STATE,
+    check_writable,
     find_checkpoint,
     load_training_state,
     mark_complete,
@@ -59,7 +63,8 @@ from lopt.training.checkpoint import (
 from lopt.training.sft import console, prepare_output_dir
 from lopt.training.memory import SavedTensorMeter, device_peak_bytes
 from lopt.training.optim import build_optimizer
-from lopt.training.step import all_reduce_gradients
+from lopt.training.signals import StopRequest
+from lopt.training.step import all_reduce_gradients, stop_unless_finite
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +82,20 @@ class _ZeroHeadGradients(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.heads.zero_grad(set_to_none=True)
+
+
+class _StopOnSignal(TrainerCallback):
+    """SIGINT / SIGTERM during a TRL run: the Trainer finishes the optimizer step in flight, saves a
+    checkpoint and stops (as the SFT loop does). Every process decides together, since a signal may
+    reach one process first and saving is a collective."""
+
+    def __init__(self, stop: StopRequest, device: torch.device):
+        self.stop, self.device = stop, device
+        self.stopped = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if distributed.any_process(self.stop.requested, self.device) and state.global_step < state.max_steps:
+            control.should_save = control.should_training_stop = self.stopped = True
 
 
 class LoptTrainerMixin:
@@ -115,13 +134,25 @@ class LoptTrainerMixin:
             output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = output[0] if return_outputs else output
         returned_scale = self.current_gradient_accumulation_steps if self.loss_is_scaled_for_ga else 1
+        values = {"task loss": float(loss.detach()) * returned_scale}
+        values.update({f"aux loss (block {i + 1})": float(aux.detach()) for i, aux in enumerate(aux_losses)})
+        self._stop_unless_finite(values)
         metrics = self._metrics["train"]
-        metrics[TASK_LOSS_KEY].append(float(loss.detach()) * returned_scale)
+        metrics[TASK_LOSS_KEY].append(values["task loss"])
         for i, aux in enumerate(aux_losses):
-            metrics[AUX_LOSS_KEY.format(i + 1)].append(float(aux.detach()))
+            metrics[AUX_LOSS_KEY.format(i + 1)].append(values[f"aux loss (block {i + 1})"])
         if not local and aux_losses:
             loss = loss + block_weight / returned_scale * torch.stack(aux_losses).sum()
         return (loss, output[1]) if return_outputs else loss
+
+    def _stop_unless_finite(self, values: dict[str, float]) -> None:
+        """Stop the run before the optimizer step that would apply a NaN/inf loss's gradients (the
+        Trainer only filters them out of its logs). Every process stops, not only the one that saw it:
+        the others would wait for it forever in the next gradient all-reduce."""
+        bad_here = not all(math.isfinite(v) for v in values.values())
+        if distributed.any_process(bad_here, self.args.device) and not bad_here:
+            values = {"loss on another process": float("nan")}
+        stop_unless_finite(values, self.state.global_step + 1)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         lopt = self.lopt.num_blocks > 1
@@ -292,6 +323,7 @@ def run_trl_recipe(name: str, config: RunConfig, build_trainer: Callable, descri
     trainer = build_trainer(config, out)
     wrapper = trainer.lopt
     if main_process:
+        check_writable(out, wrapper)
         save_config(config, out / "training_args.json")
         console.print(
             f"[bold]lopt {name}[/]: {config.canonical_method}"
@@ -300,9 +332,15 @@ def run_trl_recipe(name: str, config: RunConfig, build_trainer: Callable, descri
             + (f" | resuming from {resume_dir}" if resume_dir else "")
         )
     start = time.perf_counter()
-    # TRL's Trainer restores the model (and, through the mixin, the heads), the optimizer, the
-    # schedule, the RNG states and the position in the data.
-    trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    with StopRequest() as stop:
+        stopper = _StopOnSignal(stop, trainer.args.device)
+        trainer.add_callback(stopper)
+        # TRL's Trainer restores the model (and, through the mixin, the heads), the optimizer, the
+        # schedule, the RNG states and the position in the data.
+        trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    if stopper.stopped:
+        distributed.barrier()
+        stop.exit_after_save(find_checkpoint(out, "latest"), trainer.state.global_step)
     if main_process:
         save_final_model(out, wrapper, trainer.processing_class)
     distributed.barrier()
