@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from lopt.config import DPOConfig, parse_config
@@ -127,3 +128,26 @@ def test_lopt_under_a_sharding_accelerate_config_is_refused(model_dir, tmp_path,
     monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
     with pytest.raises(LoptError, match="data-parallel only.*FSDP.*torchrun"):
         build_dpo_trainer(dpo_config(model_dir, tmp_path), tmp_path)
+
+
+def test_two_process_lopt_dpo_resumes_to_the_weights_of_an_uninterrupted_run(model_dir, tmp_path):
+    def torchrun_dpo(out: Path, *extra: str) -> None:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+                   "-m", "lopt.cli", "dpo", "--model_name_or_path", str(model_dir), "--output_dir", str(out),
+                   "--max_samples", "4", "--per_device_train_batch_size", "2", "--max_seq_length", "2048",
+                   "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--save_steps", "2",
+                   "--logging_steps", "1", *extra]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    torchrun_dpo(tmp_path / "straight", "--max_steps", "4")
+    torchrun_dpo(tmp_path / "stopped", "--max_steps", "2")  # a constant schedule: steps 1-2 of the same run
+    torchrun_dpo(tmp_path / "stopped", "--max_steps", "4", "--resume_from_checkpoint", "latest")
+    expected, got = (load_file(tmp_path / run / "model.safetensors") for run in ("straight", "stopped"))
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=name)
+    heads = [load_training_state(tmp_path / run / "checkpoint-4")["aux_heads"] for run in ("straight", "stopped")]
+    for name in heads[0]:
+        torch.testing.assert_close(heads[1][name], heads[0][name], atol=1e-6, rtol=0, msg=name)
