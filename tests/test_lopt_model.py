@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import sys
 
 import pytest
@@ -180,6 +181,24 @@ def test_liger_loss_gets_weight_hidden_and_labels_in_liger_order(monkeypatch):
     chunked_sum, _ = causal_lm_loss_sum(hidden, head, labels)
     assert calls == [("cpu", (40, 16), (n, 16), (n,))]
     assert float(liger_sum.detach()) == pytest.approx(float(chunked_sum.detach()), rel=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+                    reason="Liger Kernel runs on CUDA only, and needs `pip install liger-kernel`")
+def test_liger_loss_and_gradients_equal_the_chunked_loss_on_cuda():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 33, 64, device="cuda", requires_grad=True)
+    head = torch.nn.Linear(64, 1000, bias=False, device="cuda")
+    labels = torch.randint(0, 1000, (2, 33), device="cuda")
+    labels[0, :5] = -100
+    results = []
+    for liger in (False, True):
+        loss, _ = causal_lm_loss_sum(hidden, head, labels, liger=liger)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad.clone(), head.weight.grad.clone()))
+        hidden.grad, head.weight.grad = None, None
+    for chunked, fused in zip(*results):
+        torch.testing.assert_close(fused, chunked, atol=1e-4, rtol=1e-4)
 
 
 def test_liger_refuses_cpu_and_a_missing_install_with_the_fix(monkeypatch):
