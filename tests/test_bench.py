@@ -20,9 +20,13 @@ def test_chunked_loss_keeps_far_fewer_bytes_than_full_logits():
 def test_bench_writes_json_with_ratios_and_a_plot(tmp_path):
     model_dir = tiny_model_dir(tmp_path / "model", layers=4)
     out = tmp_path / "bench"
+    out.mkdir()
+    (out / "bench.json").write_text("an earlier run's results")
     main(["--model_name_or_path", str(model_dir), "--batch", "2", "--seq", "32", "--methods", "e2e,e2e+ckpt,lopt-joint,lopt",
           "--blocks", "2", "--steps", "1", "--warmup", "0", "--rounds", "1", "--device", "cpu", "--out", str(out)])
     result = json.loads((out / "bench.json").read_text())
+    [kept] = out.glob("bench.*.json")  # the earlier results, renamed aside, not replaced
+    assert kept.read_text() == "an earlier run's results"
     by_method = {(r["method"], r["k"]): r for r in result["records"]}
     assert set(by_method) == {("e2e", 1), ("e2e+ckpt", 1), ("lopt-joint", 2), ("lopt", 2)}
     assert by_method[("e2e", 1)]["activation_ratio"] == 1.0

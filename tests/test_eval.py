@@ -97,6 +97,7 @@ def test_lopt_eval_writes_eval_json_with_retention_against_the_starting_model(ba
     (run / "training_args.json").write_text(json.dumps(
         {"model_name_or_path": str(base_dir), "method": "lopt", "dataset_preset": "gsm-symbolic", "seed": 1,
          "max_samples": 2}))
+    (run / "eval.json").write_text('{"an": "earlier evaluation"}')
     monkeypatch.chdir(REPO)  # the custom lm-eval task names its data file relative to the repository
     code = main(["eval", str(run), "--eval_samples", "2", "--max_new_tokens", "4", "--retention_window", "16",
                  "--retention_windows", "2", "--harness", "lopt_tiny_arith",
@@ -110,7 +111,10 @@ def test_lopt_eval_writes_eval_json_with_retention_against_the_starting_model(ba
     # lm-eval's own HF backend scored the saved folder on the 4-question local task.
     assert set(result["harness"]) == {"lopt_tiny_arith"}
     assert result["harness"]["lopt_tiny_arith"]["acc,none"] in {0.0, 0.25, 0.5, 0.75, 1.0}
-    assert "lopt_tiny_arith" in capsys.readouterr().err  # the printed table has the harness column
+    err = capsys.readouterr().err
+    assert "lopt_tiny_arith" in err  # the printed table has the harness column
+    [kept] = run.glob("eval.*.json")  # the earlier evaluation, renamed aside and said, not replaced
+    assert json.loads(kept.read_text()) == {"an": "earlier evaluation"} and kept.name in err.replace("\n", "")
 
 
 def test_lopt_eval_rejects_bad_flags(base_dir, capsys):

@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lopt.errors import LoptError
+from lopt.keep_previous import keep_previous
 from lopt.models.lopt import LocalLearningLM
 from lopt.models.registry import DEFAULT_MODEL, load_model_and_tokenizer
 from lopt.training.loss import causal_lm_loss_sum, liger_linear_cross_entropy
@@ -338,6 +339,10 @@ def main(argv: list[str] | None = None) -> None:
               "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "steps": args.steps,
               "liger": args.liger,
               "records": [asdict(r) for r in records], "loss": losses, "equal_memory": pairs}
+    for name in ("bench.json", "bench.png"):
+        kept = keep_previous(out / name)
+        if kept is not None:
+            console.print(f"kept the earlier run's {name} as {kept}")
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     plotted = plot(records, out / "bench.png")
     console.print(f"wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if plotted else

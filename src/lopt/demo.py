@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.output_dir)
     methods = {**METHODS, **(ABLATION if args.ablation else {})}
     configs = {name: run_config(args, name, method) for name, method in methods.items()}
+    earlier = [name for name in configs if (out / name).is_dir() and any((out / name).iterdir())]
+    if earlier:  # the demo's own folder, but say so: the models trained there before are replaced
+        console.print(f"{out} holds an earlier study: its runs {', '.join(earlier)} are replaced by this one "
+                      "(their eval.json files are kept aside). Pass --output_dir to keep them as they are.")
 
     for name, config in configs.items():
         console.rule(f"[bold]training {name}")

@@ -20,6 +20,7 @@ from rich.table import Table
 from lopt.errors import LoptError
 from lopt.evaluation.retention import DEFAULT_SOURCE, perplexity, relative_change, retention_text, token_windows
 from lopt.evaluation.task import TASKS, load_task, task_accuracy, training_questions
+from lopt.keep_previous import keep_previous
 from lopt.models.registry import load_model_and_tokenizer
 
 console = Console(stderr=True)
@@ -112,7 +113,11 @@ def evaluate_model(model: str, options: EvalOptions, base_perplexities: dict[str
 
 
 def write_eval(folder: Path, result: dict) -> Path:
+    """Write `eval.json` into the model's folder; an earlier evaluation's file is kept aside, and said."""
     path = Path(folder) / "eval.json"
+    kept = keep_previous(path)
+    if kept is not None:
+        console.print(f"kept the earlier evaluation as {kept}")
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
 
