@@ -78,14 +78,15 @@ def test_lopt_sft_under_torchrun_writes_from_the_main_process_only(tmp_path):
 
 @pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
 def test_sharding_launch_configs_are_refused_not_silently_replicated(monkeypatch, variable):
-    """What GRPO / DPO get; `lopt sft` reads the FSDP2 settings first and shards (test_fsdp.py)."""
+    """What GRPO / DPO get; `lopt sft` reads the FSDP2 or DeepSpeed settings first and shards
+    (test_fsdp.py, test_deepspeed.py), and is refused the other kind."""
     from lopt.errors import LoptError
     from lopt.training.distributed import init_from_environment
 
     monkeypatch.setenv(variable, "true")
     with pytest.raises(LoptError, match="(FSDP|DeepSpeed).*configs/accelerate_multi_gpu.yaml"):
         init_from_environment()
-    if variable == "ACCELERATE_USE_DEEPSPEED":
-        with pytest.raises(LoptError, match="DeepSpeed"):
-            init_from_environment(shards_with_fsdp=True)
+    other = "DeepSpeed" if variable == "ACCELERATE_USE_FSDP" else "FSDP"
+    with pytest.raises(LoptError, match=f"asks for {'FSDP' if other == 'DeepSpeed' else 'DeepSpeed'}"):
+        init_from_environment(sharded_by=other)
 

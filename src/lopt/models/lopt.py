@@ -182,8 +182,14 @@ class LocalLearningLM(nn.Module):
         return _with_hidden(output, hidden.detach())
 
     def _reconstruction_loss(self, block, hidden, target, token_mask) -> torch.Tensor:
-        """Mean squared error in float32 between head(block output) and the block input, over real tokens."""
-        per_token = (self.aux_heads[block](hidden.float()) - target.float()).pow(2).mean(dim=-1)
+        """Mean squared error in float32 between head(block output) and the block input, over real tokens.
+
+        The heads are created in float32; DeepSpeed's bf16 mode casts them with the model, so the head
+        runs in whatever dtype its weights have now.
+        """
+        head = self.aux_heads[block]
+        prediction = head(hidden.to(head.net[0].weight.dtype)).float()
+        per_token = (prediction - target.float()).pow(2).mean(dim=-1)
         if token_mask is None:
             return per_token.mean()
         mask = token_mask.to(per_token.dtype)

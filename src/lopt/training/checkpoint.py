@@ -43,9 +43,15 @@ def _fsync_tree(folder: Path) -> None:
     _fsync_dir(folder)
 
 
-def _build_in_temp(parent: Path, write: Callable[[Path], None]) -> Path:
+def new_temp_folder(parent: Path) -> Path:
+    """A fresh hidden folder in `parent` to build something in before renaming it into place."""
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint should be readable like any other folder
+    return tmp
+
+
+def _build_in_temp(parent: Path, write: Callable[[Path], None], tmp: Path | None = None) -> Path:
+    tmp = tmp or new_temp_folder(parent)
     try:
         write(tmp)
         _fsync_tree(tmp)
@@ -55,15 +61,19 @@ def _build_in_temp(parent: Path, write: Callable[[Path], None]) -> Path:
     return tmp
 
 
-def save_checkpoint(output_dir: Path, step: int, model, tokenizer, training_state: dict) -> Path:
-    """Write `checkpoint-<step>/`: the plain HF model and tokenizer, plus the state needed to resume."""
+def save_checkpoint(output_dir: Path, step: int, model, tokenizer, training_state: dict,
+                    started: Path | None = None) -> Path:
+    """Write `checkpoint-<step>/`: the plain HF model and tokenizer, plus the state needed to resume.
+
+    `started` is a `new_temp_folder` other processes have already written their parts into (DeepSpeed).
+    """
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder, tokenizer)
         torch.save(training_state, folder / TRAINING_STATE)
 
     final = output_dir / f"checkpoint-{step}"
-    tmp = _build_in_temp(output_dir, write)
+    tmp = _build_in_temp(output_dir, write, started)
     if final.exists():  # only a re-run with --overwrite_output_dir gets here
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -9,6 +9,8 @@ accelerate's config asks for). This module holds the process-group plumbing.
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -19,21 +21,21 @@ from lopt.errors import LoptError
 _SHARDING_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
 
 
-def init_from_environment(shards_with_fsdp: bool = False) -> torch.device:
+def init_from_environment(sharded_by: str | None = None) -> torch.device:
     """Join the process group the launcher describes (WORLD_SIZE > 1) and return this process's device.
 
-    A sharding launch is refused unless the caller shards the model itself (`shards_with_fsdp`:
-    `lopt sft`, after sharding.fsdp_settings_from_environment has accepted the FSDP2 settings).
+    A sharding launch is refused unless the caller shards the model itself (`sharded_by` "FSDP" or
+    "DeepSpeed": `lopt sft`, after sharding.py or zero.py has accepted the accelerate settings).
     """
     for variable, name in _SHARDING_ENV.items():
-        if os.environ.get(variable, "").lower() in ("1", "true") and not (shards_with_fsdp and name == "FSDP"):
+        if os.environ.get(variable, "").lower() in ("1", "true") and name != sharded_by:
             # Running replicated under a sharding config would silently use far more memory than asked.
             raise LoptError(
                 f"The accelerate config asks for {name}, which this command does not implement: every process "
                 "would hold the whole model. Launch with a data-parallel config instead "
-                "(configs/accelerate_multi_gpu.yaml) or torchrun; `lopt sft` also shards under "
-                "configs/accelerate_fsdp2.yaml (in place of ZeRO-3; with fsdp_reshard_after_forward: false, "
-                "which keeps each layer gathered from its forward to its backward, in place of ZeRO-2)."
+                "(configs/accelerate_multi_gpu.yaml) or torchrun; `lopt sft` also shards, under "
+                "configs/accelerate_fsdp2.yaml, configs/accelerate_deepspeed_zero2.yaml or "
+                "configs/accelerate_deepspeed_zero3.yaml."
             )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -42,8 +44,14 @@ def init_from_environment(shards_with_fsdp: bool = False) -> torch.device:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend)
+    elif sharded_by and not dist.is_initialized():
+        # FSDP's device mesh and DeepSpeed's engine need a process group even for one process; a
+        # private file store needs no launcher-provided address.
+        store = Path(tempfile.mkdtemp(prefix="lopt-pg-")) / "store"
+        dist.init_process_group(backend=backend, init_method=f"file://{store}", rank=0, world_size=1)
     return device
 
 
@@ -62,6 +70,15 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def broadcast_from_main(value):
+    """The main process's `value` (any picklable object), on every process."""
+    if world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def all_reduce_sum(value: float, device: torch.device) -> float:

@@ -3,7 +3,8 @@
 The whole training step is `train_step` below: forward/backward over the accumulation window
 (local or joint backward, see step.py), gradient sync across processes (done by FSDP itself when
 accelerate's FSDP2 config shards the model, see sharding.py), global-norm clipping,
-a finiteness check, then the optimizer and schedule. `run_sft` around it sets the run up, logs,
+a finiteness check, then the optimizer and schedule. Under accelerate's DeepSpeed config the
+engine reduces, clips and steps instead (zero.py). `run_sft` around it sets the run up, logs,
 checkpoints, resumes, and stops cleanly on SIGINT / SIGTERM.
 """
 
@@ -28,11 +29,12 @@ from lopt.data.presets import load_records
 from lopt.errors import LoptError
 from lopt.models.lopt import LocalLearningLM
 from lopt.models.registry import load_model_and_tokenizer
-from lopt.training import distributed, sharding
+from lopt.training import distributed, sharding, zero
 from lopt.training.checkpoint import (
     check_writable,
     find_checkpoint,
     load_training_state,
+    new_temp_folder,
     prune_checkpoints,
     save_checkpoint,
     save_final_model,
@@ -99,9 +101,18 @@ def build_model(config: SFTConfig, device: torch.device, weights: str | None = N
     return wrapped, tokenizer
 
 
-def train_step(model, window, config, optimizer, scheduler, scaler, step, autocast):
+def train_step(model, window, config, optimizer, scheduler, scaler, step, autocast, engine=None):
+    if engine is not None:  # DeepSpeed: its engine reduces, clips and steps the partitioned optimizer
+        result = forward_backward(model, window, config.backward, zero.backward(engine), config.liger,
+                                  lambda: zero.gathered_lm_head(model))
+        check_finite(result, 0.0, step)  # the losses, before the step
+        grad_norm = zero.optimizer_step(engine)
+        scheduler.step()
+        check_finite(result, grad_norm, step, step_taken=True)
+        return result, grad_norm
     with autocast:
-        result = forward_backward(model, window, config.backward, scale_loss=scaler.scale if scaler else (lambda x: x),
+        result = forward_backward(model, window, config.backward,
+                                  (lambda loss: scaler.scale(loss).backward()) if scaler else torch.Tensor.backward,
                                   liger=config.liger)
     params = [p for p in model.parameters() if p.requires_grad]
     if not sharding.is_sharded(model):  # FSDP has already summed the gradients into each shard
@@ -137,7 +148,8 @@ def _set_rng_state(state: dict) -> None:
 
 def run_sft(config: SFTConfig) -> SFTResult:
     fsdp = sharding.fsdp_settings_from_environment(config)  # None unless launched with accelerate's FSDP2 config
-    device = distributed.init_from_environment(shards_with_fsdp=fsdp is not None)
+    deepspeed = zero.zero_settings_from_environment(config)  # None unless launched with a DeepSpeed config
+    device = distributed.init_from_environment("FSDP" if fsdp else "DeepSpeed" if deepspeed else None)
     if config.liger:
         liger_linear_cross_entropy(device)  # fail before loading anything when it cannot run here
     main_process, world = distributed.is_main_process(), distributed.world_size()
@@ -174,9 +186,14 @@ def run_sft(config: SFTConfig) -> SFTResult:
     scheduler = build_scheduler(optimizer, config.lr_scheduler_type, config.warmup_ratio, total_steps)
     scaler = torch.amp.GradScaler("cuda") if config.fp16 else None
     autocast = torch.autocast("cuda", dtype=torch.float16) if config.fp16 else nullcontext()
+    engine = zero.initialize(model, optimizer, deepspeed, config, weights_dtype(config, device)) if deepspeed else None
     start_step, position = 0, (0, 0)
     if state is not None:
-        sharding.load_optimizer_state(model, optimizer, state["optimizer"])
+        zero.check_resumable(resume_dir, state, engine)
+        if engine is not None:
+            zero.load_engine_state(engine, resume_dir)
+        else:
+            sharding.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -195,6 +212,7 @@ def run_sft(config: SFTConfig) -> SFTResult:
               f"{config.per_device_train_batch_size * config.gradient_accumulation_steps * world} sequences"
             + f" | {total_steps} steps | device {device}"
             + (f" | FSDP2 across {world} processes" if fsdp else "")
+            + (f" | DeepSpeed ZeRO-{deepspeed.stage} across {world} processes" if deepspeed else "")
             + (f" | resumed from {resume_dir} at step {start_step}" if resume_dir else "")
         )
 
@@ -217,7 +235,8 @@ def run_sft(config: SFTConfig) -> SFTResult:
                 window.append({k: v.to(device) for k, v in batch.items()})
             meter.reset_peak()
             with meter.active():
-                result, grad_norm = train_step(model, window, config, optimizer, scheduler, scaler, step, autocast)
+                result, grad_norm = train_step(model, window, config, optimizer, scheduler, scaler, step, autocast,
+                                               engine)
             peak_activation = max(peak_activation, meter.peak_bytes)
             losses.append(result.task_loss)
             window_tokens += distributed.all_reduce_sum(result.input_tokens, device)
@@ -238,17 +257,24 @@ def run_sft(config: SFTConfig) -> SFTResult:
             periodic = config.save_steps > 0 and step % config.save_steps == 0 and step < total_steps
             if periodic or (stopping and step < total_steps):
                 rng = _gather_rng_states(device)
-                full = sharding.full_state(model, optimizer)  # every process: a collective under FSDP
+                # Every process takes part: gathering is a collective under FSDP and ZeRO-3, and under
+                # DeepSpeed each process writes its optimizer partition into the checkpoint being built.
+                full = zero.full_state(engine, model) if engine else sharding.full_state(model, optimizer)
+                started = distributed.broadcast_from_main(new_temp_folder(out) if main_process else None)
+                if engine is not None:
+                    zero.save_engine_state(engine, started)
+                    distributed.barrier()
                 if main_process:
                     state = {"step": step, "position": position, "aux_heads": full.aux_heads,
                              "optimizer": full.optimizer, "scheduler": scheduler.state_dict(),
-                             "scaler": scaler.state_dict() if scaler else None, "rng": rng}
-                    last_saved = save_checkpoint(out, step, full.model, tokenizer, state)
+                             "scaler": scaler.state_dict() if scaler else None, "rng": rng,
+                             "deepspeed": zero.describe(engine) if engine else None}
+                    last_saved = save_checkpoint(out, step, full.model, tokenizer, state, started)
                     prune_checkpoints(out, config.save_total_limit)
                 distributed.barrier()
             if stopping and step < total_steps:
                 stop.exit_after_save(last_saved, step)
-    final = sharding.full_state(model)
+    final = zero.full_state(engine, model) if engine else sharding.full_state(model)
     if main_process:
         save_final_model(out, final.model, tokenizer)
     distributed.barrier()

@@ -82,7 +82,7 @@ def fsdp_settings_from_environment(config: SFTConfig) -> FSDPSettings | None:
     """What `accelerate launch` asks for: None (no FSDP), FSDP2 settings, or a LoptError.
 
     FSDP1 is refused rather than ignored: running replicated under a sharding config would silently
-    use far more memory than asked (DeepSpeed is refused by distributed.init_from_environment). FSDP1-only
+    use far more memory than asked (DeepSpeed is read by zero.py). FSDP1-only
     settings that accelerate itself ignores under FSDP2 (sharding strategy, prefetch, use_orig_params,
     sync_module_states) are ignored here too.
     """
@@ -197,10 +197,14 @@ def full_state(model: LocalLearningLM, optimizer: torch.optim.Optimizer | None =
     optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
     if not sharded:
         return FullState(model, model.aux_heads.state_dict(), optim)
-    weights = get_model_state_dict(model, options=options)
+    return split_full_weights(model, get_model_state_dict(model, options=options), optim)
+
+
+def split_full_weights(model: LocalLearningLM, weights: dict[str, torch.Tensor], optimizer: dict | None) -> FullState:
+    """A FullState from the wrapper's gathered state dict: the HF model's weights and the heads' apart."""
     heads = {k.removeprefix("aux_heads."): v for k, v in weights.items() if k.startswith("aux_heads.")}
     hf = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
-    return FullState(_GatheredModel(model, hf), heads, optim)
+    return FullState(_GatheredModel(model, hf), heads, optimizer)
 
 
 def load_optimizer_state(model: LocalLearningLM, optimizer: torch.optim.Optimizer, state: dict) -> None:

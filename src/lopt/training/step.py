@@ -13,6 +13,8 @@ instead, which gives the same result as one process on the global batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -59,16 +61,19 @@ def forward_backward(
     model: LocalLearningLM,
     micro_batches: list[dict[str, torch.Tensor]],
     backward: str = "local",
-    scale_loss=lambda loss: loss,
+    run_backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     liger: bool = False,
+    lm_head_context: Callable[[], AbstractContextManager] = nullcontext,
 ) -> StepResult:
     """Accumulate the gradients of one optimizer step over `micro_batches`.
 
     The task loss is normalized by the number of trained tokens in the whole window (on all
     processes), so a window split into micro-batches or across processes gives the gradient of
     the same global mean. Each block's local loss is a per-micro-batch mean, averaged over the
-    window. `scale_loss` is the fp16 loss scaler's `scale` when one is used; `liger` picks Liger
-    Kernel's fused linear cross entropy over the chunked one (CUDA).
+    window. `run_backward` back-propagates one loss (through the fp16 loss scaler or DeepSpeed's engine
+    when they are used); `liger` picks Liger Kernel's fused linear cross entropy over the chunked one
+    (CUDA); `lm_head_context` is entered around the task loss and its backward (ZeRO-3 gathers the LM
+    head's weight there).
     """
     if backward not in BACKWARD_MODES:
         raise LoptError(f"--backward {backward!r} is not valid; choose one of: {', '.join(BACKWARD_MODES)}")
@@ -80,19 +85,17 @@ def forward_backward(
     micro_weight = 1.0 / (len(micro_batches) * world_size())
     aux_weight = model.lambda_aux / max(len(model.aux_heads), 1) * micro_weight
 
-    def run_backward(loss: torch.Tensor) -> None:
-        scale_loss(loss).backward()
-
     task_sum, aux_sums = 0.0, [0.0] * len(model.aux_heads)
     for batch in micro_batches:
         local = run_backward if backward == "local" else None
         with model.boundary_step(local, aux_weight, batch["attention_mask"]) as aux_losses:
             hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
-        loss_sum, _ = causal_lm_loss_sum(hidden, model.parts.lm_head, batch["labels"], liger=liger)
-        objective = loss_sum / global_tokens
-        if local is None and aux_losses:
-            objective = objective + aux_weight * torch.stack(aux_losses).sum()
-        run_backward(objective)
+        with lm_head_context():
+            loss_sum, _ = causal_lm_loss_sum(hidden, model.parts.lm_head, batch["labels"], liger=liger)
+            objective = loss_sum / global_tokens
+            if local is None and aux_losses:
+                objective = objective + aux_weight * torch.stack(aux_losses).sum()
+            run_backward(objective)
         task_sum += float(loss_sum.detach())
         for i, aux in enumerate(aux_losses):
             aux_sums[i] += float(aux.detach()) / len(micro_batches)
@@ -104,20 +107,22 @@ def forward_backward(
     )
 
 
-def check_finite(result: StepResult, grad_norm: float, step: int) -> None:
-    """Stop before a poisoned optimizer step; the caller keeps the last good checkpoint."""
+def check_finite(result: StepResult, grad_norm: float, step: int, step_taken: bool = False) -> None:
+    """Stop before a poisoned optimizer step (or, with `step_taken`, right after one whose gradient
+    norm is only known then); either way the caller keeps the last good checkpoint."""
     values = {"task loss": result.task_loss, "gradient norm": grad_norm}
     values.update({f"aux loss (block {i + 1})": v for i, v in enumerate(result.aux_losses)})
-    stop_unless_finite(values, step)
+    stop_unless_finite(values, step, step_taken)
 
 
-def stop_unless_finite(values: dict[str, float], step: int) -> None:
-    """Raise before optimizer step `step` when any of the named values is NaN or infinite."""
+def stop_unless_finite(values: dict[str, float], step: int, step_taken: bool = False) -> None:
+    """Raise at optimizer step `step` when any of the named values is NaN or infinite."""
     bad = {name: v for name, v in values.items() if not math.isfinite(v)}
     if bad:
         detail = ", ".join(f"{name} = {v}" for name, v in bad.items())
+        taken = ("DeepSpeed computes the gradient norm inside its optimizer step, so the weights in memory may be "
+                 "poisoned; none of them were saved" if step_taken else "The optimizer step was not taken")
         raise LoptError(
-            f"Non-finite values at step {step}: {detail}. The optimizer step was not taken and no checkpoint "
-            "of these weights was written. Lower --learning_rate / --lr_k1 or --lambda_aux, set --max_grad_norm, "
-            "or use --bf16 instead of --fp16."
+            f"Non-finite values at step {step}: {detail}. {taken}, and no checkpoint of these weights was written. "
+            "Lower --learning_rate / --lr_k1 or --lambda_aux, set --max_grad_norm, or use --bf16 instead of --fp16."
         )

@@ -1,0 +1,205 @@
+"""DeepSpeed ZeRO (stages 1, 2, 3) under accelerate's DeepSpeed config, with local backward intact.
+
+Why DeepSpeed's unmanaged gradient accumulation (`managed_gradient_accumulation: false`): local
+backward calls backward() once per block, the early blocks' from inside the forward. In DeepSpeed's
+default mode each engine.backward() is a micro-step and the optimizer boundary falls after a fixed
+number of them, so with per-block backward a block's gradients were dropped or counted twice (seen
+on ZeRO-2). Unmanaged, backward() only accumulates (ZeRO-2/3 reduce each block's gradients into the
+owning process's partition as they arrive) and engine.step() is the boundary, whatever the number
+of backward calls before it.
+
+ZeRO-3 partitions every weight and gathers a module's weights only while that module runs. The
+chunked loss reads the LM head's weight without calling the head (that is how it avoids the full
+logits), so `gathered_lm_head` gathers that one weight around the task loss and its backward.
+
+DeepSpeed averages gradients over processes; lopt's losses are already normalized by the global
+token count (step.py), so each backward's loss is multiplied by the number of processes first.
+
+Saving: the model is a plain Hugging Face folder as without DeepSpeed (gathered on the main process
+under ZeRO-3). The optimizer state stays in DeepSpeed's own partitioned files, one per process, in
+`checkpoint-N/deepspeed/`, so a checkpoint resumes under DeepSpeed with the same stage and number of
+processes (training_state.pt records both and a mismatch is refused before training).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lopt.config import SFTConfig
+from lopt.errors import LoptError
+from lopt.models.lopt import LocalLearningLM
+from lopt.training import distributed
+from lopt.training.sharding import FullState, split_full_weights
+
+ZERO_CONFIGS = "configs/accelerate_deepspeed_zero2.yaml or configs/accelerate_deepspeed_zero3.yaml"
+ENGINE_FOLDER = "deepspeed"  # inside checkpoint-N/: DeepSpeed's partitioned optimizer state
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    stage: int  # 1: optimizer state partitioned; 2: + gradients; 3: + parameters
+
+
+def _refuse(setting: str, value: str, why: str, fix: str) -> LoptError:
+    return LoptError(f"{setting}: {value} in the accelerate config is not supported by lopt: {why} {fix} "
+                     f"(see {ZERO_CONFIGS}).")
+
+
+def zero_settings_from_environment(config: SFTConfig) -> ZeroSettings | None:
+    """What `accelerate launch` asks for: None (no DeepSpeed), ZeRO settings, or a LoptError."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").strip().lower() not in ("1", "true"):
+        return None
+    try:
+        import deepspeed
+        from deepspeed.runtime.engine import DeepSpeedEngine
+    except ImportError as error:
+        raise LoptError(f"The accelerate config asks for DeepSpeed, which cannot be imported here ({error}). Install "
+                        "it with `pip install 'lopt[deepspeed]'`, or launch with configs/accelerate_fsdp2.yaml.") from error
+    if not hasattr(DeepSpeedEngine, "managed_gradient_accumulation"):
+        raise LoptError(f"DeepSpeed {deepspeed.__version__} lacks unmanaged gradient accumulation, which local backward "
+                        "needs (one backward per block); lopt is tested with 0.19.8. Run `pip install -U deepspeed`.")
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if config_file:
+        raise _refuse("deepspeed_config_file", config_file, "lopt writes the DeepSpeed config itself, from its flags "
+                      "(--per_device_train_batch_size, --gradient_accumulation_steps, --max_grad_norm, --bf16) and "
+                      "the accelerate config's zero_stage.", "Remove deepspeed_config_file and set "
+                      "deepspeed_config: {zero_stage: 2}")
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2").strip()
+    if stage not in ("1", "2", "3"):
+        raise _refuse("zero_stage", stage, "lopt runs ZeRO stages 1, 2 and 3 (stage 0 is plain data parallelism: "
+                      "use configs/accelerate_multi_gpu.yaml).", "Set zero_stage: 1, 2 or 3")
+    for what in ("optimizer", "param"):
+        device = os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what.upper()}_DEVICE", "none").strip().lower()
+        if device not in ("", "none"):
+            raise _refuse(f"offload_{what}_device", device, "offloading is not verified with local backward (it "
+                          "needs a GPU, and lopt's tests run on CPU).", f"Set offload_{what}_device: none")
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").strip().lower() in ("1", "true"):
+        raise _refuse("zero3_init_flag", "true", "every process loads the whole model, then DeepSpeed partitions it.",
+                      "Set zero3_init_flag: false")
+    accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if accumulation and int(accumulation) != config.gradient_accumulation_steps:
+        raise LoptError(f"gradient_accumulation_steps: {accumulation} in the accelerate config differs from "
+                        f"--gradient_accumulation_steps {config.gradient_accumulation_steps}. Remove it from the "
+                        "config (lopt's flag decides) or pass the same value.")
+    clipping = os.environ.get("ACCELERATE_GRADIENT_CLIPPING")
+    if clipping and float(clipping) != config.max_grad_norm:
+        raise LoptError(f"gradient_clipping: {clipping} in the accelerate config differs from --max_grad_norm "
+                        f"{config.max_grad_norm}. Remove it from the config (lopt's flag decides) or pass the same value.")
+    if config.fp16:
+        raise LoptError("--fp16 is not supported with DeepSpeed: its loss scaling is not verified with local backward. "
+                        "Use --bf16 (no loss scaling needed).")
+    return ZeroSettings(stage=int(stage))
+
+
+def deepspeed_config(settings: ZeroSettings, config: SFTConfig, dtype: torch.dtype) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": config.per_device_train_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "managed_gradient_accumulation": False,  # see the module docstring
+        "zero_optimization": {"stage": settings.stage},
+        "gradient_clipping": config.max_grad_norm,  # 0 turns clipping off, as --max_grad_norm 0 does
+        "bf16": {"enabled": dtype == torch.bfloat16},  # DeepSpeed then keeps float32 master weights
+        "steps_per_print": 2**31 - 1,  # lopt reports progress itself
+    }
+
+
+def initialize(model: LocalLearningLM, optimizer: torch.optim.Optimizer, settings: ZeroSettings, config: SFTConfig,
+               dtype: torch.dtype):
+    """Partition `optimizer`'s state (and with stage 3 the model) across processes: DeepSpeed's engine.
+
+    lopt keeps its own AdamW parameter groups and learning-rate schedule; DeepSpeed steps them.
+    """
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
+                                      config=deepspeed_config(settings, config, dtype))
+    mark_micro_batches(engine, model)
+    return engine
+
+
+def mark_micro_batches(engine, model: LocalLearningLM) -> None:
+    """Tell DeepSpeed where each micro-batch's forward starts, as engine.forward() would.
+
+    lopt runs the wrapper's `hidden_states`, not engine.forward(), so the call DeepSpeed makes there is
+    made from a pre-hook on the embeddings, which run once at the start of every forward. Without it
+    ZeRO-3 copies each micro-batch's reduced gradients over the previous ones instead of adding them
+    (seen: the first micro-batch of a 2-micro-batch window lost).
+    """
+    model.parts.embeddings[0].register_forward_pre_hook(lambda module, args: engine.optimizer.clear_backward_seen_flag())
+
+
+def backward(engine):
+    """The backward function for step.forward_backward: DeepSpeed's, on a loss scaled from a global sum
+    to the per-process share DeepSpeed expects before it averages."""
+    world = distributed.world_size()
+    return lambda loss: engine.backward(loss * world, scale_wrt_gas=False)
+
+
+def gathered_lm_head(model: LocalLearningLM):
+    """A context in which the LM head's full weight is present (ZeRO-3 partitions it; see the module docstring)."""
+    weight = model.parts.lm_head.weight
+    if not hasattr(weight, "ds_id"):  # ZeRO-1/2 keep whole weights on every process
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([weight])
+
+
+def optimizer_step(engine) -> float:
+    """Reduce, clip and apply the window's gradients; return their global norm before clipping."""
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else 0.0
+
+
+def full_state(engine, model: LocalLearningLM) -> FullState:
+    """The whole model for saving (a collective under ZeRO-3); the optimizer state is saved by `save_engine_state`."""
+    if engine.zero_optimization_stage() < 3:
+        return FullState(model, model.aux_heads.state_dict(), None)
+    weights = engine._zero3_consolidated_16bit_state_dict()  # in the model's dtype; None off the main process
+    return split_full_weights(model, weights or {}, None)
+
+
+def describe(engine) -> dict:
+    """What a checkpoint's DeepSpeed state fits: recorded in training_state.pt, checked on resume."""
+    return {"zero_stage": engine.zero_optimization_stage(), "world_size": distributed.world_size()}
+
+
+def save_engine_state(engine, folder: Path) -> None:
+    """Every process writes its optimizer partition into `folder`/deepspeed (a collective)."""
+    engine.save_checkpoint(str(folder), tag=ENGINE_FOLDER, save_latest=False)
+
+
+def check_resumable(checkpoint: Path, state: dict, engine) -> None:
+    """Refuse, before training, a checkpoint whose optimizer state this launch cannot restore."""
+    saved = state.get("deepspeed")
+    now = describe(engine) if engine is not None else None
+    if saved == now:
+        return
+    if saved is None:
+        raise LoptError(f"--resume_from_checkpoint {checkpoint} was saved without DeepSpeed, and this launch uses "
+                        "DeepSpeed. Resume it with the launcher it was saved with (torchrun or "
+                        "configs/accelerate_multi_gpu.yaml / configs/accelerate_fsdp2.yaml).")
+    if now is None:
+        raise LoptError(f"--resume_from_checkpoint {checkpoint} holds DeepSpeed ZeRO-{saved['zero_stage']} optimizer "
+                        f"state from {saved['world_size']} processes. Resume it under DeepSpeed: `accelerate launch "
+                        f"--config_file configs/accelerate_deepspeed_zero{max(saved['zero_stage'], 2)}.yaml "
+                        f"--num_processes {saved['world_size']} -m lopt.cli sft ...` with zero_stage: {saved['zero_stage']}.")
+    raise LoptError(f"--resume_from_checkpoint {checkpoint} holds DeepSpeed ZeRO-{saved['zero_stage']} optimizer state "
+                    f"from {saved['world_size']} processes; this launch is ZeRO-{now['zero_stage']} on "
+                    f"{now['world_size']}. Launch with zero_stage: {saved['zero_stage']} and --num_processes "
+                    f"{saved['world_size']}.")
+
+
+def load_engine_state(engine, checkpoint: Path) -> None:
+    """Restore the optimizer partitions written by `save_engine_state` (and DeepSpeed's copy of the weights)."""
+    loaded, _ = engine.load_checkpoint(str(checkpoint), tag=ENGINE_FOLDER, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+    if loaded is None:
+        raise LoptError(f"{checkpoint / ENGINE_FOLDER} could not be read by DeepSpeed (files missing?). Resume from "
+                        "another checkpoint ('latest' takes the newest complete one).")
