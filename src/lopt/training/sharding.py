@@ -24,6 +24,7 @@ of processes, sharded or not.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ except ImportError:
     FSDPModule = DTensor = None
 
 from lopt.config import SFTConfig
-from lopt.errors import LoptError
+from lopt.errors import LoptError, unsupported_setting
 from lopt.models.lopt import LocalLearningLM
 from lopt.training import distributed
 
@@ -73,9 +74,7 @@ def _flag(name: str, default: str) -> bool:
     return value in _TRUE
 
 
-def _refuse(setting: str, value: str, why: str, fix: str) -> LoptError:
-    return LoptError(f"{setting}: {value} in the accelerate config is not supported by lopt: {why} {fix} "
-                     f"(see {FSDP2_CONFIG}).")
+_refuse = functools.partial(unsupported_setting, see=FSDP2_CONFIG)
 
 
 def fsdp_settings_from_environment(config: SFTConfig) -> FSDPSettings | None:

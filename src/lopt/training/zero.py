@@ -23,6 +23,7 @@ processes (training_state.pt records both and a mismatch is refused before train
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 from lopt.config import SFTConfig
-from lopt.errors import LoptError
+from lopt.errors import LoptError, unsupported_setting
 from lopt.models.lopt import LocalLearningLM
 from lopt.training import distributed
 from lopt.training.sharding import FullState, split_full_weights
@@ -45,9 +46,7 @@ class ZeroSettings:
     stage: int  # 1: optimizer state partitioned; 2: + gradients; 3: + parameters
 
 
-def _refuse(setting: str, value: str, why: str, fix: str) -> LoptError:
-    return LoptError(f"{setting}: {value} in the accelerate config is not supported by lopt: {why} {fix} "
-                     f"(see {ZERO_CONFIGS}).")
+_refuse = functools.partial(unsupported_setting, see=ZERO_CONFIGS)
 
 
 def zero_settings_from_environment(config: SFTConfig) -> ZeroSettings | None:
@@ -161,7 +160,9 @@ def full_state(engine, model: LocalLearningLM) -> FullState:
     """The whole model for saving (a collective under ZeRO-3); the optimizer state is saved by `save_engine_state`."""
     if engine.zero_optimization_stage() < 3:
         return FullState(model, model.aux_heads.state_dict(), None)
-    weights = engine._zero3_consolidated_16bit_state_dict()  # in the model's dtype; None off the main process
+    # The private method accelerate's get_state_dict uses too: gathers layer by layer onto the main process
+    # (in the model's dtype despite the name); None elsewhere.
+    weights = engine._zero3_consolidated_16bit_state_dict()
     return split_full_weights(model, weights or {}, None)
 
 
