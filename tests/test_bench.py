@@ -22,8 +22,30 @@ def test_bench_writes_json_with_ratios_and_a_plot(tmp_path):
     out = tmp_path / "bench"
     out.mkdir()
     (out / "bench.json").write_text("an earlier run's results")
-    main(["--model_name_or_path", str(model_dir), "--batch", "2", "--seq", "32", "--methods", "e2e,e2e+ckpt,lopt-joint,lopt",
-          "--blocks", "2", "--steps", "1", "--warmup", "0", "--rounds", "1", "--device", "cpu", "--out", str(out)])
+    main(
+        [
+            "--model_name_or_path",
+            str(model_dir),
+            "--batch",
+            "2",
+            "--seq",
+            "32",
+            "--methods",
+            "e2e,e2e+ckpt,lopt-joint,lopt",
+            "--blocks",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--rounds",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads((out / "bench.json").read_text())
     [kept] = out.glob("bench.*.json")  # the earlier results, renamed aside, not replaced
     assert kept.read_text() == "an earlier run's results"
@@ -37,7 +59,10 @@ def test_bench_writes_json_with_ratios_and_a_plot(tmp_path):
     [pair] = result["equal_memory"]  # lopt k=2 without checkpointing against e2e+ckpt
     lopt, ckpt = by_method[("lopt", 2)], by_method[("e2e+ckpt", 1)]
     assert (pair["k"], pair["lopt_activation_bytes"], pair["e2e_ckpt_activation_bytes"]) == (
-        2, lopt["activation_bytes"], ckpt["activation_bytes"])
+        2,
+        lopt["activation_bytes"],
+        ckpt["activation_bytes"],
+    )
     assert pair["fits_e2e_ckpt_memory"] == (lopt["device_peak_bytes"] <= ckpt["device_peak_bytes"])
     assert pair["step_time_ratio"] == lopt["step_s"] / ckpt["step_s"]
 

@@ -23,6 +23,7 @@ from lopt.data.presets import GSM_ANSWER_INSTRUCTION, PRESETS, load_records
 from lopt.errors import LoptError
 from tiny_models import CHATML, make_tokenizer, train_tiny_bpe
 
+
 @pytest.fixture(scope="module")
 def bpe() -> Tokenizer:
     return train_tiny_bpe()

@@ -12,9 +12,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_distributed import WORLD, _halves, _wrapped
-from test_fsdp import TORCHRUN, _micro_batches, _sft, _weights
-from tiny_models import tiny_batch, tiny_model_dir
 from transformers import AutoModelForCausalLM
 
 from lopt.config import SFTConfig
@@ -23,14 +20,18 @@ from lopt.training import zero
 from lopt.training.checkpoint import load_training_state
 from lopt.training.step import forward_backward
 from lopt.training.zero import ZeroSettings, zero_settings_from_environment
+from test_distributed import WORLD, _halves, _wrapped
+from test_fsdp import TORCHRUN, _micro_batches, _sft, _weights
+from tiny_models import tiny_batch, tiny_model_dir
 
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is installed by `make test` (the [deepspeed] extra)")
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _zero_worker(rank: int, init_file: str, out_dir: str, stage: int, num_blocks: int, micro: int, backward: str,
-                 checkpointing: bool):
+def _zero_worker(
+    rank: int, init_file: str, out_dir: str, stage: int, num_blocks: int, micro: int, backward: str, checkpointing: bool
+):
     os.environ["LOCAL_RANK"] = str(rank)  # what a launcher sets; DeepSpeed asserts it
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -40,13 +41,18 @@ def _zero_worker(rank: int, init_file: str, out_dir: str, stage: int, num_blocks
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         # SGD with lr 1 and no clipping: each weight moves by exactly minus its gradient, which reads
         # DeepSpeed's reduced gradient out of its partitions without DeepSpeed internals.
-        config = {**zero.deepspeed_config(ZeroSettings(stage), SFTConfig(max_grad_norm=0.0), torch.float32),
-                  "zero_allow_untested_optimizer": True}
-        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-                                          config=config, dist_init_required=False)
+        config = {
+            **zero.deepspeed_config(ZeroSettings(stage), SFTConfig(max_grad_norm=0.0), torch.float32),
+            "zero_allow_untested_optimizer": True,
+        }
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=config, dist_init_required=False
+        )
         zero.mark_micro_batches(engine, model)
         window = _micro_batches(_halves(tiny_batch(batch=4, seed=5))[rank], micro)
-        forward_backward(model, window, backward, zero.backward(engine), lm_head_context=lambda: zero.gathered_lm_head(model))
+        forward_backward(
+            model, window, backward, zero.backward(engine), lm_head_context=lambda: zero.gathered_lm_head(model)
+        )
         zero.optimizer_step(engine)
         params = dict(model.named_parameters())
         with deepspeed.zero.GatheredParameters(list(params.values())):  # a no-op below ZeRO-3
@@ -58,25 +64,50 @@ def _zero_worker(rank: int, init_file: str, out_dir: str, stage: int, num_blocks
 
 @pytest.mark.parametrize(
     ("stage", "num_blocks", "micro", "backward", "checkpointing"),
-    [(1, 2, 1, "local", False), (2, 2, 2, "local", False), (2, 4, 1, "local", False), (3, 2, 2, "local", False),
-     (3, 4, 1, "local", False), (3, 2, 1, "joint", False), (3, 2, 2, "local", True), (2, 1, 1, "local", False),
-     (3, 1, 1, "local", False)],
-    ids=["zero1-k2", "zero2-k2-accumulation", "zero2-k4", "zero3-k2-accumulation", "zero3-k4", "zero3-k2-joint",
-         "zero3-k2-checkpointing", "zero2-e2e-tied", "zero3-e2e-tied"],
+    [
+        (1, 2, 1, "local", False),
+        (2, 2, 2, "local", False),
+        (2, 4, 1, "local", False),
+        (3, 2, 2, "local", False),
+        (3, 4, 1, "local", False),
+        (3, 2, 1, "joint", False),
+        (3, 2, 2, "local", True),
+        (2, 1, 1, "local", False),
+        (3, 1, 1, "local", False),
+    ],
+    ids=[
+        "zero1-k2",
+        "zero2-k2-accumulation",
+        "zero2-k4",
+        "zero3-k2-accumulation",
+        "zero3-k4",
+        "zero3-k2-joint",
+        "zero3-k2-checkpointing",
+        "zero2-e2e-tied",
+        "zero3-e2e-tied",
+    ],
 )
-def test_zero_gradients_match_one_process_on_the_global_batch(tmp_path, stage, num_blocks, micro, backward,
-                                                              checkpointing):
-    mp.spawn(_zero_worker, args=(str(tmp_path / "init"), str(tmp_path), stage, num_blocks, micro, backward,
-                                 checkpointing), nprocs=WORLD, join=True)
+def test_zero_gradients_match_one_process_on_the_global_batch(
+    tmp_path, stage, num_blocks, micro, backward, checkpointing
+):
+    mp.spawn(
+        _zero_worker,
+        args=(str(tmp_path / "init"), str(tmp_path), stage, num_blocks, micro, backward, checkpointing),
+        nprocs=WORLD,
+        join=True,
+    )
     model = _wrapped(num_blocks)  # one process, no DeepSpeed, the same global batch in the same micro-batches
-    forward_backward(model, [mb for half in _halves(tiny_batch(batch=4, seed=5)) for mb in _micro_batches(half, micro)],
-                     backward)
+    forward_backward(
+        model, [mb for half in _halves(tiny_batch(batch=4, seed=5)) for mb in _micro_batches(half, micro)], backward
+    )
     expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert len(expected) == len(dict(model.named_parameters()))  # every weight has a gradient to compare
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for name in expected:
-            torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(
+                got[name], expected[name], atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+            )
 
 
 # ---- accelerate's environment --------------------------------------------------------------------
@@ -85,15 +116,25 @@ DEEPSPEED_ENV = {"ACCELERATE_USE_DEEPSPEED": "true"}
 
 @pytest.mark.parametrize(
     ("env", "flags", "message"),
-    [({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"}, {}, r"zero_stage: 0 .*configs/accelerate_multi_gpu.yaml.*Set zero_stage"),
-     ({"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, {}, r"offload_optimizer_device: cpu .*: none"),
-     ({"ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "nvme"}, {}, r"offload_param_device: nvme .*: none"),
-     ({"ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"}, {}, r"zero3_init_flag: true .*Set zero3_init_flag: false"),
-     ({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, {}, r"deepspeed_config_file: ds.json .*Remove"),
-     ({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, {}, r"gradient_accumulation_steps: 4 .*differs from "
-      r"--gradient_accumulation_steps 1"),
-     ({"ACCELERATE_GRADIENT_CLIPPING": "0.5"}, {}, r"gradient_clipping: 0.5 .*--max_grad_norm 1.0"),
-     ({}, {"fp16": True}, r"--fp16 is not supported with DeepSpeed.*--bf16")],
+    [
+        (
+            {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"},
+            {},
+            r"zero_stage: 0 .*configs/accelerate_multi_gpu.yaml.*Set zero_stage",
+        ),
+        ({"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, {}, r"offload_optimizer_device: cpu .*: none"),
+        ({"ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "nvme"}, {}, r"offload_param_device: nvme .*: none"),
+        ({"ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"}, {}, r"zero3_init_flag: true .*Set zero3_init_flag: false"),
+        ({"ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, {}, r"deepspeed_config_file: ds.json .*Remove"),
+        (
+            {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"},
+            {},
+            r"gradient_accumulation_steps: 4 .*differs from "
+            r"--gradient_accumulation_steps 1",
+        ),
+        ({"ACCELERATE_GRADIENT_CLIPPING": "0.5"}, {}, r"gradient_clipping: 0.5 .*--max_grad_norm 1.0"),
+        ({}, {"fp16": True}, r"--fp16 is not supported with DeepSpeed.*--bf16"),
+    ],
 )
 def test_unsupported_settings_are_refused_by_name(monkeypatch, env, flags, message):
     for name, value in {**DEEPSPEED_ENV, **env}.items():
@@ -103,8 +144,12 @@ def test_unsupported_settings_are_refused_by_name(monkeypatch, env, flags, messa
 
 
 def test_supported_settings_are_read(monkeypatch):
-    for name, value in {**DEEPSPEED_ENV, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "ACCELERATE_GRADIENT_CLIPPING": "1.0",
-                        "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none"}.items():
+    for name, value in {
+        **DEEPSPEED_ENV,
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+        "ACCELERATE_GRADIENT_CLIPPING": "1.0",
+        "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
+    }.items():
         monkeypatch.setenv(name, value)
     assert zero_settings_from_environment(SFTConfig()) == ZeroSettings(stage=3)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
@@ -113,8 +158,15 @@ def test_supported_settings_are_read(monkeypatch):
 
 # ---- lopt sft end to end -------------------------------------------------------------------------
 def _accelerate(stage: int) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / f"configs/accelerate_deepspeed_zero{stage}.yaml"), "--num_processes", str(WORLD)]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / f"configs/accelerate_deepspeed_zero{stage}.yaml"),
+        "--num_processes",
+        str(WORLD),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +179,16 @@ def runs(tmp_path_factory) -> tuple[Path, Path, dict[str, Path]]:
     folders = {"plain": root / "plain", "zero2": root / "zero2", "zero3": root / "zero3"}
     _sft(TORCHRUN, model_dir, data, folders["plain"], "--lr_scheduler_type", "linear", "--warmup_ratio", "0.4")
     for stage in (2, 3):
-        err = _sft(_accelerate(stage), model_dir, data, folders[f"zero{stage}"], "--lr_scheduler_type", "linear",
-                   "--warmup_ratio", "0.4")
+        err = _sft(
+            _accelerate(stage),
+            model_dir,
+            data,
+            folders[f"zero{stage}"],
+            "--lr_scheduler_type",
+            "linear",
+            "--warmup_ratio",
+            "0.4",
+        )
         assert f"DeepSpeed ZeRO-{stage} across 2 processes" in " ".join(err.split())  # rich wraps lines
     return model_dir, data, folders
 
@@ -142,8 +202,10 @@ def test_zero_run_saves_plain_models_equal_to_a_replicated_run(runs, stage):
     expected = _weights(folders["plain"])
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=0)
-    logged = [[json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-              for folder in (run, folders["plain"])]
+    logged = [
+        [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        for folder in (run, folders["plain"])
+    ]
     for zero_record, plain in zip(*logged, strict=True):
         assert zero_record["task_loss"] == pytest.approx(plain["task_loss"], rel=1e-6)
         assert zero_record["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)
@@ -151,7 +213,8 @@ def test_zero_run_saves_plain_models_equal_to_a_replicated_run(runs, stage):
     state = load_training_state(run / "checkpoint-1")
     assert state["deepspeed"] == {"zero_stage": stage, "world_size": WORLD} and state["optimizer"] is None
     assert sorted(p.name for p in (run / "checkpoint-1/deepspeed").glob("*optim_states.pt")) == [
-        f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(WORLD)]
+        f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(WORLD)
+    ]
     assert not list(run.glob(".tmp-*"))  # every checkpoint was renamed into place
 
 
@@ -161,8 +224,18 @@ def test_resuming_a_zero_checkpoint_ends_with_the_same_weights(runs, tmp_path, s
     run = folders[f"zero{stage}"]
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    _sft(_accelerate(stage), model_dir, data, resumed, "--lr_scheduler_type", "linear", "--warmup_ratio", "0.4",
-         "--resume_from_checkpoint", str(run / "checkpoint-1"))
+    _sft(
+        _accelerate(stage),
+        model_dir,
+        data,
+        resumed,
+        "--lr_scheduler_type",
+        "linear",
+        "--warmup_ratio",
+        "0.4",
+        "--resume_from_checkpoint",
+        str(run / "checkpoint-1"),
+    )
     expected = _weights(run)  # steps 2 and 3 need the restored Adam moments to land on the same weights
     got = _weights(resumed)
     for name in expected:
@@ -171,11 +244,27 @@ def test_resuming_a_zero_checkpoint_ends_with_the_same_weights(runs, tmp_path, s
 
 def test_a_zero_checkpoint_is_refused_by_another_launch_with_the_fix(runs, tmp_path):
     model_dir, data, folders = runs
-    command = [*TORCHRUN, "-m", "lopt.cli", "sft", "--model_name_or_path", str(model_dir), "--train_file", str(data),
-               "--output_dir", str(tmp_path / "out"), "--max_steps", "3", "--per_device_train_batch_size", "2",
-               "--resume_from_checkpoint", str(folders["zero2"] / "checkpoint-1")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        *TORCHRUN,
+        "-m",
+        "lopt.cli",
+        "sft",
+        "--model_name_or_path",
+        str(model_dir),
+        "--train_file",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "2",
+        "--resume_from_checkpoint",
+        str(folders["zero2"] / "checkpoint-1"),
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode != 0
     assert "holds DeepSpeed ZeRO-2 optimizer state from 2 processes" in done.stderr
     assert "configs/accelerate_deepspeed_zero2.yaml --num_processes 2" in done.stderr.replace("\n", " ")
@@ -184,11 +273,22 @@ def test_a_zero_checkpoint_is_refused_by_another_launch_with_the_fix(runs, tmp_p
 def test_bf16_run_trains_like_float32_and_saves_bf16_weights(runs, tmp_path):
     """DeepSpeed's bf16 mode casts the whole wrapper, reconstruction heads included, to bf16."""
     model_dir, data, folders = runs
-    _sft(_accelerate(3), model_dir, data, tmp_path / "bf16", "--bf16", "--lr_scheduler_type", "linear",
-         "--warmup_ratio", "0.4")
+    _sft(
+        _accelerate(3),
+        model_dir,
+        data,
+        tmp_path / "bf16",
+        "--bf16",
+        "--lr_scheduler_type",
+        "linear",
+        "--warmup_ratio",
+        "0.4",
+    )
     assert {w.dtype for w in _weights(tmp_path / "bf16").values()} == {torch.bfloat16}
-    logged = [[json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-              for folder in (tmp_path / "bf16", folders["zero3"])]
+    logged = [
+        [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        for folder in (tmp_path / "bf16", folders["zero3"])
+    ]
     for bf16, fp32 in zip(*logged, strict=True):
         assert bf16["task_loss"] == pytest.approx(fp32["task_loss"], rel=2e-2)
     assert (tmp_path / "bf16/checkpoint-1/deepspeed/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
@@ -197,11 +297,31 @@ def test_bf16_run_trains_like_float32_and_saves_bf16_weights(runs, tmp_path):
 def test_a_nan_loss_stops_before_deepspeed_steps_and_keeps_the_last_checkpoint(runs, tmp_path):
     model_dir, data, _ = runs
     out = tmp_path / "nan"
-    command = [*_accelerate(3), "-m", "lopt.cli", "sft", "--model_name_or_path", str(model_dir), "--train_file",
-               str(data), "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "2",
-               "--save_steps", "1", "--learning_rate", "1e30", "--max_grad_norm", "0"]  # step 1 blows the weights up
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        *_accelerate(3),
+        "-m",
+        "lopt.cli",
+        "sft",
+        "--model_name_or_path",
+        str(model_dir),
+        "--train_file",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "2",
+        "--save_steps",
+        "1",
+        "--learning_rate",
+        "1e30",
+        "--max_grad_norm",
+        "0",
+    ]  # step 1 blows the weights up
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode != 0
     assert "Non-finite values at step 2: task loss = nan" in done.stderr
     assert "The optimizer step was not taken" in done.stderr

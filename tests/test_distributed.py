@@ -63,12 +63,34 @@ def test_lopt_sft_under_torchrun_writes_from_the_main_process_only(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": f"{i}"}) + "\n" for i in range(12)))
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-               "-m", "lopt.cli", "sft", "--model_name_or_path", str(model_dir), "--train_file", str(data),
-               "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
-               "--logging_steps", "1", "--save_steps", "1"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(WORLD),
+        "-m",
+        "lopt.cli",
+        "sft",
+        "--model_name_or_path",
+        str(model_dir),
+        "--train_file",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "1",
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes = 4 sequences" in done.stderr.replace("\n", " ")
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -89,4 +111,3 @@ def test_sharding_launch_configs_are_refused_not_silently_replicated(monkeypatch
     other = "DeepSpeed" if variable == "ACCELERATE_USE_FSDP" else "FSDP"
     with pytest.raises(LoptError, match=f"asks for {'FSDP' if other == 'DeepSpeed' else 'DeepSpeed'}"):
         init_from_environment(sharded_by=other)
-

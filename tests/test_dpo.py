@@ -20,9 +20,23 @@ def model_dir(tmp_path_factory):
 
 
 def dpo_flags(model_dir, out, *extra):
-    return ["--model_name_or_path", str(model_dir), "--output_dir", str(out), "--max_samples", "4",
-            "--per_device_train_batch_size", "2", "--max_seq_length", "2048", "--logging_steps", "1",
-            "--learning_rate", "1e-3", *extra]
+    return [
+        "--model_name_or_path",
+        str(model_dir),
+        "--output_dir",
+        str(out),
+        "--max_samples",
+        "4",
+        "--per_device_train_batch_size",
+        "2",
+        "--max_seq_length",
+        "2048",
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        *extra,
+    ]
 
 
 def test_two_step_dpo_run_through_the_cli(model_dir, tmp_path):
@@ -30,8 +44,16 @@ def test_two_step_dpo_run_through_the_cli(model_dir, tmp_path):
     assert main(["dpo", *dpo_flags(model_dir, out, "--max_steps", "2", "--beta", "0.2", "--loss_type", "ipo")]) == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
-    assert {"task_loss", "aux_loss", "lr", "lr_k1", "grad_norm", "activation_peak_bytes", "reward_accuracy",
-            "reward_margin"} <= set(metrics[0])
+    assert {
+        "task_loss",
+        "aux_loss",
+        "lr",
+        "lr_k1",
+        "grad_norm",
+        "activation_peak_bytes",
+        "reward_accuracy",
+        "reward_margin",
+    } <= set(metrics[0])
     assert len(metrics[0]["aux_loss"]) == 1 and metrics[0]["activation_peak_bytes"] > 0
     args = json.loads((out / "training_args.json").read_text())
     assert (args["beta"], args["loss_type"], args["dataset_preset"]) == (0.2, "ipo", "gsm-symbolic-pairs")
@@ -44,8 +66,11 @@ def test_two_step_dpo_run_through_the_cli(model_dir, tmp_path):
 def test_dpo_local_backward_equals_joint_with_less_saved_memory(model_dir, tmp_path):
     trainers = {}
     for mode in ("local", "joint"):
-        config = parse_config(dpo_flags(model_dir, tmp_path / mode, "--backward", mode,
-                                        "--gradient_accumulation_steps", "2"), DPOConfig, prog="lopt dpo")
+        config = parse_config(
+            dpo_flags(model_dir, tmp_path / mode, "--backward", mode, "--gradient_accumulation_steps", "2"),
+            DPOConfig,
+            prog="lopt dpo",
+        )
         trainers[mode] = build_dpo_trainer(config, tmp_path / mode)
     inputs = trainers["local"]._prepare_inputs(next(iter(trainers["local"].get_train_dataloader())))
     results = {}
@@ -89,8 +114,10 @@ def test_dpo_records_from_file_hub_and_bad_input(tmp_path, monkeypatch):
     with pytest.raises(LoptError, match="gsm-symbolic-pairs"):
         dpo_records("gsm-symbolic-pair")
 
-    chat_pair = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-                 "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go away"}]}
+    chat_pair = {
+        "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+        "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go away"}],
+    }
     calls = []
 
     def fake_load_dataset(name, config=None, split=None):

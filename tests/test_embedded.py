@@ -17,8 +17,23 @@ pytestmark = pytest.mark.integration
 
 def test_lopt_sft_on_the_embedded_model_saves_a_plain_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["sft", "--max_steps", "2", "--max_samples", "4", "--per_device_train_batch_size", "1",
-                 "--max_seq_length", "256", "--logging_steps", "1", "--output_dir", str(out)])
+    code = main(
+        [
+            "sft",
+            "--max_steps",
+            "2",
+            "--max_samples",
+            "4",
+            "--per_device_train_batch_size",
+            "1",
+            "--max_seq_length",
+            "256",
+            "--logging_steps",
+            "1",
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2]
@@ -31,8 +46,12 @@ def test_local_backward_saves_activation_memory_on_the_embedded_model():
     """Saved-for-backward bytes are deterministic: these are ratios, not timings."""
     base, _ = load_model_and_tokenizer("smollm2-135m")
     records = []
-    for config in (Configuration("e2e", 1), Configuration("lopt-joint", 2), Configuration("lopt", 2),
-                   Configuration("lopt", 4)):
+    for config in (
+        Configuration("e2e", 1),
+        Configuration("lopt-joint", 2),
+        Configuration("lopt", 2),
+        Configuration("lopt", 4),
+    ):
         records.append(measure(copy.deepcopy(base), config, batch=1, seq=64, steps=1, warmup=0))
     add_ratios(records)
     ratio = {(r.method, r.k): r.activation_ratio for r in records}

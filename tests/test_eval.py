@@ -11,10 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lopt.cli import main
+from lopt.data.presets import gsm_symbolic_records
 from lopt.errors import LoptError
 from lopt.evaluation.retention import perplexity, retention_text, token_windows
 from lopt.evaluation.task import EVAL_SEED, generate_answers, heldout_gsm_symbolic, score, training_questions
-from lopt.data.presets import gsm_symbolic_records
 from tiny_models import tiny_model, tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,8 +51,9 @@ def test_batched_left_padded_generation_matches_one_at_a_time(base_dir):
 
 def test_heldout_problems_skip_the_training_questions(tmp_path):
     pool = gsm_symbolic_records(8, EVAL_SEED)
-    (tmp_path / "training_args.json").write_text(json.dumps(
-        {"model_name_or_path": "x", "dataset_preset": "gsm-symbolic", "seed": EVAL_SEED, "max_samples": 3}))
+    (tmp_path / "training_args.json").write_text(
+        json.dumps({"model_name_or_path": "x", "dataset_preset": "gsm-symbolic", "seed": EVAL_SEED, "max_samples": 3})
+    )
     seen = training_questions(tmp_path)
     assert seen == {r["question"] for r in pool[:3]}
     assert heldout_gsm_symbolic(5, seen) == pool[3:8]
@@ -94,14 +95,37 @@ def test_lopt_eval_writes_eval_json_with_retention_against_the_starting_model(ba
         model.model.embed_tokens.weight.mul_(1.5)  # "training" changed the model
     model.save_pretrained(run)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(run)
-    (run / "training_args.json").write_text(json.dumps(
-        {"model_name_or_path": str(base_dir), "method": "lopt", "dataset_preset": "gsm-symbolic", "seed": 1,
-         "max_samples": 2}))
+    (run / "training_args.json").write_text(
+        json.dumps(
+            {
+                "model_name_or_path": str(base_dir),
+                "method": "lopt",
+                "dataset_preset": "gsm-symbolic",
+                "seed": 1,
+                "max_samples": 2,
+            }
+        )
+    )
     (run / "eval.json").write_text('{"an": "earlier evaluation"}')
     monkeypatch.chdir(REPO)  # the custom lm-eval task names its data file relative to the repository
-    code = main(["eval", str(run), "--eval_samples", "2", "--max_new_tokens", "4", "--retention_window", "16",
-                 "--retention_windows", "2", "--harness", "lopt_tiny_arith",
-                 "--harness_include", "tests/data/lm_eval_tasks"])
+    code = main(
+        [
+            "eval",
+            str(run),
+            "--eval_samples",
+            "2",
+            "--max_new_tokens",
+            "4",
+            "--retention_window",
+            "16",
+            "--retention_windows",
+            "2",
+            "--harness",
+            "lopt_tiny_arith",
+            "--harness_include",
+            "tests/data/lm_eval_tasks",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     result = json.loads((run / "eval.json").read_text())
     assert result["task"] == "gsm-symbolic" and result["n"] == 2 and 0 <= result["accuracy"] <= 1

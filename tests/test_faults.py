@@ -19,8 +19,11 @@ from lopt.training import checkpoint as ckpt
 from lopt.training.checkpoint import find_checkpoint
 from tiny_models import tiny_model_dir
 
-RECORDS = [{"question": f"What is {a} times {b}?", "answer": f"{a} x {b} = {a * b}\n#### {a * b}"}
-           for a in range(2, 7) for b in range(2, 6)]
+RECORDS = [
+    {"question": f"What is {a} times {b}?", "answer": f"{a} x {b} = {a * b}\n#### {a * b}"}
+    for a in range(2, 7)
+    for b in range(2, 6)
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +39,37 @@ def train_file(tmp_path_factory) -> Path:
 
 
 def args(model_dir, train_file, out, *extra) -> list[str]:
-    return ["sft", "--model_name_or_path", str(model_dir), "--train_file", str(train_file), "--output_dir", str(out),
-            "--max_seq_length", "64", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
-            "--learning_rate", "1e-3", "--logging_steps", "1", *extra]
+    return [
+        "sft",
+        "--model_name_or_path",
+        str(model_dir),
+        "--train_file",
+        str(train_file),
+        "--output_dir",
+        str(out),
+        "--max_seq_length",
+        "64",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--logging_steps",
+        "1",
+        *extra,
+    ]
 
 
 def cli_process(arguments: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "lopt.cli", *arguments], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lopt.cli", *arguments],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -71,8 +96,23 @@ def test_resume_after_sigkill_ends_with_the_same_weights(model_dir, train_file, 
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL
-    assert main(args(model_dir, train_file, killed, "--max_steps", "8", "--save_steps", "3", *constant,
-                     "--resume_from_checkpoint", str(killed / "checkpoint-3"))) == 0
+    assert (
+        main(
+            args(
+                model_dir,
+                train_file,
+                killed,
+                "--max_steps",
+                "8",
+                "--save_steps",
+                "3",
+                *constant,
+                "--resume_from_checkpoint",
+                str(killed / "checkpoint-3"),
+            )
+        )
+        == 0
+    )
     a, b = weights(straight), weights(killed)
     assert a.keys() == b.keys()
     for name in a:
@@ -87,8 +127,22 @@ def test_resume_latest_continues_the_schedule_and_the_metrics(model_dir, train_f
     for name, tensor in weights(straight).items():  # checkpointing does not perturb the run
         torch.testing.assert_close(weights(out)[name], tensor, atol=1e-6, rtol=0)
     (out / "config.json").unlink()  # as if it had been stopped after checkpoint-2
-    assert main(args(model_dir, train_file, out, "--max_steps", "4", "--save_steps", "2",
-                     "--resume_from_checkpoint", "latest")) == 0
+    assert (
+        main(
+            args(
+                model_dir,
+                train_file,
+                out,
+                "--max_steps",
+                "4",
+                "--save_steps",
+                "2",
+                "--resume_from_checkpoint",
+                "latest",
+            )
+        )
+        == 0
+    )
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 3, 4]  # appended: the resumed run logs the steps it re-took
 
@@ -144,7 +198,9 @@ def assert_signal_finishes_the_step_and_saves(process: subprocess.Popen, out: Pa
 
 def test_save_total_limit_keeps_the_newest(model_dir, train_file, tmp_path):
     out = tmp_path / "run"
-    assert main(args(model_dir, train_file, out, "--max_steps", "7", "--save_steps", "1", "--save_total_limit", "2")) == 0
+    assert (
+        main(args(model_dir, train_file, out, "--max_steps", "7", "--save_steps", "1", "--save_total_limit", "2")) == 0
+    )
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
 
 

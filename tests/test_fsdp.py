@@ -50,14 +50,20 @@ def _sharded_worker(rank: int, init_file: str, out_dir: str, num_blocks: int, mi
 
 @pytest.mark.parametrize(
     ("num_blocks", "micro", "settings"),
-    [(2, 2, FSDPSettings()),  # LoPT k=2, local backward, gradient accumulation over 2 micro-batches
-     (1, 1, FSDPSettings(reshard_after_forward=False)),  # end-to-end, tied embeddings
-     (2, 1, FSDPSettings(activation_checkpointing=True))],
+    [
+        (2, 2, FSDPSettings()),  # LoPT k=2, local backward, gradient accumulation over 2 micro-batches
+        (1, 1, FSDPSettings(reshard_after_forward=False)),  # end-to-end, tied embeddings
+        (2, 1, FSDPSettings(activation_checkpointing=True)),
+    ],
     ids=["lopt-k2-accumulation", "e2e-tied-no-reshard", "lopt-k2-checkpointing"],
 )
 def test_sharded_gradients_match_one_process_on_the_global_batch(tmp_path, num_blocks, micro, settings):
-    mp.spawn(_sharded_worker, args=(str(tmp_path / "init"), str(tmp_path), num_blocks, micro, settings),
-             nprocs=WORLD, join=True)
+    mp.spawn(
+        _sharded_worker,
+        args=(str(tmp_path / "init"), str(tmp_path), num_blocks, micro, settings),
+        nprocs=WORLD,
+        join=True,
+    )
     model = _wrapped(num_blocks)  # one process, unsharded, the same global batch in the same micro-batches
     forward_backward(model, [mb for half in _halves(tiny_batch(batch=4, seed=5)) for mb in _micro_batches(half, micro)])
     expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -76,16 +82,26 @@ FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
 
 @pytest.mark.parametrize(
     ("env", "flags", "message"),
-    [({"FSDP_VERSION": "1"}, {}, r"fsdp_version: 1 .*Set fsdp_version: 2 .*configs/accelerate_fsdp2.yaml"),
-     ({"FSDP_OFFLOAD_PARAMS": "true"}, {}, r"fsdp_offload_params: true .*Set fsdp_offload_params: false"),
-     ({"FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}, {}, r"fsdp_state_dict_type: SHARDED_STATE_DICT .*FULL_STATE"),
-     ({"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, {}, r"fsdp_auto_wrap_policy: SIZE_BASED_WRAP .*TRANSFORMER"),
-     ({"FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, {}, r"fsdp_cpu_ram_efficient_loading: true .*false"),
-     ({"FSDP_RESHARD_AFTER_FORWARD": "FULL_SHARD"}, {}, r"'full_shard' .*fsdp_reshard_after_forward.*true or false"),
-     ({}, {"backward": "joint"}, r"--backward joint is not supported with FSDP.*--backward local"),
-     ({}, {"fp16": True}, r"--fp16 is not supported with FSDP.*--bf16")],
-    ids=["fsdp1", "offload", "sharded-state-dict", "size-wrap", "ram-efficient-loading", "fsdp1-strategy",
-         "joint-backward", "fp16"],
+    [
+        ({"FSDP_VERSION": "1"}, {}, r"fsdp_version: 1 .*Set fsdp_version: 2 .*configs/accelerate_fsdp2.yaml"),
+        ({"FSDP_OFFLOAD_PARAMS": "true"}, {}, r"fsdp_offload_params: true .*Set fsdp_offload_params: false"),
+        ({"FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}, {}, r"fsdp_state_dict_type: SHARDED_STATE_DICT .*FULL_STATE"),
+        ({"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, {}, r"fsdp_auto_wrap_policy: SIZE_BASED_WRAP .*TRANSFORMER"),
+        ({"FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, {}, r"fsdp_cpu_ram_efficient_loading: true .*false"),
+        ({"FSDP_RESHARD_AFTER_FORWARD": "FULL_SHARD"}, {}, r"'full_shard' .*fsdp_reshard_after_forward.*true or false"),
+        ({}, {"backward": "joint"}, r"--backward joint is not supported with FSDP.*--backward local"),
+        ({}, {"fp16": True}, r"--fp16 is not supported with FSDP.*--bf16"),
+    ],
+    ids=[
+        "fsdp1",
+        "offload",
+        "sharded-state-dict",
+        "size-wrap",
+        "ram-efficient-loading",
+        "fsdp1-strategy",
+        "joint-backward",
+        "fp16",
+    ],
 )
 def test_unsupported_settings_are_refused_by_name(monkeypatch, env, flags, message):
     for name, value in {**FSDP2_ENV, **env}.items():
@@ -95,28 +111,62 @@ def test_unsupported_settings_are_refused_by_name(monkeypatch, env, flags, messa
 
 
 def test_supported_settings_are_read(monkeypatch):
-    for name, value in {**FSDP2_ENV, "FSDP_RESHARD_AFTER_FORWARD": "false", "FSDP_ACTIVATION_CHECKPOINTING": "true",
-                        "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_SYNC_MODULE_STATES": "true"}.items():
+    for name, value in {
+        **FSDP2_ENV,
+        "FSDP_RESHARD_AFTER_FORWARD": "false",
+        "FSDP_ACTIVATION_CHECKPOINTING": "true",
+        "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+        "FSDP_SYNC_MODULE_STATES": "true",
+    }.items():
         monkeypatch.setenv(name, value)
-    assert fsdp_settings_from_environment(SFTConfig()) == FSDPSettings(reshard_after_forward=False,
-                                                                      activation_checkpointing=True)
+    assert fsdp_settings_from_environment(SFTConfig()) == FSDPSettings(
+        reshard_after_forward=False, activation_checkpointing=True
+    )
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     assert fsdp_settings_from_environment(SFTConfig()) is None
 
 
 # ---- lopt sft end to end -------------------------------------------------------------------------
 def _sft(launcher: list[str], model_dir: Path, data: Path, out: Path, *extra: str) -> str:
-    command = [*launcher, "-m", "lopt.cli", "sft", "--model_name_or_path", str(model_dir), "--train_file", str(data),
-               "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "2",
-               "--learning_rate", "1e-3", "--logging_steps", "1", "--save_steps", "1", *extra]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        *launcher,
+        "-m",
+        "lopt.cli",
+        "sft",
+        "--model_name_or_path",
+        str(model_dir),
+        "--train_file",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "1",
+        *extra,
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stderr.replace("\n", " ")
 
 
-ACCELERATE_FSDP2 = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                    str(REPO / "configs/accelerate_fsdp2.yaml"), "--num_processes", str(WORLD)]
+ACCELERATE_FSDP2 = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--config_file",
+    str(REPO / "configs/accelerate_fsdp2.yaml"),
+    "--num_processes",
+    str(WORLD),
+]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD)]
 
 
@@ -147,8 +197,10 @@ def test_fsdp_run_saves_plain_models_equal_to_an_unsharded_run(fsdp_run, tmp_pat
         torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=0)
     start = _weights(model_dir)
     assert any(not torch.equal(value, start[name]) for name, value in expected.items() if name in start)  # trained
-    logged = [[json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-              for folder in (run, tmp_path / "plain")]
+    logged = [
+        [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        for folder in (run, tmp_path / "plain")
+    ]
     for sharded, plain in zip(*logged, strict=True):  # the gradient norm is computed over the shards
         assert sharded["task_loss"] == pytest.approx(plain["task_loss"], rel=1e-6)
         assert sharded["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)
@@ -180,6 +232,6 @@ def test_unsharded_optimizer_state_round_trips(saved_format):
     saved = sharding.full_state(model, optimizer).optimizer if saved_format == "by-name" else optimizer.state_dict()
     restored = build_optimizer(model, 1e-3, None, 0.0)
     sharding.load_optimizer_state(model, restored, saved)
-    for before, after in zip(optimizer.param_groups, restored.param_groups):
-        for p, q in zip(before["params"], after["params"]):
+    for before, after in zip(optimizer.param_groups, restored.param_groups, strict=True):
+        for p, q in zip(before["params"], after["params"], strict=True):
             torch.testing.assert_close(restored.state[q]["exp_avg"], optimizer.state[p]["exp_avg"], atol=0, rtol=0)

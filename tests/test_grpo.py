@@ -28,22 +28,55 @@ def model_dir(tmp_path_factory):
 
 def grpo_config(model_dir, out, *extra):
     return parse_config(
-        ["--model_name_or_path", str(model_dir), "--output_dir", str(out), "--max_samples", "2",
-         "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "8",
-         "--max_prompt_length", "1024", "--logging_steps", "1", "--learning_rate", "1e-3", *extra],
-        GRPOConfig, prog="lopt grpo",
+        [
+            "--model_name_or_path",
+            str(model_dir),
+            "--output_dir",
+            str(out),
+            "--max_samples",
+            "2",
+            "--num_generations",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--max_completion_length",
+            "8",
+            "--max_prompt_length",
+            "1024",
+            "--logging_steps",
+            "1",
+            "--learning_rate",
+            "1e-3",
+            *extra,
+        ],
+        GRPOConfig,
+        prog="lopt grpo",
     )
 
 
 def test_two_step_grpo_run_writes_a_plain_model_metrics_and_completions(model_dir, tmp_path):
     out = tmp_path / "run"
-    result = run_grpo(grpo_config(model_dir, out, "--max_steps", "2", "--gradient_accumulation_steps", "2",
-                                  "--format_reward_weight", "0.5"))
+    result = run_grpo(
+        grpo_config(
+            model_dir, out, "--max_steps", "2", "--gradient_accumulation_steps", "2", "--format_reward_weight", "0.5"
+        )
+    )
     assert result.steps == 2 and len(result.metrics) == 2
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
-    sft_schema = {"step", "epoch", "task_loss", "aux_loss", "lr", "lr_k1", "grad_norm", "tokens_per_s",
-                  "peak_mem_bytes", "activation_peak_bytes", "elapsed_s"}
+    sft_schema = {
+        "step",
+        "epoch",
+        "task_loss",
+        "aux_loss",
+        "lr",
+        "lr_k1",
+        "grad_norm",
+        "tokens_per_s",
+        "peak_mem_bytes",
+        "activation_peak_bytes",
+        "elapsed_s",
+    }
     assert sft_schema | {"reward", "reward_std", "completion_length"} <= set(metrics[0])
     assert len(metrics[0]["aux_loss"]) == 1 and metrics[0]["aux_loss"][0] > 0
     assert metrics[0]["activation_peak_bytes"] > 0 and metrics[0]["grad_norm"] > 0
@@ -66,14 +99,27 @@ def loss_step(trainer, inputs):
     with trainer.saved_meter.active():
         loss = trainer.compute_loss(trainer.model, inputs)
         trainer.accelerator.backward(loss)
-    params = dict(trainer.model.named_parameters()) | {f"aux.{n}": p for n, p in trainer.lopt.aux_heads.named_parameters()}
+    params = dict(trainer.model.named_parameters()) | {
+        f"aux.{n}": p for n, p in trainer.lopt.aux_heads.named_parameters()
+    }
     return {n: p.grad.clone() for n, p in params.items() if p.grad is not None}, trainer.saved_meter.peak_bytes
 
 
 def test_local_backward_equals_joint_and_frees_block_activations(model_dir, tmp_path):
-    flags = ("--beta", "0.04", "--gradient_accumulation_steps", "2", "--loss_type", "grpo", "--max_completion_length", "16")
-    trainers = {mode: build_grpo_trainer(grpo_config(model_dir, tmp_path / mode, "--backward", mode, *flags),
-                                         tmp_path / mode) for mode in ("local", "joint")}
+    flags = (
+        "--beta",
+        "0.04",
+        "--gradient_accumulation_steps",
+        "2",
+        "--loss_type",
+        "grpo",
+        "--max_completion_length",
+        "16",
+    )
+    trainers = {
+        mode: build_grpo_trainer(grpo_config(model_dir, tmp_path / mode, "--backward", mode, *flags), tmp_path / mode)
+        for mode in ("local", "joint")
+    }
     e2e = build_grpo_trainer(grpo_config(model_dir, tmp_path / "e2e", "--method", "e2e", *flags), tmp_path / "e2e")
     # one generated batch (with reference log-probs, beta > 0), trained on by all three
     generator = trainers["local"]
@@ -100,9 +146,15 @@ def test_generation_inside_trl_matches_the_base_model(model_dir, tmp_path):
     completions, _ = trainer._generate_single_turn(prompt_ids, None, {}, num_generations=1)
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     for prompt, completion in zip(prompt_ids, completions, strict=True):
-        expected = base.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, use_cache=True,
-                                 pad_token_id=base.config.pad_token_id, eos_token_id=base.config.eos_token_id)
-        expected = expected[0, len(prompt):].tolist()
+        expected = base.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=12,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=base.config.pad_token_id,
+            eos_token_id=base.config.eos_token_id,
+        )
+        expected = expected[0, len(prompt) :].tolist()
         if base.config.eos_token_id in expected:  # TRL drops everything after the first EOS
             expected = expected[: expected.index(base.config.eos_token_id) + 1]
         assert completion == expected
@@ -144,8 +196,10 @@ def test_grpo_records_from_hub_tasks_use_the_real_load_dataset(monkeypatch):
         calls.append((name, config, split))
         rows = {
             "openai/gsm8k": [{"question": "2 + 3?", "answer": "2 + 3 = 5\n#### 5"}],
-            "AI-MO/NuminaMath-CoT": [{"problem": "Half of 1?", "solution": "It is \\boxed{\\frac{1}{2}}."},
-                                     {"problem": "No answer", "solution": "Proof omitted."}],
+            "AI-MO/NuminaMath-CoT": [
+                {"problem": "Half of 1?", "solution": "It is \\boxed{\\frac{1}{2}}."},
+                {"problem": "No answer", "solution": "Proof omitted."},
+            ],
         }[name]
         return datasets.Dataset.from_list(rows)
 
@@ -153,8 +207,9 @@ def test_grpo_records_from_hub_tasks_use_the_real_load_dataset(monkeypatch):
     gsm = grpo_records("gsm8k")
     assert gsm[0]["answer"] == "5" and "####" in gsm[0]["prompt"][0]["content"]
     numina = grpo_records("numinamath")
-    assert numina == [{"prompt": [{"role": "user", "content": numina[0]["prompt"][0]["content"]}],
-                       "answer": "\\frac{1}{2}"}]
+    assert numina == [
+        {"prompt": [{"role": "user", "content": numina[0]["prompt"][0]["content"]}], "answer": "\\frac{1}{2}"}
+    ]
     assert "\\boxed{}" in numina[0]["prompt"][0]["content"]
     assert calls == [("openai/gsm8k", "main", "train"), ("AI-MO/NuminaMath-CoT", None, "train")]
 
@@ -174,9 +229,25 @@ def test_grpo_records_from_a_file_and_bad_columns(tmp_path):
 def test_cli_help_and_reference_flags():
     result = subprocess.run([sys.executable, str(REPO / "train_grpo.py"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for flag in ("--task", "--num_generations", "--max_prompt_length", "--max_completion_length", "--temperature",
-                 "--top_p", "--beta", "--loss_type", "--num_iterations", "--steps_per_generation", "--use_vllm",
-                 "--lr_k1", "--lambda_aux", "--backward", "--no-bf16", "--fp16", "--config"):
+    for flag in (
+        "--task",
+        "--num_generations",
+        "--max_prompt_length",
+        "--max_completion_length",
+        "--temperature",
+        "--top_p",
+        "--beta",
+        "--loss_type",
+        "--num_iterations",
+        "--steps_per_generation",
+        "--use_vllm",
+        "--lr_k1",
+        "--lambda_aux",
+        "--backward",
+        "--no-bf16",
+        "--fp16",
+        "--config",
+    ):
         assert flag in result.stdout, flag
 
 
@@ -188,10 +259,35 @@ def test_grpo_steps_on_the_embedded_model(tmp_path):
     # ten times slower; one thread is what this test needs.
     torch.set_num_threads(1)
     try:
-        code = main(["grpo", "--model_name_or_path", "HuggingFaceTB/SmolLM2-135M-Instruct", "--task", "gsm-symbolic",
-                     "--method", "ll", "--num_blocks", "2", "--max_samples", "4", "--max_steps", "2",
-                     "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "16",
-                     "--max_prompt_length", "256", "--logging_steps", "1", "--output_dir", str(tmp_path / "run")])
+        code = main(
+            [
+                "grpo",
+                "--model_name_or_path",
+                "HuggingFaceTB/SmolLM2-135M-Instruct",
+                "--task",
+                "gsm-symbolic",
+                "--method",
+                "ll",
+                "--num_blocks",
+                "2",
+                "--max_samples",
+                "4",
+                "--max_steps",
+                "2",
+                "--num_generations",
+                "2",
+                "--per_device_train_batch_size",
+                "2",
+                "--max_completion_length",
+                "16",
+                "--max_prompt_length",
+                "256",
+                "--logging_steps",
+                "1",
+                "--output_dir",
+                str(tmp_path / "run"),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert code == 0

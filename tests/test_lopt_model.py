@@ -45,8 +45,16 @@ def test_split_blocks_out_of_range_names_the_flag_and_range(k):
 
 
 def test_unsupported_family_names_supported_ones():
-    model = BertLMHeadModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                       intermediate_size=32, is_decoder=True))
+    model = BertLMHeadModel(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            is_decoder=True,
+        )
+    )
     with pytest.raises(LoptError, match="llama, qwen2, qwen3, mistral, gpt2"):
         LocalLearningLM(model, num_blocks=2)
 
@@ -79,8 +87,12 @@ def test_wrapping_changes_no_logit(family):
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
     # without padding too
     with torch.no_grad():
-        torch.testing.assert_close(wrapped(input_ids=batch["input_ids"][:1]).logits,
-                                   base(input_ids=batch["input_ids"][:1]).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            wrapped(input_ids=batch["input_ids"][:1]).logits,
+            base(input_ids=batch["input_ids"][:1]).logits,
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -170,6 +182,7 @@ def test_liger_loss_gets_weight_hidden_and_labels_in_liger_order(monkeypatch):
         def loss_fn(weight, inputs, target):
             calls.append((device.type, weight.shape, inputs.shape, target.shape))
             return F.cross_entropy(inputs @ weight.t(), target, ignore_index=-100, reduction="sum")
+
         return loss_fn
 
     monkeypatch.setattr(loss_module, "liger_linear_cross_entropy", fake_liger)
@@ -183,8 +196,10 @@ def test_liger_loss_gets_weight_hidden_and_labels_in_liger_order(monkeypatch):
     assert float(liger_sum.detach()) == pytest.approx(float(chunked_sum.detach()), rel=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
-                    reason="Liger Kernel runs on CUDA only, and needs `pip install liger-kernel`")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+    reason="Liger Kernel runs on CUDA only, and needs `pip install liger-kernel`",
+)
 def test_liger_loss_and_gradients_equal_the_chunked_loss_on_cuda():
     torch.manual_seed(0)
     hidden = torch.randn(2, 33, 64, device="cuda", requires_grad=True)
@@ -197,7 +212,7 @@ def test_liger_loss_and_gradients_equal_the_chunked_loss_on_cuda():
         loss.backward()
         results.append((loss.detach(), hidden.grad.clone(), head.weight.grad.clone()))
         hidden.grad, head.weight.grad = None, None
-    for chunked, fused in zip(*results):
+    for chunked, fused in zip(*results, strict=True):
         torch.testing.assert_close(fused, chunked, atol=1e-4, rtol=1e-4)
 
 
@@ -270,7 +285,8 @@ def test_saved_folder_is_a_plain_checkpoint_with_the_same_logits(tmp_path, famil
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
-        assert not any("aux" in key for key in f.keys())
+        names = f.keys()
+    assert not any("aux" in name for name in names)
     batch = tiny_batch()
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():

@@ -11,11 +11,7 @@ from lopt.rewards import (
     gsm_symbolic_score,
 )
 
-WORKED = (
-    "Natalia sold 48/2 = 24 clips in May.\n"
-    "Natalia sold 48 + 24 = 72 clips altogether in April and May.\n"
-    "#### 72"
-)
+WORKED = "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48 + 24 = 72 clips altogether in April and May.\n#### 72"
 
 
 @pytest.mark.parametrize(
@@ -56,8 +52,20 @@ def test_unknown_style_is_an_error():
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("72", "72"), ("72.00", "72"), ("$1,000.", "1000"), (" -3 ", "-3"), ("1,000.50", "1000.5"),
-     ("\u22124", "-4"), (".5", "0.5"), ("twelve", None), ("3/4", None), ("", None), (None, None), ("1e5", None)],
+    [
+        ("72", "72"),
+        ("72.00", "72"),
+        ("$1,000.", "1000"),
+        (" -3 ", "-3"),
+        ("1,000.50", "1000.5"),
+        ("\u22124", "-4"),
+        (".5", "0.5"),
+        ("twelve", None),
+        ("3/4", None),
+        ("", None),
+        (None, None),
+        ("1e5", None),
+    ],
 )
 def test_normalize_number(text, expected):
     assert normalize_number(text) == expected
@@ -65,9 +73,20 @@ def test_normalize_number(text, expected):
 
 @pytest.mark.parametrize(
     "predicted, gold, same",
-    [("72", "72", True), ("72.0", "72", True), ("72.00", "72.0", True), ("1,000", "1000", True),
-     ("$18", "18", True), ("-7", "-7", True), ("7", "-7", False), ("71", "72", False), (None, "72", False),
-     ("\\frac{3}{4}", "\\frac{3}{4}", True), ("\\frac {3}{4}", "\\frac{3}{4}", True), ("x=2", "2", False)],
+    [
+        ("72", "72", True),
+        ("72.0", "72", True),
+        ("72.00", "72.0", True),
+        ("1,000", "1000", True),
+        ("$18", "18", True),
+        ("-7", "-7", True),
+        ("7", "-7", False),
+        ("71", "72", False),
+        (None, "72", False),
+        ("\\frac{3}{4}", "\\frac{3}{4}", True),
+        ("\\frac {3}{4}", "\\frac{3}{4}", True),
+        ("x=2", "2", False),
+    ],
 )
 def test_answers_match(predicted, gold, same):
     assert answers_match(predicted, gold) is same

@@ -21,7 +21,8 @@ from tiny_models import tiny_model_dir
 REPO = Path(__file__).resolve().parents[1]
 RECORDS = [
     {"instruction": f"What is {a} + {b}?", "input": "", "output": f"The answer is {a + b}."}
-    for a in range(4) for b in range(3)
+    for a in range(4)
+    for b in range(3)
 ]
 
 
@@ -38,8 +39,21 @@ def train_file(tmp_path) -> Path:
 
 
 def sft_args(model_dir, train_file, out, *extra) -> list[str]:
-    return ["--model_name_or_path", str(model_dir), "--train_file", str(train_file), "--output_dir", str(out),
-            "--max_seq_length", "64", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", *extra]
+    return [
+        "--model_name_or_path",
+        str(model_dir),
+        "--train_file",
+        str(train_file),
+        "--output_dir",
+        str(out),
+        "--max_seq_length",
+        "64",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        *extra,
+    ]
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
@@ -49,13 +63,40 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
 
 def test_lopt_sft_writes_metrics_checkpoints_and_a_plain_model(model_dir, train_file, tmp_path, capsys):
     out = tmp_path / "run"
-    code, err = run_cli(sft_args(model_dir, train_file, out, "--max_steps", "4", "--gradient_accumulation_steps", "2",
-                                 "--logging_steps", "1", "--save_steps", "2", "--num_blocks", "2"), capsys)
+    code, err = run_cli(
+        sft_args(
+            model_dir,
+            train_file,
+            out,
+            "--max_steps",
+            "4",
+            "--gradient_accumulation_steps",
+            "2",
+            "--logging_steps",
+            "1",
+            "--save_steps",
+            "2",
+            "--num_blocks",
+            "2",
+        ),
+        capsys,
+    )
     assert code == 0, err
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4]
-    keys = {"step", "epoch", "task_loss", "aux_loss", "lr", "lr_k1", "grad_norm", "tokens_per_s", "peak_mem_bytes",
-            "activation_peak_bytes", "elapsed_s"}
+    keys = {
+        "step",
+        "epoch",
+        "task_loss",
+        "aux_loss",
+        "lr",
+        "lr_k1",
+        "grad_norm",
+        "tokens_per_s",
+        "peak_mem_bytes",
+        "activation_peak_bytes",
+        "elapsed_s",
+    }
     assert all(keys <= set(r) for r in lines)
     assert all(len(r["aux_loss"]) == 1 and r["activation_peak_bytes"] > 0 for r in lines)
     assert lines[-1]["task_loss"] < lines[0]["task_loss"]  # lr 1e-3 on 12 examples: it must learn
@@ -80,15 +121,35 @@ def test_e2e_keeps_tied_embeddings(model_dir, train_file, tmp_path, capsys):
 
 def test_reference_smoke_command_runs_through_train_sft_py(model_dir, train_file, tmp_path):
     out = tmp_path / "smoke"
-    command = [sys.executable, str(REPO / "train_sft.py"), "--model_name_or_path", str(model_dir),
-               "--train_file", str(train_file), "--method", "ll", "--num_blocks", "2", "--max_seq_length", "64",
-               "--max_samples", "16", "--max_steps", "2", "--per_device_train_batch_size", "1", "--output_dir", str(out)]
+    command = [
+        sys.executable,
+        str(REPO / "train_sft.py"),
+        "--model_name_or_path",
+        str(model_dir),
+        "--train_file",
+        str(train_file),
+        "--method",
+        "ll",
+        "--num_blocks",
+        "2",
+        "--max_seq_length",
+        "64",
+        "--max_samples",
+        "16",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "1",
+        "--output_dir",
+        str(out),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (out / "config.json").exists() and (out / "metrics.jsonl").exists()
 
 
 # ---- the config layer ---------------------------------------------------------------------------
+
 
 def test_yaml_config_merges_and_the_command_line_wins(tmp_path):
     path = tmp_path / "run.yaml"
@@ -142,6 +203,7 @@ def test_reference_method_alias_ll_is_lopt():
 
 
 # ---- bad input at run time ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("extra", "message"),
@@ -213,8 +275,7 @@ def test_non_empty_output_dir_is_refused_unless_overwrite(model_dir, train_file,
     assert (out / "notes.txt").read_text() == "mine"  # unrelated files are kept
 
 
-def test_nan_loss_stops_at_its_step_and_keeps_the_last_checkpoint(model_dir, train_file, tmp_path, capsys,
-                                                                  monkeypatch):
+def test_nan_loss_stops_at_its_step_and_keeps_the_last_checkpoint(model_dir, train_file, tmp_path, capsys, monkeypatch):
     real = sft.forward_backward
     calls = {"n": 0}
 
@@ -236,5 +297,10 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_checkpoint(model_dir, tra
 def test_config_defaults_match_the_reference():
     config = SFTConfig(output_dir="o")
     assert (config.method, config.num_blocks, config.lambda_aux, config.aux_loss, config.backward) == (
-        "lopt", 2, 10.0, "recon", "local")
+        "lopt",
+        2,
+        10.0,
+        "recon",
+        "local",
+    )
     assert config.model_name_or_path == "smollm2-135m" and config.dataset_preset == "gsm-symbolic"

@@ -33,10 +33,31 @@ def model_dir(tmp_path_factory):
 def dpo_config(model_dir, out, *extra) -> DPOConfig:
     """One LoPT (k=2, local backward) DPO step over 2 pairs, one pair per micro-batch."""
     return parse_config(
-        ["--model_name_or_path", str(model_dir), "--output_dir", str(out), "--max_samples", "2",
-         "--per_device_train_batch_size", "1", "--max_seq_length", "2048", "--max_steps", "1", "--save_steps", "0",
-         "--logging_steps", "1", "--learning_rate", "1e-3", "--max_grad_norm", str(MAX_GRAD_NORM), *extra],
-        DPOConfig, prog="lopt dpo",
+        [
+            "--model_name_or_path",
+            str(model_dir),
+            "--output_dir",
+            str(out),
+            "--max_samples",
+            "2",
+            "--per_device_train_batch_size",
+            "1",
+            "--max_seq_length",
+            "2048",
+            "--max_steps",
+            "1",
+            "--save_steps",
+            "0",
+            "--logging_steps",
+            "1",
+            "--learning_rate",
+            "1e-3",
+            "--max_grad_norm",
+            str(MAX_GRAD_NORM),
+            *extra,
+        ],
+        DPOConfig,
+        prog="lopt dpo",
     )
 
 
@@ -61,8 +82,14 @@ def train_one_step(config: DPOConfig, grads_path: Path) -> None:
 
 def _dpo_worker(rank: int, port: int, model_dir: str, out: str) -> None:
     # what torchrun sets for each process; accelerate joins the process group from it
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     try:
         train_one_step(dpo_config(model_dir, out), Path(out) / f"grads_rank{rank}.pt")
@@ -87,8 +114,10 @@ def test_two_process_lopt_dpo_step_has_the_gradients_of_one_process(model_dir, t
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in expected.values()]))
     assert float(norm) == pytest.approx(MAX_GRAD_NORM, rel=1e-4)  # the clip was active
     # the norm before the clip (metrics.jsonl, main process): a mean over processes, not a sum
-    (one,), (two,) = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-                      for run in ("one", "two"))
+    (one,), (two,) = (
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("one", "two")
+    )
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5) and one["grad_norm"] > MAX_GRAD_NORM
     for rank in range(WORLD):
         got = torch.load(tmp_path / "two" / f"grads_rank{rank}.pt")
@@ -99,13 +128,46 @@ def test_two_process_lopt_dpo_step_has_the_gradients_of_one_process(model_dir, t
 
 def test_lopt_grpo_under_torchrun_writes_from_the_main_process_only(model_dir, tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-               "-m", "lopt.cli", "grpo", "--model_name_or_path", str(model_dir), "--output_dir", str(out),
-               "--max_samples", "2", "--num_generations", "2", "--per_device_train_batch_size", "2",
-               "--max_completion_length", "8", "--max_prompt_length", "1024", "--learning_rate", "1e-3",
-               "--max_steps", "2", "--logging_steps", "1", "--save_steps", "1"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(WORLD),
+        "-m",
+        "lopt.cli",
+        "grpo",
+        "--model_name_or_path",
+        str(model_dir),
+        "--output_dir",
+        str(out),
+        "--max_samples",
+        "2",
+        "--num_generations",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--max_completion_length",
+        "8",
+        "--max_prompt_length",
+        "1024",
+        "--learning_rate",
+        "1e-3",
+        "--max_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "1",
+    ]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"{WORLD} process(es)" in done.stderr
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -132,13 +194,43 @@ def test_lopt_under_a_sharding_accelerate_config_is_refused(model_dir, tmp_path,
 
 def test_two_process_lopt_dpo_resumes_to_the_weights_of_an_uninterrupted_run(model_dir, tmp_path):
     def torchrun_dpo(out: Path, *extra: str) -> None:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-                   "-m", "lopt.cli", "dpo", "--model_name_or_path", str(model_dir), "--output_dir", str(out),
-                   "--max_samples", "4", "--per_device_train_batch_size", "2", "--max_seq_length", "2048",
-                   "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--save_steps", "2",
-                   "--logging_steps", "1", *extra]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(WORLD),
+            "-m",
+            "lopt.cli",
+            "dpo",
+            "--model_name_or_path",
+            str(model_dir),
+            "--output_dir",
+            str(out),
+            "--max_samples",
+            "4",
+            "--per_device_train_batch_size",
+            "2",
+            "--max_seq_length",
+            "2048",
+            "--learning_rate",
+            "1e-3",
+            "--lr_scheduler_type",
+            "constant",
+            "--save_steps",
+            "2",
+            "--logging_steps",
+            "1",
+            *extra,
+        ]
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+        )
         assert done.returncode == 0, done.stderr[-3000:]
 
     torchrun_dpo(tmp_path / "straight", "--max_steps", "4")

@@ -26,9 +26,26 @@ def model_dir(tmp_path_factory):
 
 def dpo_args(model_dir, out, *extra) -> list[str]:
     """LoPT k=2, local backward, 2 steps an epoch; a constant schedule, so a run planned longer takes the same steps."""
-    return ["dpo", "--model_name_or_path", str(model_dir), "--output_dir", str(out), "--max_samples", "4",
-            "--per_device_train_batch_size", "2", "--max_seq_length", "2048", "--logging_steps", "1",
-            "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", *extra]
+    return [
+        "dpo",
+        "--model_name_or_path",
+        str(model_dir),
+        "--output_dir",
+        str(out),
+        "--max_samples",
+        "4",
+        "--per_device_train_batch_size",
+        "2",
+        "--max_seq_length",
+        "2048",
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--lr_scheduler_type",
+        "constant",
+        *extra,
+    ]
 
 
 def logged_steps(out) -> list[int]:
@@ -55,8 +72,10 @@ def test_dpo_resume_after_sigkill_ends_with_the_same_weights(model_dir, tmp_path
     assert not torch.equal(saved["lm_head.weight"], saved["model.embed_tokens.weight"])
     assert load_training_state(killed / "checkpoint-2")["aux_heads"]  # the reconstruction head
 
-    assert main(dpo_args(model_dir, killed, "--max_steps", "4", "--save_steps", "2",
-                         "--resume_from_checkpoint", "latest")) == 0
+    assert (
+        main(dpo_args(model_dir, killed, "--max_steps", "4", "--save_steps", "2", "--resume_from_checkpoint", "latest"))
+        == 0
+    )
     a, b = weights(straight), weights(killed)
     assert a.keys() == b.keys() and "lm_head.weight" in a
     for name in a:
@@ -64,7 +83,9 @@ def test_dpo_resume_after_sigkill_ends_with_the_same_weights(model_dir, tmp_path
     heads_a = load_training_state(straight / "checkpoint-4")["aux_heads"]
     heads_b = load_training_state(killed / "checkpoint-4")["aux_heads"]
     for name in heads_a:
-        torch.testing.assert_close(heads_b[name], heads_a[name], atol=1e-6, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            heads_b[name], heads_a[name], atol=1e-6, rtol=0, msg=lambda m, name=name: f"{name}: {m}"
+        )
     assert logged_steps(straight) == [1, 2, 3, 4]
     steps = logged_steps(killed)  # appended: the killed run's steps, then the resumed run's 3 and 4
     assert steps[:2] == [1, 2] and steps[-2:] == [3, 4] and len(steps) >= 4
@@ -78,8 +99,11 @@ def test_grpo_resumes_from_the_newest_complete_checkpoint(model_dir, tmp_path):
     (out / "config.json").unlink()
 
     with pytest.raises(LoptError, match=f"incomplete.*Pass {re.escape(str(out / 'checkpoint-1'))}"):
-        run_grpo(grpo_config(model_dir, out, "--max_steps", "3", *flags,
-                             "--resume_from_checkpoint", str(out / "checkpoint-2")))
+        run_grpo(
+            grpo_config(
+                model_dir, out, "--max_steps", "3", *flags, "--resume_from_checkpoint", str(out / "checkpoint-2")
+            )
+        )
     result = run_grpo(grpo_config(model_dir, out, "--max_steps", "3", *flags, "--resume_from_checkpoint", "latest"))
     assert result.steps == 3
     assert logged_steps(out) == [1, 2, 2, 3]  # resumed after step 1, appended

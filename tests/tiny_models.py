@@ -8,10 +8,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
-    PreTrainedTokenizerFast,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
 )
@@ -50,6 +50,8 @@ def make_tokenizer(bpe: Tokenizer, *, chat_template: str | None, eos_token: str 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos_token, pad_token="<pad>")
     tokenizer.chat_template = chat_template
     return tokenizer
+
+
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
 
 CONFIGS = {
@@ -58,8 +60,14 @@ CONFIGS = {
     "qwen3": lambda layers: Qwen3Config(num_hidden_layers=layers, head_dim=8, tie_word_embeddings=True, **_COMMON),
     "mistral": lambda layers: MistralConfig(num_hidden_layers=layers, **_COMMON),
     "gpt2": lambda layers: GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=layers,
+        n_head=4,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     ),
 }
 FAMILIES = sorted(CONFIGS)

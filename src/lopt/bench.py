@@ -90,8 +90,11 @@ def synthetic_batch(batch: int, seq: int, vocab: int, device: torch.device) -> d
     input_ids = torch.randint(0, vocab, (batch, seq), generator=g)
     labels = input_ids.clone()
     labels[:, : seq // 4] = -100
-    return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device),
-            "labels": labels.to(device)}
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids).to(device),
+        "labels": labels.to(device),
+    }
 
 
 def measure(base, config: Configuration, batch: int, seq: int, steps: int, warmup: int, liger: bool = False) -> Record:
@@ -117,9 +120,18 @@ def measure(base, config: Configuration, batch: int, seq: int, steps: int, warmu
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     return Record(
-        config.method, config.num_blocks, config.backward, config.checkpointing, batch, seq, meter.peak_bytes,
-        device_peak_bytes(device), "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
-        step_s, batch * seq / step_s, times,
+        config.method,
+        config.num_blocks,
+        config.backward,
+        config.checkpointing,
+        batch,
+        seq,
+        meter.peak_bytes,
+        device_peak_bytes(device),
+        "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
+        step_s,
+        batch * seq / step_s,
+        times,
     )
 
 
@@ -128,12 +140,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _measure_in_subprocess(model_name: str, config: Configuration, batch: int, seq: int, steps: int, warmup: int,
-                           device: str, liger: bool) -> Record:
-    job = {"model": model_name, "method": config.method, "k": config.num_blocks, "batch": batch, "seq": seq,
-           "steps": steps, "warmup": warmup, "device": device, "liger": liger}
-    done = subprocess.run([sys.executable, "-m", "lopt.bench", "--child", json.dumps(job)],
-                          capture_output=True, text=True)
+def _measure_in_subprocess(
+    model_name: str, config: Configuration, batch: int, seq: int, steps: int, warmup: int, device: str, liger: bool
+) -> Record:
+    job = {
+        "model": model_name,
+        "method": config.method,
+        "k": config.num_blocks,
+        "batch": batch,
+        "seq": seq,
+        "steps": steps,
+        "warmup": warmup,
+        "device": device,
+        "liger": liger,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "lopt.bench", "--child", json.dumps(job)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         raise LoptError(f"bench of {config.label} at {batch} x {seq} failed:\n{done.stderr[-2000:]}")
     return Record(**json.loads(done.stdout.strip().splitlines()[-1]))
@@ -141,13 +164,30 @@ def _measure_in_subprocess(model_name: str, config: Configuration, batch: int, s
 
 def _child(job: dict) -> None:
     model, _ = load_model_and_tokenizer(job["model"], device=job["device"])
-    record = measure(model, Configuration(job["method"], job["k"]), job["batch"], job["seq"], job["steps"],
-                     job["warmup"], job["liger"])
+    record = measure(
+        model,
+        Configuration(job["method"], job["k"]),
+        job["batch"],
+        job["seq"],
+        job["steps"],
+        job["warmup"],
+        job["liger"],
+    )
     print(json.dumps(asdict(record)))
 
 
-def run_bench(model_name: str, methods: list[str], blocks: list[int], batches: list[int], seqs: list[int],
-              steps: int, warmup: int, rounds: int, device: str, liger: bool = False) -> list[Record]:
+def run_bench(
+    model_name: str,
+    methods: list[str],
+    blocks: list[int],
+    batches: list[int],
+    seqs: list[int],
+    steps: int,
+    warmup: int,
+    rounds: int,
+    device: str,
+    liger: bool = False,
+) -> list[Record]:
     shapes = [(b, s) for b in batches for s in seqs]
     runs: dict[tuple, list[Record]] = {}
     for round_index in range(rounds):  # round-robin: each round visits every configuration once
@@ -155,9 +195,10 @@ def run_bench(model_name: str, methods: list[str], blocks: list[int], batches: l
             for config in configurations(methods, blocks):
                 console.print(f"round {round_index + 1}/{rounds}: {config.label} at {batch} x {seq}")
                 runs.setdefault((config, batch, seq), []).append(
-                    _measure_in_subprocess(model_name, config, batch, seq, steps, warmup, device, liger))
+                    _measure_in_subprocess(model_name, config, batch, seq, steps, warmup, device, liger)
+                )
     records = []
-    for (config, batch, seq), measured in runs.items():
+    for (_config, batch, seq), measured in runs.items():
         first = measured[0]
         first.step_times = [t for r in measured for t in r.step_times]
         first.step_s = statistics.median(first.step_times)
@@ -188,13 +229,19 @@ def equal_memory_pairs(records: list[Record]) -> list[dict]:
         ckpt = next((x for x in records if x.method == "e2e+ckpt" and (x.batch, x.seq) == (r.batch, r.seq)), None)
         if r.method != "lopt" or ckpt is None:
             continue
-        pairs.append({
-            "k": r.k, "batch": r.batch, "seq": r.seq,
-            "lopt_device_peak_bytes": r.device_peak_bytes, "e2e_ckpt_device_peak_bytes": ckpt.device_peak_bytes,
-            "lopt_activation_bytes": r.activation_bytes, "e2e_ckpt_activation_bytes": ckpt.activation_bytes,
-            "fits_e2e_ckpt_memory": r.device_peak_bytes <= ckpt.device_peak_bytes,
-            "step_time_ratio": r.step_s / ckpt.step_s,
-        })
+        pairs.append(
+            {
+                "k": r.k,
+                "batch": r.batch,
+                "seq": r.seq,
+                "lopt_device_peak_bytes": r.device_peak_bytes,
+                "e2e_ckpt_device_peak_bytes": ckpt.device_peak_bytes,
+                "lopt_activation_bytes": r.activation_bytes,
+                "e2e_ckpt_activation_bytes": ckpt.activation_bytes,
+                "fits_e2e_ckpt_memory": r.device_peak_bytes <= ckpt.device_peak_bytes,
+                "step_time_ratio": r.step_s / ckpt.step_s,
+            }
+        )
     return pairs
 
 
@@ -219,46 +266,84 @@ def loss_part(hidden_size: int, vocab: int, batch: int, seq: int, device: str = 
         with meter.active():
             loss_fn().backward()
         measured[name] = meter.peak_bytes
-    return {"batch": batch, "seq": seq, "vocab": vocab, **measured,
-            "reduction": measured["full_logits"] / measured["chunked"]}
+    return {
+        "batch": batch,
+        "seq": seq,
+        "vocab": vocab,
+        **measured,
+        "reduction": measured["full_logits"] / measured["chunked"],
+    }
 
 
 def print_tables(records: list[Record], losses: list[dict], pairs: list[dict]) -> None:
     table = Table(title="lopt bench: one training step (forward + backward + AdamW step)")
     peak_kind = "device peak MiB" if records[0].device_peak_kind == "cuda_max_allocated" else "process peak RSS MiB"
-    for column in ("config", "batch x seq", "activation MiB", "x e2e", peak_kind, "x e2e", "step s", "x e2e",
-                   "tokens/s"):
+    for column in (
+        "config",
+        "batch x seq",
+        "activation MiB",
+        "x e2e",
+        peak_kind,
+        "x e2e",
+        "step s",
+        "x e2e",
+        "tokens/s",
+    ):
         table.add_column(column, justify="right")
     for r in records:
         label = r.method if r.k == 1 else f"{r.method} k={r.k}"
         table.add_row(
-            label, f"{r.batch} x {r.seq}", f"{r.activation_bytes / 2**20:.1f}", _ratio(r.activation_ratio),
-            f"{r.device_peak_bytes / 2**20:.0f}", _ratio(r.device_peak_ratio), f"{r.step_s:.3f}",
-            _ratio(r.step_time_ratio), f"{r.tokens_per_s:.0f}",
+            label,
+            f"{r.batch} x {r.seq}",
+            f"{r.activation_bytes / 2**20:.1f}",
+            _ratio(r.activation_ratio),
+            f"{r.device_peak_bytes / 2**20:.0f}",
+            _ratio(r.device_peak_ratio),
+            f"{r.step_s:.3f}",
+            _ratio(r.step_time_ratio),
+            f"{r.tokens_per_s:.0f}",
         )
     console.print(table)
     loss_table = Table(title="the loss alone: saved-for-backward bytes")
     with_liger = "liger" in losses[0]
     for column in ("batch x seq", "vocab", "full fp32 logits MiB", "chunked MiB", "reduction") + (
-            ("liger MiB",) if with_liger else ()):
+        ("liger MiB",) if with_liger else ()
+    ):
         loss_table.add_column(column, justify="right")
     for r in losses:
-        loss_table.add_row(f"{r['batch']} x {r['seq']}", str(r["vocab"]), f"{r['full_logits'] / 2**20:.1f}",
-                           f"{r['chunked'] / 2**20:.1f}", f"{r['reduction']:.1f}x",
-                           *((f"{r['liger'] / 2**20:.1f}",) if with_liger else ()))
+        loss_table.add_row(
+            f"{r['batch']} x {r['seq']}",
+            str(r["vocab"]),
+            f"{r['full_logits'] / 2**20:.1f}",
+            f"{r['chunked'] / 2**20:.1f}",
+            f"{r['reduction']:.1f}x",
+            *((f"{r['liger'] / 2**20:.1f}",) if with_liger else ()),
+        )
     console.print(loss_table)
     if not pairs:
         return
     pair_table = Table(title="equal memory: LoPT local without checkpointing vs E2E with checkpointing")
-    for column in ("config", "batch x seq", f"lopt {peak_kind}", f"e2e+ckpt {peak_kind}", "within e2e+ckpt memory",
-                   "lopt activation MiB", "e2e+ckpt activation MiB", "step s lopt / e2e+ckpt"):
+    for column in (
+        "config",
+        "batch x seq",
+        f"lopt {peak_kind}",
+        f"e2e+ckpt {peak_kind}",
+        "within e2e+ckpt memory",
+        "lopt activation MiB",
+        "e2e+ckpt activation MiB",
+        "step s lopt / e2e+ckpt",
+    ):
         pair_table.add_column(column, justify="right")
     for p in pairs:
         extra = (p["lopt_device_peak_bytes"] - p["e2e_ckpt_device_peak_bytes"]) / 2**20
         pair_table.add_row(
-            f"lopt k={p['k']}", f"{p['batch']} x {p['seq']}", f"{p['lopt_device_peak_bytes'] / 2**20:.0f}",
-            f"{p['e2e_ckpt_device_peak_bytes'] / 2**20:.0f}", "yes" if p["fits_e2e_ckpt_memory"] else f"no (+{extra:.0f} MiB)",
-            f"{p['lopt_activation_bytes'] / 2**20:.1f}", f"{p['e2e_ckpt_activation_bytes'] / 2**20:.1f}",
+            f"lopt k={p['k']}",
+            f"{p['batch']} x {p['seq']}",
+            f"{p['lopt_device_peak_bytes'] / 2**20:.0f}",
+            f"{p['e2e_ckpt_device_peak_bytes'] / 2**20:.0f}",
+            "yes" if p["fits_e2e_ckpt_memory"] else f"no (+{extra:.0f} MiB)",
+            f"{p['lopt_activation_bytes'] / 2**20:.1f}",
+            f"{p['e2e_ckpt_activation_bytes'] / 2**20:.1f}",
             f"{p['step_time_ratio']:.2f}",
         )
     console.print(pair_table)
@@ -279,8 +364,10 @@ def plot(records: list[Record], path: Path) -> bool:
         return False
     labels = [f"{r.method if r.k == 1 else f'{r.method} k={r.k}'}\n{r.batch}x{r.seq}" for r in records]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, len(records) * 1.1), 4.5))
-    for ax, key, title in ((axes[0], "activation_ratio", "peak activation memory / e2e"),
-                           (axes[1], "step_time_ratio", "step time / e2e")):
+    for ax, key, title in (
+        (axes[0], "activation_ratio", "peak activation memory / e2e"),
+        (axes[1], "step_time_ratio", "step time / e2e"),
+    ):
         ax.bar(range(len(records)), [getattr(r, key) or 0 for r in records], color="#4a7fb5")
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_xticks(range(len(records)), labels, rotation=60, ha="right", fontsize=7)
@@ -306,8 +393,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: 1)")
     parser.add_argument("--rounds", type=int, default=2, help="round-robin passes over the configurations (default: 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--liger", action="store_true",
-                        help="train with Liger Kernel's fused linear cross entropy (CUDA; pip install liger-kernel)")
+    parser.add_argument(
+        "--liger",
+        action="store_true",
+        help="train with Liger Kernel's fused linear cross entropy (CUDA; pip install liger-kernel)",
+    )
     parser.add_argument("--out", default="outputs/bench", help="folder for bench.json and bench.png")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -322,31 +412,53 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--methods must include e2e: every ratio is taken against it")
     if args.liger:
         liger_linear_cross_entropy(torch.device(args.device))  # says why not before any configuration runs
-    records = run_bench(args.model_name_or_path, methods, args.blocks, args.batch, args.seq, args.steps,
-                        args.warmup, args.rounds, args.device, args.liger)
+    records = run_bench(
+        args.model_name_or_path,
+        methods,
+        args.blocks,
+        args.batch,
+        args.seq,
+        args.steps,
+        args.warmup,
+        args.rounds,
+        args.device,
+        args.liger,
+    )
     from transformers import AutoConfig
 
     from lopt.models.registry import resolve_model
 
     model_config = AutoConfig.from_pretrained(resolve_model(args.model_name_or_path))
-    losses = [loss_part(model_config.hidden_size, model_config.vocab_size, b, s, args.device, args.liger)
-              for b in args.batch for s in args.seq]
+    losses = [
+        loss_part(model_config.hidden_size, model_config.vocab_size, b, s, args.device, args.liger)
+        for b in args.batch
+        for s in args.seq
+    ]
     pairs = equal_memory_pairs(records)
     print_tables(records, losses, pairs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"model": args.model_name_or_path, "device": args.device,
-              "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "steps": args.steps,
-              "liger": args.liger,
-              "records": [asdict(r) for r in records], "loss": losses, "equal_memory": pairs}
+    result = {
+        "model": args.model_name_or_path,
+        "device": args.device,
+        "date": time.strftime("%Y-%m-%d"),
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "liger": args.liger,
+        "records": [asdict(r) for r in records],
+        "loss": losses,
+        "equal_memory": pairs,
+    }
     for name in ("bench.json", "bench.png"):
         kept = keep_previous(out / name)
         if kept is not None:
             console.print(f"kept the earlier run's {name} as {kept}")
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     plotted = plot(records, out / "bench.png")
-    console.print(f"wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if plotted else
-                  " (no plot: pip install matplotlib)"))
+    console.print(
+        f"wrote {out / 'bench.json'}"
+        + (f" and {out / 'bench.png'}" if plotted else " (no plot: pip install matplotlib)")
+    )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,10 @@ def _grpo(argv: list[str]) -> None:
     if not is_main_process():
         return
     rewards = " -> ".join(f"{m['reward']:.3f}" for m in result.metrics)
-    console.print(f"done: {result.steps} steps in {result.elapsed_s:.1f} s, mean reward per logged step {rewards}; "
-                  f"model saved to {result.output_dir}")
+    console.print(
+        f"done: {result.steps} steps in {result.elapsed_s:.1f} s, mean reward per logged step {rewards}; "
+        f"model saved to {result.output_dir}"
+    )
 
 
 def _dpo(argv: list[str]) -> None:
@@ -64,8 +66,10 @@ def _dpo(argv: list[str]) -> None:
     if not is_main_process():
         return
     losses = [m["task_loss"] for m in result.metrics]
-    console.print(f"done: {result.steps} steps in {result.elapsed_s:.1f} s, DPO loss {losses[0]:.4f} -> "
-                  f"{losses[-1]:.4f}; model saved to {result.output_dir}")
+    console.print(
+        f"done: {result.steps} steps in {result.elapsed_s:.1f} s, DPO loss {losses[0]:.4f} -> "
+        f"{losses[-1]:.4f}; model saved to {result.output_dir}"
+    )
 
 
 def _eval(argv: list[str]) -> None:

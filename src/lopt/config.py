@@ -32,26 +32,41 @@ class RunConfig:
     """The flags every recipe (sft, grpo, dpo) shares; each recipe's config adds its own."""
 
     # flags that must be at least 1; recipes extend the tuple with theirs
-    AT_LEAST_ONE: ClassVar[tuple[str, ...]] = ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps")
+    AT_LEAST_ONE: ClassVar[tuple[str, ...]] = (
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+    )
 
     # model
     model_name_or_path: str = _opt("smollm2-135m", "alias (smollm2-135m, qwen3-4b, ...), local folder or hub id")
     trust_remote_code: bool = _opt(False, "allow the model's own code from the hub (off: it runs remote code)")
     # method
-    method: str = _opt("lopt", "lopt (alias ll): local learning in k blocks; e2e: the end-to-end baseline",
-                       choices=sorted(METHODS))
+    method: str = _opt(
+        "lopt", "lopt (alias ll): local learning in k blocks; e2e: the end-to-end baseline", choices=sorted(METHODS)
+    )
     num_blocks: int = _opt(2, "LoPT: number of contiguous blocks k (2 .. number of layers)")
-    early_blocks: str = _opt("recon", "LoPT: recon (local reconstruction loss) or frozen (ablation: early blocks not trained)",
-                             choices=["recon", "frozen"])
+    early_blocks: str = _opt(
+        "recon",
+        "LoPT: recon (local reconstruction loss) or frozen (ablation: early blocks not trained)",
+        choices=["recon", "frozen"],
+    )
     aux_loss: str = _opt("recon", "LoPT: local objective of the non-final blocks", choices=["recon"])
     lambda_aux: float = _opt(10.0, "LoPT: weight of the mean local loss in the objective")
-    lr_k1: float | None = _opt(None, "LoPT: learning rate of embeddings, early blocks and heads (default: --learning_rate)")
-    backward: str = _opt("local", "LoPT: local (block by block, frees activations) or joint (one backward, as the reference)",
-                         choices=["local", "joint"])
+    lr_k1: float | None = _opt(
+        None, "LoPT: learning rate of embeddings, early blocks and heads (default: --learning_rate)"
+    )
+    backward: str = _opt(
+        "local",
+        "LoPT: local (block by block, frees activations) or joint (one backward, as the reference)",
+        choices=["local", "joint"],
+    )
     # data
     dataset_name: str | None = _opt(None, "hub dataset id (overrides --dataset_preset / --task's own data)")
     dataset_config: str | None = _opt(None, "hub dataset config name")
-    train_file: str | None = _opt(None, "local .json / .jsonl / .parquet file (overrides --dataset_name and the preset)")
+    train_file: str | None = _opt(
+        None, "local .json / .jsonl / .parquet file (overrides --dataset_name and the preset)"
+    )
     split: str = _opt("train", "dataset split")
     max_samples: int | None = _opt(None, "keep the first N records")
     # optimization
@@ -74,7 +89,9 @@ class RunConfig:
     logging_steps: int = _opt(10, "write a metrics.jsonl line every N steps")
     save_steps: int = _opt(500, "write checkpoint-N/ every N steps (0 disables)")
     save_total_limit: int | None = _opt(None, "keep only the newest N checkpoints")
-    resume_from_checkpoint: str | None = _opt(None, "continue a run: a checkpoint-N folder, or 'latest' in --output_dir")
+    resume_from_checkpoint: str | None = _opt(
+        None, "continue a run: a checkpoint-N folder, or 'latest' in --output_dir"
+    )
     config: str | None = _opt(None, "YAML file with any of these flags as keys (the command line wins)")
 
     # which fields the user set (YAML or CLI); not a flag
@@ -94,7 +111,9 @@ class SFTConfig(RunConfig):
 
     dataset_preset: str = _opt("gsm-symbolic", "data preset: gsm-symbolic (offline), alpaca, metamathqa, tulu3")
     max_seq_length: int = _opt(1024, "truncate examples to this many tokens")
-    liger: bool = _opt(False, "LM-head loss with Liger Kernel's fused linear cross entropy (CUDA; pip install liger-kernel)")
+    liger: bool = _opt(
+        False, "LM-head loss with Liger Kernel's fused linear cross entropy (CUDA; pip install liger-kernel)"
+    )
 
 
 @dataclass
@@ -102,12 +121,18 @@ class GRPOConfig(RunConfig):
     """GRPO with TRL's GRPOTrainer; the sampling and loss flags are TRL's, passed through."""
 
     AT_LEAST_ONE: ClassVar[tuple[str, ...]] = RunConfig.AT_LEAST_ONE + (
-        "num_generations", "max_prompt_length", "max_completion_length", "num_iterations",
+        "num_generations",
+        "max_prompt_length",
+        "max_completion_length",
+        "num_iterations",
     )
 
     learning_rate: float = _opt(1e-6, "learning rate of the final block, final norm and LM head (all of E2E)")
-    task: str = _opt("gsm-symbolic", "gsm-symbolic (offline), gsm8k (openai/gsm8k), numinamath (AI-MO/NuminaMath-CoT)",
-                     choices=sorted(GRPO_TASKS))
+    task: str = _opt(
+        "gsm-symbolic",
+        "gsm-symbolic (offline), gsm8k (openai/gsm8k), numinamath (AI-MO/NuminaMath-CoT)",
+        choices=sorted(GRPO_TASKS),
+    )
     format_reward_weight: float = _opt(0.0, "weight of a reward for writing the answer in the task's format (0: off)")
     num_generations: int = _opt(4, "completions sampled per prompt (a group)")
     max_prompt_length: int = _opt(512, "prompts longer than this many tokens are skipped")
@@ -117,7 +142,9 @@ class GRPOConfig(RunConfig):
     beta: float = _opt(0.0, "KL coefficient against the frozen starting model (0: no reference model)")
     loss_type: str = _opt("dapo", "TRL's GRPO loss: grpo, dapo, dr_grpo, bnpo, ... (passed through)")
     num_iterations: int = _opt(1, "optimization passes over each generated batch (mu)")
-    steps_per_generation: int | None = _opt(None, "micro-batches per generation (default: --gradient_accumulation_steps)")
+    steps_per_generation: int | None = _opt(
+        None, "micro-batches per generation (default: --gradient_accumulation_steps)"
+    )
     use_vllm: bool = _opt(False, "generate with vLLM (needs vllm installed and a GPU)")
 
 
@@ -175,7 +202,9 @@ def _read_yaml(path: str, cls) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else path
-        raise LoptError(f"{where}: malformed YAML ({getattr(exc, 'problem', exc)}). Fix the file or remove --config.") from exc
+        raise LoptError(
+            f"{where}: malformed YAML ({getattr(exc, 'problem', exc)}). Fix the file or remove --config."
+        ) from exc
     if not isinstance(data, dict):
         raise LoptError(f"{path}: expected a mapping of flag names to values, got {type(data).__name__}.")
     names = [f.name for f in _flag_fields(cls)]

@@ -37,11 +37,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="learning rate of every run (default: 1e-4)")
     parser.add_argument("--eval_samples", type=int, default=16, help="held-out problems per model (default: 16)")
     parser.add_argument("--max_new_tokens", type=int, default=160, help="answer length limit (default: 160)")
-    parser.add_argument("--retention_windows", type=int, default=8,
-                        help="256-token windows of general text for perplexity (default: 8)")
+    parser.add_argument(
+        "--retention_windows", type=int, default=8, help="256-token windows of general text for perplexity (default: 8)"
+    )
     parser.add_argument("--ablation", action="store_true", help="also train LoPT k=2 with frozen early blocks")
-    parser.add_argument("--output_dir", default="outputs/demo",
-                        help="study folder: one subfolder per run, the report next to them (default: outputs/demo)")
+    parser.add_argument(
+        "--output_dir",
+        default="outputs/demo",
+        help="study folder: one subfolder per run, the report next to them (default: outputs/demo)",
+    )
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
     for flag in ("steps", "batch_size", "max_seq_length", "eval_samples", "max_new_tokens", "retention_windows"):
@@ -52,12 +56,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_config(args: argparse.Namespace, name: str, method: dict) -> SFTConfig:
     config = SFTConfig(
-        model_name_or_path=DEFAULT_MODEL, dataset_preset="gsm-symbolic", max_samples=args.steps * args.batch_size,
-        max_seq_length=args.max_seq_length, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-        learning_rate=args.learning_rate, warmup_ratio=0.1, logging_steps=max(args.steps // 6, 1), save_steps=0,
-        seed=args.seed, output_dir=str(Path(args.output_dir) / name),
+        model_name_or_path=DEFAULT_MODEL,
+        dataset_preset="gsm-symbolic",
+        max_samples=args.steps * args.batch_size,
+        max_seq_length=args.max_seq_length,
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        learning_rate=args.learning_rate,
+        warmup_ratio=0.1,
+        logging_steps=max(args.steps // 6, 1),
+        save_steps=0,
+        seed=args.seed,
+        output_dir=str(Path(args.output_dir) / name),
         overwrite_output_dir=True,  # the demo's own folder; each demo run replaces the last one's files
-        explicit=frozenset(method), **method,
+        explicit=frozenset(method),
+        **method,
     )
     validate(config)
     return config
@@ -71,17 +84,22 @@ def main(argv: list[str] | None = None) -> None:
     configs = {name: run_config(args, name, method) for name, method in methods.items()}
     earlier = [name for name in configs if (out / name).is_dir() and any((out / name).iterdir())]
     if earlier:  # the demo's own folder, but say so: the models trained there before are replaced
-        console.print(f"{out} holds an earlier study: its runs {', '.join(earlier)} are replaced by this one "
-                      "(their eval.json files are kept aside). Pass --output_dir to keep them as they are.")
+        console.print(
+            f"{out} holds an earlier study: its runs {', '.join(earlier)} are replaced by this one "
+            "(their eval.json files are kept aside). Pass --output_dir to keep them as they are."
+        )
 
     for name, config in configs.items():
         console.rule(f"[bold]training {name}")
         result = run_sft(config)
-        console.print(f"{name}: {result.steps} steps in {result.elapsed_s:.0f} s, task loss "
-                      f"{result.first_loss:.4f} -> {result.last_loss:.4f}")
+        console.print(
+            f"{name}: {result.steps} steps in {result.elapsed_s:.0f} s, task loss "
+            f"{result.first_loss:.4f} -> {result.last_loss:.4f}"
+        )
 
-    options = EvalOptions(eval_samples=args.eval_samples, max_new_tokens=args.max_new_tokens,
-                          retention_windows=args.retention_windows)
+    options = EvalOptions(
+        eval_samples=args.eval_samples, max_new_tokens=args.max_new_tokens, retention_windows=args.retention_windows
+    )
     console.rule("[bold]evaluating the starting model")
     (out / BASE).mkdir(parents=True, exist_ok=True)
     # Scored on the runs' held-out problems (they all trained on the same data).
@@ -94,12 +112,18 @@ def main(argv: list[str] | None = None) -> None:
         evaluations[name] = evaluate_model(config.output_dir, options, base_perplexities)
         write_eval(Path(config.output_dir), evaluations[name])
 
-    title = (f"lopt demo: SmolLM2-135M-Instruct on gsm-symbolic, {args.steps} steps x {args.batch_size} x "
-             f"{args.max_seq_length} tokens, lr {args.learning_rate:g}, seed {args.seed}")
+    title = (
+        f"lopt demo: SmolLM2-135M-Instruct on gsm-symbolic, {args.steps} steps x {args.batch_size} x "
+        f"{args.max_seq_length} tokens, lr {args.learning_rate:g}, seed {args.seed}"
+    )
     runs = write_report([out / BASE, *(Path(c.output_dir) for c in configs.values())], out, title)
     print(f"\n{title}\n\n" + "\n".join(markdown_table(runs)) + "\n", flush=True)  # stdout: copyable markdown
     # The same held-out question answered before and after LoPT k=2 training (greedy, from the saved folder).
     before, after = base["samples"][0], evaluations["lopt-k2"]["samples"][0]
     console.print(f"[bold]held-out question[/] (expected answer {before['gold']}):\n{before['question']}")
-    console.print(f"\n[bold]before training[/]:\n{before['completion']}\n\n[bold]after LoPT k=2[/]:\n{after['completion']}")
-    console.print(f"\nreport: {out / 'report.md'}, {out / 'report.html'} | total time {time.perf_counter() - start:.0f} s")
+    console.print(
+        f"\n[bold]before training[/]:\n{before['completion']}\n\n[bold]after LoPT k=2[/]:\n{after['completion']}"
+    )
+    console.print(
+        f"\nreport: {out / 'report.md'}, {out / 'report.html'} | total time {time.perf_counter() - start:.0f} s"
+    )

@@ -62,7 +62,9 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise LoptError(f"{path}: not valid JSON ({error}); re-create it by re-running the run or `lopt eval`.") from None
+        raise LoptError(
+            f"{path}: not valid JSON ({error}); re-create it by re-running the run or `lopt eval`."
+        ) from None
 
 
 def load_run(folder: Path) -> Run:
@@ -92,8 +94,19 @@ def _mib(value: float | None) -> float | None:
     return None if value is None else value / MiB
 
 
-COLUMNS = ("run", "method", "k", "steps", "tokens/s", "peak activation MiB", "peak memory MiB", "final task loss",
-           "task accuracy", "perplexity", "retention change")
+COLUMNS = (
+    "run",
+    "method",
+    "k",
+    "steps",
+    "tokens/s",
+    "peak activation MiB",
+    "peak memory MiB",
+    "final task loss",
+    "task accuracy",
+    "perplexity",
+    "retention change",
+)
 
 
 def table_rows(runs: list[Run]) -> list[list[str]]:
@@ -102,12 +115,21 @@ def table_rows(runs: list[Run]) -> list[list[str]]:
     for run in runs:
         e = run.evaluation
         accuracy = f"{e['accuracy']:.1%} ({e['correct']}/{e['n']})" if "accuracy" in e else "-"
-        rows.append([
-            run.name, run.method, _number(run.blocks, "d"), _number(run.last("step"), "d"),
-            _number(run.mean("tokens_per_s"), ".0f"), _number(_mib(run.peak("activation_peak_bytes")), ".1f"),
-            _number(_mib(run.peak("peak_mem_bytes")), ".0f"), _number(run.last("task_loss"), ".4f"), accuracy,
-            _number(e.get("perplexity"), ".2f"), _number(e.get("retention_change"), "+.1%"),
-        ])
+        rows.append(
+            [
+                run.name,
+                run.method,
+                _number(run.blocks, "d"),
+                _number(run.last("step"), "d"),
+                _number(run.mean("tokens_per_s"), ".0f"),
+                _number(_mib(run.peak("activation_peak_bytes")), ".1f"),
+                _number(_mib(run.peak("peak_mem_bytes")), ".0f"),
+                _number(run.last("task_loss"), ".4f"),
+                accuracy,
+                _number(e.get("perplexity"), ".2f"),
+                _number(e.get("retention_change"), "+.1%"),
+            ]
+        )
     return rows
 
 
@@ -135,7 +157,7 @@ def make_plots(runs: list[Run], out: Path) -> list[tuple[str, str]]:
     if trained:
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for run in trained:
-            steps, losses = zip(*run.series("task_loss"))
+            steps, losses = zip(*run.series("task_loss"), strict=True)
             ax.plot(steps, losses, marker="o", label=run.name)
         ax.set(xlabel="step", ylabel="task loss", title="Task loss")
         ax.legend()
@@ -145,19 +167,25 @@ def make_plots(runs: list[Run], out: Path) -> list[tuple[str, str]]:
     if aux:
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for run in aux:
-            steps, values = zip(*run.series("aux_loss"))
+            steps, values = zip(*run.series("aux_loss"), strict=True)
             for block in range(len(values[-1])):
                 ax.plot(steps, [v[block] for v in values], marker=".", label=f"{run.name} block {block + 1}")
         ax.set(xlabel="step", ylabel="local reconstruction loss", title="Auxiliary loss per block")
         ax.legend()
         save(fig, "aux_loss.png", "Local (auxiliary) loss of each non-final block")
 
-    bars = [(key, label, scale) for key, label, scale in (
-        ("tokens_per_s", "tokens/s (mean)", 1.0), ("activation_peak_bytes", "peak activation MiB", 1 / MiB),
-        ("peak_mem_bytes", "peak memory MiB", 1 / MiB)) if any(r.series(key) for r in runs)]
+    bars = [
+        (key, label, scale)
+        for key, label, scale in (
+            ("tokens_per_s", "tokens/s (mean)", 1.0),
+            ("activation_peak_bytes", "peak activation MiB", 1 / MiB),
+            ("peak_mem_bytes", "peak memory MiB", 1 / MiB),
+        )
+        if any(r.series(key) for r in runs)
+    ]
     if bars:
         fig, axes = plt.subplots(1, len(bars), figsize=(4 * len(bars), 3.6), squeeze=False)
-        for ax, (key, label, scale) in zip(axes[0], bars):
+        for ax, (key, label, scale) in zip(axes[0], bars, strict=True):
             names = [r.name for r in runs if r.series(key)]
             values = [(r.mean(key) if key == "tokens_per_s" else r.peak(key)) * scale for r in runs if r.series(key)]
             ax.bar(names, values)
@@ -173,8 +201,11 @@ def make_plots(runs: list[Run], out: Path) -> list[tuple[str, str]]:
             ax.scatter(x, y)
             ax.annotate(run.name, (x, y), textcoords="offset points", xytext=(5, 5))
         ax.axvline(0, color="grey", linewidth=0.8)
-        ax.set(xlabel="perplexity change vs starting model (%; lower kept more)", ylabel="task accuracy (%)",
-               title="Accuracy vs retention")
+        ax.set(
+            xlabel="perplexity change vs starting model (%; lower kept more)",
+            ylabel="task accuracy (%)",
+            title="Accuracy vs retention",
+        )
         save(fig, "accuracy_retention.png", "Task accuracy against the change of general-text perplexity")
     return plots
 
@@ -185,16 +216,27 @@ def _eval_note(runs: list[Run]) -> str:
         return "No run has an eval.json: run `lopt eval RUN_DIR` for accuracy and retention."
     parts = []
     if "task" in e:
-        parts.append(f"Task accuracy: greedy answers to {e['n']} held-out {e['task']} problems, final answer exact match.")
+        parts.append(
+            f"Task accuracy: greedy answers to {e['n']} held-out {e['task']} problems, final answer exact match."
+        )
     if "retention_source" in e:
-        parts.append(f"Perplexity on {e['retention_tokens']} tokens of {e['retention_source']}; retention change is "
-                     "relative to each run's starting model (positive: the model got worse on general text).")
+        parts.append(
+            f"Perplexity on {e['retention_tokens']} tokens of {e['retention_source']}; retention change is "
+            "relative to each run's starting model (positive: the model got worse on general text)."
+        )
     return " ".join(parts)
 
 
 def write_markdown(path: Path, title: str, runs: list[Run], plots: list[tuple[str, str]]) -> None:
-    lines = [f"# {title}", "", f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from "
-             f"{', '.join(r.name for r in runs)}.", "", _eval_note(runs), "", *markdown_table(runs)]
+    lines = [
+        f"# {title}",
+        "",
+        f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {', '.join(r.name for r in runs)}.",
+        "",
+        _eval_note(runs),
+        "",
+        *markdown_table(runs),
+    ]
     for name, caption in plots:
         lines += ["", f"![{caption}]({name})"]
     path.write_text("\n".join(lines) + "\n")
@@ -204,10 +246,12 @@ def write_html(path: Path, title: str, runs: list[Run], plots: list[tuple[str, s
     esc = html.escape
     header = "".join(f"<th>{esc(c)}</th>" for c in COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>\n" for row in table_rows(runs))
-    figures = "".join(f'<figure><img src="{esc(name)}" alt="{esc(caption)}"><figcaption>{esc(caption)}</figcaption>'
-                      f"</figure>\n" for name, caption in plots)
+    figures = "".join(
+        f'<figure><img src="{esc(name)}" alt="{esc(caption)}"><figcaption>{esc(caption)}</figcaption></figure>\n'
+        for name, caption in plots
+    )
     path.write_text(
-        f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{esc(title)}</title>\n"
+        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{esc(title)}</title>\n'
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>\n"
         f"<h1>{esc(title)}</h1>\n<p>{esc(_eval_note(runs))}</p>\n"

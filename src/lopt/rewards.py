@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from lopt.answers import ANSWER_STYLES, answers_match, extract_final_answer, normalize_number
 

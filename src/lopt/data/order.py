@@ -8,12 +8,14 @@ a position (epoch, batch index) is all a resumed run needs to continue where it 
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
 
-def epoch_batches(n_examples: int, per_device: int, world_size: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(
+    n_examples: int, per_device: int, world_size: int, rank: int, seed: int, epoch: int
+) -> list[list[int]]:
     """This process's example indices, one list per global batch, for one epoch.
 
     With several processes a trailing incomplete global batch is dropped, so that every process
@@ -30,8 +32,9 @@ def epoch_batches(n_examples: int, per_device: int, world_size: int, rank: int, 
     return batches
 
 
-def batches_from(position: tuple[int, int], n_examples: int, per_device: int, world_size: int, rank: int,
-                 seed: int) -> Iterator[tuple[tuple[int, int], list[int]]]:
+def batches_from(
+    position: tuple[int, int], n_examples: int, per_device: int, world_size: int, rank: int, seed: int
+) -> Iterator[tuple[tuple[int, int], list[int]]]:
     """Endless (position after this batch, indices) from `position` = (epoch, batch index) on."""
     epoch, index = position
     while True:

@@ -11,8 +11,8 @@ import difflib
 import json
 import logging
 import random
-from decimal import Decimal, InvalidOperation
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from lopt.answers import extract_final_answer
@@ -264,13 +264,21 @@ def grpo_records(
         raise LoptError(f"unknown --task {task!r}.{hint} Available tasks:\n{listing}")
     spec = GRPO_TASKS[task]
     if train_file is not None or dataset_name is not None:
-        raw = load_records(dataset_name=dataset_name, dataset_config=dataset_config, train_file=train_file,
-                           split=split, max_samples=max_samples, seed=seed)
+        raw = load_records(
+            dataset_name=dataset_name,
+            dataset_config=dataset_config,
+            train_file=train_file,
+            split=split,
+            max_samples=max_samples,
+            seed=seed,
+        )
     elif spec.hub_id is not None:
         raw = _load_hub(spec.hub_id, spec.hub_config, split, max_samples)
     else:  # generated questions already carry the answer instruction
-        raw = [{"prompt": r["question"], "answer": r["answer"]}
-               for r in gsm_symbolic_records(DEFAULT_GSM_SAMPLES if max_samples is None else max_samples, seed)]
+        raw = [
+            {"prompt": r["question"], "answer": r["answer"]}
+            for r in gsm_symbolic_records(DEFAULT_GSM_SAMPLES if max_samples is None else max_samples, seed)
+        ]
     if not raw:
         raise LoptError(f"--task {task} gave no records; check the data source and --max_samples")
     question_column, answer_column = _grpo_columns(raw[0])
@@ -289,7 +297,9 @@ def grpo_records(
             f"({'#### <answer>' if spec.style == 'hash' else chr(92) + 'boxed{...}'}); pass data in this task's format."
         )
     if len(records) < len(raw):
-        logger.warning("--task %s: skipped %d of %d records without a final answer", task, len(raw) - len(records), len(raw))
+        logger.warning(
+            "--task %s: skipped %d of %d records without a final answer", task, len(raw) - len(records), len(raw)
+        )
     return records
 
 
@@ -304,7 +314,9 @@ def _grpo_columns(record: dict) -> tuple[str, str]:
 # ---- DPO: preference pairs ---------------------------------------------------------------------------
 
 DPO_PRESETS = {
-    "gsm-symbolic-pairs": "synthetic pairs: a correct gsm_symbolic solution vs. the same one with a wrong final answer (offline)",
+    "gsm-symbolic-pairs": (
+        "synthetic pairs: a correct gsm_symbolic solution vs. the same one with a wrong final answer (offline)"
+    ),
 }
 
 
@@ -324,13 +336,19 @@ def dpo_records(
     prompt/chosen/rejected shape and chat-format pairs whose chosen/rejected hold the whole conversation.
     """
     if train_file is not None or dataset_name is not None:
-        records = load_records(dataset_name=dataset_name, dataset_config=dataset_config, train_file=train_file,
-                               split=split, max_samples=max_samples, seed=seed)
+        records = load_records(
+            dataset_name=dataset_name,
+            dataset_config=dataset_config,
+            train_file=train_file,
+            split=split,
+            max_samples=max_samples,
+            seed=seed,
+        )
         missing = {"chosen", "rejected"} - set(records[0])
         if missing:
             raise LoptError(
-                f"DPO data has columns {sorted(records[0])}, missing {sorted(missing)}; expected prompt/chosen/rejected "
-                "records or chat-format chosen/rejected conversations."
+                f"DPO data has columns {sorted(records[0])}, missing {sorted(missing)}; expected "
+                "prompt/chosen/rejected records or chat-format chosen/rejected conversations."
             )
         return records
     if preset not in DPO_PRESETS:
@@ -351,11 +369,13 @@ def gsm_symbolic_pairs(size: int, seed: int) -> list[dict]:
         gold = final.removeprefix("####").strip()
         wrong = _wrong_number(gold, rng)
         rejected = f"{steps}\n#### {wrong}" if steps else f"#### {wrong}"
-        pairs.append({
-            "prompt": [{"role": "user", "content": record["question"]}],
-            "chosen": [{"role": "assistant", "content": record["answer"]}],
-            "rejected": [{"role": "assistant", "content": rejected}],
-        })
+        pairs.append(
+            {
+                "prompt": [{"role": "user", "content": record["question"]}],
+                "chosen": [{"role": "assistant", "content": record["answer"]}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
     return pairs
 
 

@@ -59,14 +59,23 @@ def _perplexity_of(name: str, options: EvalOptions, text: str) -> float:
     try:
         model, tokenizer = load_model_and_tokenizer(name, device=_device())
     except LoptError as error:  # e.g. a training_args.json written on another machine names a path not here
-        raise LoptError(f"cannot load the starting model {name!r} for the retention baseline: {error}\n"
-                        "Pass --base_model with a model available here.") from error
-    return perplexity(model, token_windows(tokenizer, text, options.retention_window, options.retention_windows),
-                      batch_size=options.batch_size)
+        raise LoptError(
+            f"cannot load the starting model {name!r} for the retention baseline: {error}\n"
+            "Pass --base_model with a model available here."
+        ) from error
+    return perplexity(
+        model,
+        token_windows(tokenizer, text, options.retention_window, options.retention_windows),
+        batch_size=options.batch_size,
+    )
 
 
-def evaluate_model(model: str, options: EvalOptions, base_perplexities: dict[str, float] | None = None,
-                   heldout_from: Path | None = None) -> dict:
+def evaluate_model(
+    model: str,
+    options: EvalOptions,
+    base_perplexities: dict[str, float] | None = None,
+    heldout_from: Path | None = None,
+) -> dict:
     """Evaluate one model (a folder, alias or hub id) and return its eval.json content.
 
     The problems exclude those the run in `heldout_from` trained on (default: the model's own folder,
@@ -85,8 +94,9 @@ def evaluate_model(model: str, options: EvalOptions, base_perplexities: dict[str
         run = Path(heldout_from or model)
         exclude = training_questions(run) if run.is_dir() else set()
         records = load_task(options.task, options.eval_samples, exclude)
-        scores = task_accuracy(net, tokenizer, records, batch_size=options.batch_size,
-                               max_new_tokens=options.max_new_tokens)
+        scores = task_accuracy(
+            net, tokenizer, records, batch_size=options.batch_size, max_new_tokens=options.max_new_tokens
+        )
         result.update(task=options.task, max_new_tokens=options.max_new_tokens, **scores)
     if options.retention_windows > 0:
         text = retention_text(options.retention_file)
@@ -99,15 +109,23 @@ def evaluate_model(model: str, options: EvalOptions, base_perplexities: dict[str
                 base_perplexities[base] = _perplexity_of(base, options, text)
             base_value = base_perplexities[base]
         result.update(
-            retention_source=options.retention_file or DEFAULT_SOURCE, retention_tokens=windows.numel(),
-            perplexity=value, base_perplexity=base_value, retention_change=relative_change(value, base_value),
+            retention_source=options.retention_file or DEFAULT_SOURCE,
+            retention_tokens=windows.numel(),
+            perplexity=value,
+            base_perplexity=base_value,
+            retention_change=relative_change(value, base_value),
         )
     del net
     if options.harness:
         from lopt.evaluation.harness import run_harness
 
-        result["harness"] = run_harness(model, list(options.harness), include_path=options.harness_include,
-                                        limit=options.harness_limit, device=str(_device()))
+        result["harness"] = run_harness(
+            model,
+            list(options.harness),
+            include_path=options.harness_include,
+            limit=options.harness_limit,
+            device=str(_device()),
+        )
     result["eval_seconds"] = time.perf_counter() - start
     return result
 
@@ -128,8 +146,9 @@ def _percent(value: float | None) -> str:
 
 def results_table(rows: list[tuple[str, dict]], title: str = "lopt eval") -> Table:
     """One row per evaluated model: accuracy, perplexity, retention change, harness scores."""
-    harness_cols = sorted({(task, metric) for _, r in rows for task, scores in r.get("harness", {}).items()
-                           for metric in scores})
+    harness_cols = sorted(
+        {(task, metric) for _, r in rows for task, scores in r.get("harness", {}).items() for metric in scores}
+    )
     table = Table(title=title)
     for column in ("model", "task accuracy", "perplexity", "vs start", *(f"{t} {m}" for t, m in harness_cols)):
         table.add_column(column)
@@ -145,18 +164,33 @@ def main(argv: list[str] | None = None) -> None:
     defaults = EvalOptions()
     parser = argparse.ArgumentParser(prog="lopt eval", description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", metavar="MODEL_DIR", help="saved model folders (or an alias / hub id)")
-    parser.add_argument("--task", default=defaults.task, choices=TASKS,
-                        help="gsm-symbolic: generated offline, minus the run's training questions; gsm8k: test split (hub)")
+    parser.add_argument(
+        "--task",
+        default=defaults.task,
+        choices=TASKS,
+        help="gsm-symbolic: generated offline, minus the run's training questions; gsm8k: test split (hub)",
+    )
     parser.add_argument("--eval_samples", type=int, default=defaults.eval_samples, help="problems to solve (0: skip)")
     parser.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens, help="answer length limit")
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size, help="sequences per forward")
-    parser.add_argument("--retention_file", help="UTF-8 text for perplexity (default: reasoning-gym's Gutenberg novella)")
+    parser.add_argument(
+        "--retention_file", help="UTF-8 text for perplexity (default: reasoning-gym's Gutenberg novella)"
+    )
     parser.add_argument("--retention_window", type=int, default=defaults.retention_window, help="tokens per window")
-    parser.add_argument("--retention_windows", type=int, default=defaults.retention_windows,
-                        help="number of windows (0: skip retention)")
-    parser.add_argument("--base_model", help="starting model for the retention baseline (default: training_args.json's)")
-    parser.add_argument("--harness", default="",
-                        help="comma-separated lm-eval tasks, e.g. mmlu,arc_challenge,hellaswag,winogrande,truthfulqa_mc2,gsm8k,ifeval")
+    parser.add_argument(
+        "--retention_windows",
+        type=int,
+        default=defaults.retention_windows,
+        help="number of windows (0: skip retention)",
+    )
+    parser.add_argument(
+        "--base_model", help="starting model for the retention baseline (default: training_args.json's)"
+    )
+    parser.add_argument(
+        "--harness",
+        default="",
+        help="comma-separated lm-eval tasks, e.g. mmlu,arc_challenge,hellaswag,winogrande,truthfulqa_mc2,gsm8k,ifeval",
+    )
     parser.add_argument("--harness_include", help="folder of extra lm-eval task YAMLs")
     parser.add_argument("--harness_limit", type=int, help="at most N documents per harness task")
     args = parser.parse_args(argv)
@@ -166,8 +200,10 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("max_new_tokens", "batch_size", "retention_window"):
         if getattr(args, flag) < 1:
             raise LoptError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
-    options = EvalOptions(**{k: v for k, v in vars(args).items() if k not in ("models", "harness")},
-                          harness=tuple(t.strip() for t in args.harness.split(",") if t.strip()))
+    options = EvalOptions(
+        **{k: v for k, v in vars(args).items() if k not in ("models", "harness")},
+        harness=tuple(t.strip() for t in args.harness.split(",") if t.strip()),
+    )
     rows, base_perplexities = [], {}
     for model in args.models:
         result = evaluate_model(model, options, base_perplexities)

@@ -36,8 +36,15 @@ def _task_manager(tasks: list[str], include_path: str | None):
     return manager
 
 
-def run_harness(model_dir: str | Path, tasks: list[str], *, include_path: str | None = None, limit: int | None = None,
-                batch_size: int = 8, device: str = "cpu") -> dict[str, dict[str, float]]:
+def run_harness(
+    model_dir: str | Path,
+    tasks: list[str],
+    *,
+    include_path: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+) -> dict[str, dict[str, float]]:
     """Scores per task, `{task: {"acc,none": 0.41, ...}}`: every numeric metric lm-eval reports, stderr excluded."""
     try:
         from lm_eval import simple_evaluate
@@ -47,13 +54,20 @@ def run_harness(model_dir: str | Path, tasks: list[str], *, include_path: str | 
         ) from None
     results = simple_evaluate(
         # float32 on CPU (bf16 matmuls are slow there); on a GPU the dtype the checkpoint was saved in.
-        model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32" if device == "cpu" else "auto"},
+        model="hf",
+        model_args={"pretrained": str(model_dir), "dtype": "float32" if device == "cpu" else "auto"},
         tasks=tasks,
-        task_manager=_task_manager(tasks, include_path), limit=limit, batch_size=batch_size, device=device,
+        task_manager=_task_manager(tasks, include_path),
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
         log_samples=False,
     )
     return {
-        task: {metric: value for metric, value in scores.items()
-               if isinstance(value, (int, float)) and "_stderr" not in metric and metric != "sample_len"}
+        task: {
+            metric: value
+            for metric, value in scores.items()
+            if isinstance(value, (int, float)) and "_stderr" not in metric and metric != "sample_len"
+        }
         for task, scores in results["results"].items()
     }

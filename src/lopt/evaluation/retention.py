@@ -27,13 +27,15 @@ def _gutenberg_body(text: str) -> str:
     start, end = text.find(_GUTENBERG_START), text.find(_GUTENBERG_END)
     if start == -1 or end == -1:
         return text
-    return text[text.index("\n", start) + 1:end]
+    return text[text.index("\n", start) + 1 : end]
 
 
 def retention_text(path: str | Path | None = None) -> str:
     """The text to measure on: `path` (--retention_file) or the default novella."""
     if path is None:
-        return _gutenberg_body(importlib.resources.files("reasoning_gym").joinpath("data/in_the_year_2889.txt").read_text())
+        return _gutenberg_body(
+            importlib.resources.files("reasoning_gym").joinpath("data/in_the_year_2889.txt").read_text()
+        )
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
@@ -57,7 +59,7 @@ def token_windows(tokenizer, text: str, window: int, max_windows: int) -> torch.
             f"the retention text has {len(ids)} tokens, fewer than one window of {window}; "
             "pass a longer --retention_file or a smaller --retention_window."
         )
-    return torch.tensor(ids[:count * window]).view(count, window)
+    return torch.tensor(ids[: count * window]).view(count, window)
 
 
 @torch.no_grad()

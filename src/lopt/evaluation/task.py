@@ -85,12 +85,18 @@ def generate_answers(model, tokenizer, questions: list[str], *, batch_size: int,
     completions = []
     try:
         for start in range(0, len(questions), batch_size):
-            prompts = [build_prompt(tokenizer, [{"role": "user", "content": q}])
-                       for q in questions[start:start + batch_size]]
+            prompts = [
+                build_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions[start : start + batch_size]
+            ]
             inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            new_tokens = output[:, inputs["input_ids"].shape[1]:]
+            output = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new_tokens = output[:, inputs["input_ids"].shape[1] :]
             completions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     finally:
         tokenizer.padding_side = padding_side
@@ -106,13 +112,21 @@ def score(records: list[dict], completions: list[str]) -> dict:
         predicted = extract_final_answer(completion)
         ok = gold is not None and answers_match(predicted, gold)
         correct += ok
-        samples.append({"question": record["question"], "gold": gold, "predicted": predicted, "correct": ok,
-                        "completion": completion})
+        samples.append(
+            {
+                "question": record["question"],
+                "gold": gold,
+                "predicted": predicted,
+                "correct": ok,
+                "completion": completion,
+            }
+        )
     n = len(records)
     return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0, "samples": samples[:5]}
 
 
 def task_accuracy(model, tokenizer, records: list[dict], *, batch_size: int = 16, max_new_tokens: int = 256) -> dict:
-    completions = generate_answers(model, tokenizer, [r["question"] for r in records],
-                                   batch_size=batch_size, max_new_tokens=max_new_tokens)
+    completions = generate_answers(
+        model, tokenizer, [r["question"] for r in records], batch_size=batch_size, max_new_tokens=max_new_tokens
+    )
     return score(records, completions)

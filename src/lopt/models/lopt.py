@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -101,7 +101,9 @@ class LocalLearningLM(nn.Module):
     def __init__(self, model: nn.Module, num_blocks: int = 2, lambda_aux: float = 10.0, early_blocks: str = "recon"):
         super().__init__()
         if early_blocks not in EARLY_BLOCK_MODES:
-            raise LoptError(f"--early_blocks {early_blocks!r} is not valid; choose one of: {', '.join(EARLY_BLOCK_MODES)}")
+            raise LoptError(
+                f"--early_blocks {early_blocks!r} is not valid; choose one of: {', '.join(EARLY_BLOCK_MODES)}"
+            )
         self.model = model
         self.parts = model_parts(model)
         self.blocks = split_blocks(len(self.parts.layers), num_blocks)
@@ -149,7 +151,9 @@ class LocalLearningLM(nn.Module):
     def _untie_embeddings(self) -> None:
         # With tied weights the LM head (trained by the task loss) would also be the input embedding
         # (trained locally by block 1), so the task gradient would cross the first boundary.
-        text_config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        text_config = (
+            self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        )
         head, embed = self.parts.lm_head, self.parts.embeddings[0]
         if head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr():
             head.weight = nn.Parameter(embed.weight.detach().clone())

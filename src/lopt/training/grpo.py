@@ -19,8 +19,12 @@ from lopt.training.sft import build_model, console
 from lopt.training.trl_lopt import LoptTrainerMixin, MetricsCallback, TRLRunResult, run_trl_recipe, trl_arguments
 
 # metrics.jsonl columns that GRPO adds to the shared schema, and the TRL log keys they come from
-GRPO_METRICS = {"reward": "reward", "reward_std": "reward_std", "completion_length": "completions/mean_length",
-                "step_time_s": "step_time"}
+GRPO_METRICS = {
+    "reward": "reward",
+    "reward_std": "reward_std",
+    "completion_length": "completions/mean_length",
+    "step_time_s": "step_time",
+}
 
 
 def _make_trainer_class():
@@ -35,17 +39,22 @@ def _make_trainer_class():
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
             if self.completions_path is not None and self.accelerator.is_main_process:
                 # the rewards are gathered over processes; this process's rows come at its offset
-                mine = rewards[self.accelerator.process_index * len(prompts):][: len(prompts)].tolist()
+                mine = rewards[self.accelerator.process_index * len(prompts) :][: len(prompts)].tolist()
                 weights = self.reward_weights.tolist()
                 with self.completions_path.open("a") as fh:
                     for prompt, completion, row in zip(prompts, completions, mine, strict=True):
-                        fh.write(json.dumps({
-                            "step": self.state.global_step + 1,  # the first step that trains on them
-                            "prompt": completion_text(prompt),
-                            "completion": completion_text(completion),
-                            "rewards": dict(zip(self.reward_func_names, row, strict=True)),
-                            "reward": sum(w * r for w, r in zip(weights, row, strict=True)),
-                        }) + "\n")
+                        fh.write(
+                            json.dumps(
+                                {
+                                    "step": self.state.global_step + 1,  # the first step that trains on them
+                                    "prompt": completion_text(prompt),
+                                    "completion": completion_text(completion),
+                                    "rewards": dict(zip(self.reward_func_names, row, strict=True)),
+                                    "reward": sum(w * r for w, r in zip(weights, row, strict=True)),
+                                }
+                            )
+                            + "\n"
+                        )
             return rewards
 
     return LoptGRPOTrainer
@@ -65,8 +74,10 @@ def prepare_prompts(records: list[dict], tokenizer, max_prompt_length: int) -> l
             f"every prompt is longer than --max_prompt_length {max_prompt_length} tokens; raise --max_prompt_length"
         )
     if len(kept) < len(records):
-        console.print(f"skipped {len(records) - len(kept)} of {len(records)} prompts longer than "
-                      f"--max_prompt_length {max_prompt_length}")
+        console.print(
+            f"skipped {len(records) - len(kept)} of {len(records)} prompts longer than "
+            f"--max_prompt_length {max_prompt_length}"
+        )
     if not tokenizer.chat_template:
         kept = [{**r, "prompt": build_prompt(tokenizer, r["prompt"])} for r in kept]
     return kept
@@ -86,22 +97,41 @@ def build_grpo_trainer(config: GRPOConfig, out: Path, **trl_settings):
         reward_funcs.append(format_reward(style))
         reward_weights.append(config.format_reward_weight)
     args = trl_arguments(
-        TRLGRPOConfig, config,
-        num_generations=config.num_generations, max_completion_length=config.max_completion_length,
-        temperature=config.temperature, top_p=config.top_p, beta=config.beta, loss_type=config.loss_type,
-        num_iterations=config.num_iterations, steps_per_generation=config.steps_per_generation,
-        use_vllm=config.use_vllm, reward_weights=reward_weights, **trl_settings,
+        TRLGRPOConfig,
+        config,
+        num_generations=config.num_generations,
+        max_completion_length=config.max_completion_length,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        beta=config.beta,
+        loss_type=config.loss_type,
+        num_iterations=config.num_iterations,
+        steps_per_generation=config.steps_per_generation,
+        use_vllm=config.use_vllm,
+        reward_weights=reward_weights,
+        **trl_settings,
     )
     wrapper, tokenizer = build_model(config, args.device)  # accelerate's device: this process's GPU, else CPU
     records = grpo_records(
-        config.task, dataset_name=config.dataset_name, dataset_config=config.dataset_config,
-        train_file=config.train_file, split=config.split, max_samples=config.max_samples, seed=config.seed,
+        config.task,
+        dataset_name=config.dataset_name,
+        dataset_config=config.dataset_config,
+        train_file=config.train_file,
+        split=config.split,
+        max_samples=config.max_samples,
+        seed=config.seed,
     )
     dataset = datasets.Dataset.from_list(prepare_prompts(records, tokenizer, config.max_prompt_length))
     try:
         trainer = _make_trainer_class()(
-            model=wrapper.model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
-            processing_class=tokenizer, lopt=wrapper, backward=config.backward, lr_k1=config.lr_k1,
+            model=wrapper.model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            lopt=wrapper,
+            backward=config.backward,
+            lr_k1=config.lr_k1,
             save_total_limit=config.save_total_limit,
         )
     except (ValueError, ImportError) as error:  # TRL's checks of the settings (group sizes, vLLM, ...)
@@ -110,14 +140,19 @@ def build_grpo_trainer(config: GRPOConfig, out: Path, **trl_settings):
     trainer.completions_path = out / "completions.jsonl"
     if trainer.accelerator.is_main_process and not resuming:
         trainer.completions_path.write_text("")
-    trainer.add_callback(MetricsCallback(out / "metrics.jsonl", wrapper, trainer.saved_meter, args.device, GRPO_METRICS,
-                                         append=resuming))
+    trainer.add_callback(
+        MetricsCallback(out / "metrics.jsonl", wrapper, trainer.saved_meter, args.device, GRPO_METRICS, append=resuming)
+    )
     return trainer
 
 
 def run_grpo(config: GRPOConfig) -> TRLRunResult:
     return run_trl_recipe(
-        "grpo", config, build_grpo_trainer,
-        lambda trainer: f"task {config.task} ({GRPO_TASKS[config.task].description}), {len(trainer.train_dataset)} "
-                        f"prompts | {config.num_generations} completions per prompt",
+        "grpo",
+        config,
+        build_grpo_trainer,
+        lambda trainer: (
+            f"task {config.task} ({GRPO_TASKS[config.task].description}), {len(trainer.train_dataset)} "
+            f"prompts | {config.num_generations} completions per prompt"
+        ),
     )

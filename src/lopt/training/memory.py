@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import sys
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -21,7 +21,7 @@ class _Saved:
 
     __slots__ = ("meter", "key", "tensor")
 
-    def __init__(self, meter: "SavedTensorMeter", key: int, tensor: torch.Tensor):
+    def __init__(self, meter: SavedTensorMeter, key: int, tensor: torch.Tensor):
         self.meter, self.key, self.tensor = meter, key, tensor
 
     def __del__(self):
@@ -68,7 +68,7 @@ class SavedTensorMeter:
         return packed.tensor if isinstance(packed, _Saved) else packed
 
     @contextlib.contextmanager
-    def active(self) -> Iterator["SavedTensorMeter"]:
+    def active(self) -> Iterator[SavedTensorMeter]:
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield self
 

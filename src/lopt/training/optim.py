@@ -25,8 +25,12 @@ def build_optimizer(
             chosen = [p for p in params if _no_decay(p) != decay]
             if chosen:
                 groups.append(
-                    {"name": f"{name}{'' if decay else '_no_decay'}", "params": chosen,
-                     "lr": rates[name], "weight_decay": weight_decay if decay else 0.0}
+                    {
+                        "name": f"{name}{'' if decay else '_no_decay'}",
+                        "params": chosen,
+                        "lr": rates[name],
+                        "weight_decay": weight_decay if decay else 0.0,
+                    }
                 )
     return torch.optim.AdamW(groups, lr=learning_rate)
 

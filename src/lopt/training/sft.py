@@ -88,7 +88,8 @@ def weights_dtype(config: SFTConfig, device: torch.device) -> torch.dtype:
 def build_model(config: SFTConfig, device: torch.device, weights: str | None = None):
     """The wrapped model; `weights` (a checkpoint folder) replaces the starting weights on resume."""
     model, tokenizer = load_model_and_tokenizer(
-        weights or config.model_name_or_path, dtype=weights_dtype(config, device),
+        weights or config.model_name_or_path,
+        dtype=weights_dtype(config, device),
         trust_remote_code=config.trust_remote_code,
     )
     num_blocks = config.num_blocks if config.canonical_method == "lopt" else 1
@@ -103,17 +104,22 @@ def build_model(config: SFTConfig, device: torch.device, weights: str | None = N
 
 def train_step(model, window, config, optimizer, scheduler, scaler, step, autocast, engine=None):
     if engine is not None:  # DeepSpeed: its engine reduces, clips and steps the partitioned optimizer
-        result = forward_backward(model, window, config.backward, zero.backward(engine), config.liger,
-                                  lambda: zero.gathered_lm_head(model))
+        result = forward_backward(
+            model, window, config.backward, zero.backward(engine), config.liger, lambda: zero.gathered_lm_head(model)
+        )
         check_finite(result, 0.0, step)  # the losses, before the step
         grad_norm = zero.optimizer_step(engine)
         scheduler.step()
         check_finite(result, grad_norm, step, step_taken=True)
         return result, grad_norm
     with autocast:
-        result = forward_backward(model, window, config.backward,
-                                  (lambda loss: scaler.scale(loss).backward()) if scaler else torch.Tensor.backward,
-                                  liger=config.liger)
+        result = forward_backward(
+            model,
+            window,
+            config.backward,
+            (lambda loss: scaler.scale(loss).backward()) if scaler else torch.Tensor.backward,
+            liger=config.liger,
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     if not sharding.is_sharded(model):  # FSDP has already summed the gradients into each shard
         all_reduce_gradients(params)
@@ -169,8 +175,13 @@ def run_sft(config: SFTConfig) -> SFTResult:
     # The default preset yields to a file or hub dataset silently; an explicit one is reported as ignored.
     explicit_source = config.train_file or config.dataset_name
     records = load_records(
-        preset=config.dataset_preset if "dataset_preset" in config.explicit or not explicit_source else None, dataset_name=config.dataset_name, dataset_config=config.dataset_config,
-        train_file=config.train_file, split=config.split, max_samples=config.max_samples, seed=config.seed,
+        preset=config.dataset_preset if "dataset_preset" in config.explicit or not explicit_source else None,
+        dataset_name=config.dataset_name,
+        dataset_config=config.dataset_config,
+        train_file=config.train_file,
+        split=config.split,
+        max_samples=config.max_samples,
+        seed=config.seed,
     )
     examples, data_stats = tokenize_sft(records, tokenizer, config.max_seq_length)
     per_epoch = batches_per_epoch(len(examples), config.per_device_train_batch_size, world)
@@ -204,26 +215,35 @@ def run_sft(config: SFTConfig) -> SFTResult:
         save_config(config, out / "training_args.json")
         console.print(
             f"[bold]lopt sft[/]: {config.canonical_method}"
-            + (f" k={model.num_blocks} ({', '.join(str(len(b)) for b in model.blocks)} layers), "
-               f"{config.backward} backward, early blocks {config.early_blocks}" if model.num_blocks > 1 else "")
+            + (
+                f" k={model.num_blocks} ({', '.join(str(len(b)) for b in model.blocks)} layers), "
+                f"{config.backward} backward, early blocks {config.early_blocks}"
+                if model.num_blocks > 1
+                else ""
+            )
             + f" | {data_stats['examples']} examples ({data_stats['skipped_truncated']} skipped: response truncated"
-              f" away) | effective batch {config.per_device_train_batch_size} x {config.gradient_accumulation_steps}"
-              f" accumulation x {world} processes = "
-              f"{config.per_device_train_batch_size * config.gradient_accumulation_steps * world} sequences"
+            f" away) | effective batch {config.per_device_train_batch_size} x {config.gradient_accumulation_steps}"
+            f" accumulation x {world} processes = "
+            f"{config.per_device_train_batch_size * config.gradient_accumulation_steps * world} sequences"
             + f" | {total_steps} steps | device {device}"
             + (f" | FSDP2 across {world} processes" if fsdp else "")
             + (f" | DeepSpeed ZeRO-{deepspeed.stage} across {world} processes" if deepspeed else "")
             + (f" | resumed from {resume_dir} at step {start_step}" if resume_dir else "")
         )
 
-    batches = batches_from(position, len(examples), config.per_device_train_batch_size, world,
-                           distributed.rank(), config.seed)
+    batches = batches_from(
+        position, len(examples), config.per_device_train_batch_size, world, distributed.rank(), config.seed
+    )
     losses, window_tokens, start = [], 0, time.perf_counter()
     log_start, peak_activation, last_saved = start, 0, None
     metrics = (out / "metrics.jsonl").open("a" if resume_dir else "w") if main_process else None
     progress = Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeRemainingColumn(), console=console, disable=not main_process,
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not main_process,
     )
     with StopRequest() as stop, progress, metrics or nullcontext():
         task = progress.add_task("training", total=total_steps, completed=start_step)
@@ -235,8 +255,9 @@ def run_sft(config: SFTConfig) -> SFTResult:
                 window.append({k: v.to(device) for k, v in batch.items()})
             meter.reset_peak()
             with meter.active():
-                result, grad_norm = train_step(model, window, config, optimizer, scheduler, scaler, step, autocast,
-                                               engine)
+                result, grad_norm = train_step(
+                    model, window, config, optimizer, scheduler, scaler, step, autocast, engine
+                )
             peak_activation = max(peak_activation, meter.peak_bytes)
             losses.append(result.task_loss)
             window_tokens += distributed.all_reduce_sum(result.input_tokens, device)
@@ -244,11 +265,17 @@ def run_sft(config: SFTConfig) -> SFTResult:
             if main_process and (step % config.logging_steps == 0 or step == total_steps):
                 now = time.perf_counter()
                 record = {
-                    "step": step, "epoch": round(position[0] + position[1] / per_epoch, 4),
-                    "task_loss": result.task_loss, "aux_loss": result.aux_losses, "lr": scheduler.get_last_lr()[-1],
-                    "lr_k1": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                    "tokens_per_s": window_tokens / (now - log_start), "peak_mem_bytes": device_peak_bytes(device),
-                    "activation_peak_bytes": meter.peak_bytes, "elapsed_s": now - start,
+                    "step": step,
+                    "epoch": round(position[0] + position[1] / per_epoch, 4),
+                    "task_loss": result.task_loss,
+                    "aux_loss": result.aux_losses,
+                    "lr": scheduler.get_last_lr()[-1],
+                    "lr_k1": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": window_tokens / (now - log_start),
+                    "peak_mem_bytes": device_peak_bytes(device),
+                    "activation_peak_bytes": meter.peak_bytes,
+                    "elapsed_s": now - start,
                 }
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
@@ -265,10 +292,16 @@ def run_sft(config: SFTConfig) -> SFTResult:
                     zero.save_engine_state(engine, started)
                     distributed.barrier()
                 if main_process:
-                    state = {"step": step, "position": position, "aux_heads": full.aux_heads,
-                             "optimizer": full.optimizer, "scheduler": scheduler.state_dict(),
-                             "scaler": scaler.state_dict() if scaler else None, "rng": rng,
-                             "deepspeed": zero.describe(engine) if engine else None}
+                    state = {
+                        "step": step,
+                        "position": position,
+                        "aux_heads": full.aux_heads,
+                        "optimizer": full.optimizer,
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler else None,
+                        "rng": rng,
+                        "deepspeed": zero.describe(engine) if engine else None,
+                    }
                     last_saved = save_checkpoint(out, step, full.model, tokenizer, state, started)
                     prune_checkpoints(out, config.save_total_limit)
                 distributed.barrier()
@@ -279,9 +312,13 @@ def run_sft(config: SFTConfig) -> SFTResult:
         save_final_model(out, final.model, tokenizer)
     distributed.barrier()
     return SFTResult(
-        output_dir=out, steps=total_steps, first_loss=losses[0] if losses else None,
-        last_loss=losses[-1] if losses else None, elapsed_s=time.perf_counter() - start,
-        peak_mem_bytes=device_peak_bytes(device), activation_peak_bytes=peak_activation,
+        output_dir=out,
+        steps=total_steps,
+        first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None,
+        elapsed_s=time.perf_counter() - start,
+        peak_mem_bytes=device_peak_bytes(device),
+        activation_peak_bytes=peak_activation,
         skipped_truncated=data_stats["skipped_truncated"],
     )
 

@@ -69,8 +69,10 @@ def _flag(name: str, default: str) -> bool:
     value = os.environ.get(name, default).strip().lower()
     if value not in _TRUE + _FALSE:
         setting = name.lower() if name.startswith("FSDP_") else "distributed_type"
-        raise LoptError(f"{name}={value!r} (set by accelerate launch from the config's {setting}) is not a boolean "
-                        "as FSDP2 expects; set it to true or false.")
+        raise LoptError(
+            f"{name}={value!r} (set by accelerate launch from the config's {setting}) is not a boolean "
+            "as FSDP2 expects; set it to true or false."
+        )
     return value in _TRUE
 
 
@@ -96,33 +98,61 @@ def fsdp_settings_from_environment(config: SFTConfig) -> FSDPSettings | None:
         )
     version = os.environ.get("FSDP_VERSION", "1").strip()
     if version != "2":
-        raise _refuse("fsdp_version", version, "lopt shards with FSDP2 (fully_shard), which allows local backward's "
-                      "one backward per block.", "Set fsdp_version: 2")
+        raise _refuse(
+            "fsdp_version",
+            version,
+            "lopt shards with FSDP2 (fully_shard), which allows local backward's one backward per block.",
+            "Set fsdp_version: 2",
+        )
     wrap = os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
     if wrap.upper() != "TRANSFORMER_BASED_WRAP":
-        raise _refuse("fsdp_auto_wrap_policy", wrap, "lopt always shards each decoder layer, each reconstruction "
-                      "head, the embeddings and the LM head as FSDP units.", "Set fsdp_auto_wrap_policy: "
-                      "TRANSFORMER_BASED_WRAP or leave it out")
+        raise _refuse(
+            "fsdp_auto_wrap_policy",
+            wrap,
+            "lopt always shards each decoder layer, each reconstruction "
+            "head, the embeddings and the LM head as FSDP units.",
+            "Set fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP or leave it out",
+        )
     state_dict_type = os.environ.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT")
     if state_dict_type.upper() != "FULL_STATE_DICT":
-        raise _refuse("fsdp_state_dict_type", state_dict_type, "checkpoints and the final model are plain Hugging "
-                      "Face folders, gathered on the main process.", "Set fsdp_state_dict_type: FULL_STATE_DICT")
+        raise _refuse(
+            "fsdp_state_dict_type",
+            state_dict_type,
+            "checkpoints and the final model are plain Hugging Face folders, gathered on the main process.",
+            "Set fsdp_state_dict_type: FULL_STATE_DICT",
+        )
     if _flag("FSDP_OFFLOAD_PARAMS", "false"):
-        raise _refuse("fsdp_offload_params", "true", "CPU offload is not verified with local backward (it needs a "
-                      "GPU, and lopt's tests run on CPU).", "Set fsdp_offload_params: false")
+        raise _refuse(
+            "fsdp_offload_params",
+            "true",
+            "CPU offload is not verified with local backward (it needs a GPU, and lopt's tests run on CPU).",
+            "Set fsdp_offload_params: false",
+        )
     if _flag("FSDP_CPU_RAM_EFFICIENT_LOADING", "false"):
-        raise _refuse("fsdp_cpu_ram_efficient_loading", "true", "every process loads the whole model before "
-                      "sharding it.", "Set fsdp_cpu_ram_efficient_loading: false")
+        raise _refuse(
+            "fsdp_cpu_ram_efficient_loading",
+            "true",
+            "every process loads the whole model before sharding it.",
+            "Set fsdp_cpu_ram_efficient_loading: false",
+        )
     if os.environ.get("FSDP_IGNORED_MODULES"):
-        raise _refuse("fsdp_ignored_modules", os.environ["FSDP_IGNORED_MODULES"], "every parameter is sharded.",
-                      "Remove the setting")
+        raise _refuse(
+            "fsdp_ignored_modules",
+            os.environ["FSDP_IGNORED_MODULES"],
+            "every parameter is sharded.",
+            "Remove the setting",
+        )
     if config.backward != "local":
-        raise LoptError(f"--backward {config.backward} is not supported with FSDP: its single backward reaches each "
-                        "block's last layer through the local loss only, after FSDP has freed that layer's gathered "
-                        "weights. Use --backward local (the default; same gradients).")
+        raise LoptError(
+            f"--backward {config.backward} is not supported with FSDP: its single backward reaches each "
+            "block's last layer through the local loss only, after FSDP has freed that layer's gathered "
+            "weights. Use --backward local (the default; same gradients)."
+        )
     if config.fp16:
-        raise LoptError("--fp16 is not supported with FSDP: its loss scaler is not verified on sharded gradients. "
-                        "Use --bf16 (no loss scaling needed).")
+        raise LoptError(
+            "--fp16 is not supported with FSDP: its loss scaler is not verified on sharded gradients. "
+            "Use --bf16 (no loss scaling needed)."
+        )
     return FSDPSettings(
         reshard_after_forward=_flag("FSDP_RESHARD_AFTER_FORWARD", "true"),
         activation_checkpointing=_flag("FSDP_ACTIVATION_CHECKPOINTING", "false"),

@@ -24,10 +24,13 @@ class StopRequest:
             signal.raise_signal(signum)
             return
         self.requested, self.signum = True, signum
-        print(f"\nlopt: {signal.Signals(signum).name} received; finishing this step and saving a checkpoint "
-              "(send it again to stop at once, without saving)", file=sys.stderr)
+        print(
+            f"\nlopt: {signal.Signals(signum).name} received; finishing this step and saving a checkpoint "
+            "(send it again to stop at once, without saving)",
+            file=sys.stderr,
+        )
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
             for signum in HANDLED:
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -40,6 +43,9 @@ class StopRequest:
     def exit_after_save(self, checkpoint: Path | None, step: int) -> None:
         """Exit with 128 + signal number (130 for SIGINT, 143 for SIGTERM), as a shell expects."""
         where = f"saved {checkpoint}" if checkpoint else "nothing saved"
-        print(f"lopt: stopped after step {step}; {where}. Resume with the same command plus "
-              "--resume_from_checkpoint latest", file=sys.stderr)
+        print(
+            f"lopt: stopped after step {step}; {where}. Resume with the same command plus "
+            "--resume_from_checkpoint latest",
+            file=sys.stderr,
+        )
         sys.exit(128 + (self.signum or signal.SIGTERM))

@@ -120,8 +120,12 @@ def stop_unless_finite(values: dict[str, float], step: int, step_taken: bool = F
     bad = {name: v for name, v in values.items() if not math.isfinite(v)}
     if bad:
         detail = ", ".join(f"{name} = {v}" for name, v in bad.items())
-        taken = ("DeepSpeed computes the gradient norm inside its optimizer step, so the weights in memory may be "
-                 "poisoned; none of them were saved" if step_taken else "The optimizer step was not taken")
+        taken = (
+            "DeepSpeed computes the gradient norm inside its optimizer step, so the weights in memory may be "
+            "poisoned; none of them were saved"
+            if step_taken
+            else "The optimizer step was not taken"
+        )
         raise LoptError(
             f"Non-finite values at step {step}: {detail}. {taken}, and no checkpoint of these weights was written. "
             "Lower --learning_rate / --lr_k1 or --lambda_aux, set --max_grad_norm, or use --bf16 instead of --fp16."

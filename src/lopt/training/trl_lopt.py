@@ -38,10 +38,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from accelerate.utils import DistributedType
@@ -60,9 +60,9 @@ from lopt.training.checkpoint import (
     prune_checkpoints,
     save_final_model,
 )
-from lopt.training.sft import console, prepare_output_dir
 from lopt.training.memory import SavedTensorMeter, device_peak_bytes
 from lopt.training.optim import build_optimizer
+from lopt.training.sft import console, prepare_output_dir
 from lopt.training.signals import StopRequest
 from lopt.training.step import all_reduce_gradients, stop_unless_finite
 
@@ -101,8 +101,15 @@ class _StopOnSignal(TrainerCallback):
 class LoptTrainerMixin:
     """Put before a TRL trainer class: ``class LoptGRPOTrainer(LoptTrainerMixin, GRPOTrainer)``."""
 
-    def __init__(self, *args, lopt: LocalLearningLM, backward: str = "local", lr_k1: float | None = None,
-                 save_total_limit: int | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        lopt: LocalLearningLM,
+        backward: str = "local",
+        lr_k1: float | None = None,
+        save_total_limit: int | None = None,
+        **kwargs,
+    ):
         self.lopt = lopt
         self.lopt_backward = backward
         self.lopt_lr_k1 = lr_k1
@@ -130,7 +137,9 @@ class LoptTrainerMixin:
         # `accelerator.backward` is a micro-batch's loss / accumulation steps, and so are the local losses.
         local = self.lopt_backward == "local"
         backward_fn = self.accelerator.backward if local else None
-        with self.lopt.boundary_step(backward_fn, block_weight / self.current_gradient_accumulation_steps) as aux_losses:
+        with self.lopt.boundary_step(
+            backward_fn, block_weight / self.current_gradient_accumulation_steps
+        ) as aux_losses:
             output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = output[0] if return_outputs else output
         returned_scale = self.current_gradient_accumulation_steps if self.loss_is_scaled_for_ga else 1
@@ -139,7 +148,7 @@ class LoptTrainerMixin:
         self._stop_unless_finite(values)
         metrics = self._metrics["train"]
         metrics[TASK_LOSS_KEY].append(values["task loss"])
-        for i, aux in enumerate(aux_losses):
+        for i in range(len(aux_losses)):
             metrics[AUX_LOSS_KEY.format(i + 1)].append(values[f"aux loss (block {i + 1})"])
         if not local and aux_losses:
             loss = loss + block_weight / returned_scale * torch.stack(aux_losses).sum()
@@ -169,7 +178,9 @@ class LoptTrainerMixin:
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            self.optimizer = build_optimizer(self.lopt, self.args.learning_rate, self.lopt_lr_k1, self.args.weight_decay)
+            self.optimizer = build_optimizer(
+                self.lopt, self.args.learning_rate, self.lopt_lr_k1, self.args.weight_decay
+            )
         return self.optimizer
 
     def _clip_grad_norm(self, model):
@@ -243,7 +254,9 @@ def trl_arguments(trl_config_cls, config: RunConfig, **specific):
 
         logger.warning(
             "the installed TRL %s has no setting for %s; %s not passed to TRL. Upgrade TRL to use %s.",
-            trl.__version__, ", ".join(f"--{name}" for name in unknown), "it is" if len(unknown) == 1 else "they are",
+            trl.__version__,
+            ", ".join(f"--{name}" for name in unknown),
+            "it is" if len(unknown) == 1 else "they are",
             "it" if len(unknown) == 1 else "them",
         )
     try:
@@ -259,8 +272,15 @@ class MetricsCallback(TrainerCallback):
     `activation_peak_bytes` is the peak of bytes saved for backward over the logging window.
     """
 
-    def __init__(self, path: Path, lopt: LocalLearningLM, meter: SavedTensorMeter, device: torch.device,
-                 extra: dict[str, str], append: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        lopt: LocalLearningLM,
+        meter: SavedTensorMeter,
+        device: torch.device,
+        extra: dict[str, str],
+        append: bool = False,
+    ):
         self.path, self.lopt, self.meter, self.device, self.extra = path, lopt, meter, device, extra
         self.append = append  # a resumed run continues the file
         self.start = self.last_time = time.perf_counter()

@@ -57,41 +57,68 @@ def zero_settings_from_environment(config: SFTConfig) -> ZeroSettings | None:
         import deepspeed
         from deepspeed.runtime.engine import DeepSpeedEngine
     except ImportError as error:
-        raise LoptError(f"The accelerate config asks for DeepSpeed, which cannot be imported here ({error}). Install "
-                        "it with `pip install 'lopt[deepspeed]'`, or launch with configs/accelerate_fsdp2.yaml.") from error
+        raise LoptError(
+            f"The accelerate config asks for DeepSpeed, which cannot be imported here ({error}). Install "
+            "it with `pip install 'lopt[deepspeed]'`, or launch with configs/accelerate_fsdp2.yaml."
+        ) from error
     if not hasattr(DeepSpeedEngine, "managed_gradient_accumulation"):
-        raise LoptError(f"DeepSpeed {deepspeed.__version__} lacks unmanaged gradient accumulation, which local backward "
-                        "needs (one backward per block); lopt is tested with 0.19.8. Run `pip install -U deepspeed`.")
+        raise LoptError(
+            f"DeepSpeed {deepspeed.__version__} lacks unmanaged gradient accumulation, which local backward "
+            "needs (one backward per block); lopt is tested with 0.19.8. Run `pip install -U deepspeed`."
+        )
     config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if config_file:
-        raise _refuse("deepspeed_config_file", config_file, "lopt writes the DeepSpeed config itself, from its flags "
-                      "(--per_device_train_batch_size, --gradient_accumulation_steps, --max_grad_norm, --bf16) and "
-                      "the accelerate config's zero_stage.", "Remove deepspeed_config_file and set "
-                      "deepspeed_config: {zero_stage: 2}")
+        raise _refuse(
+            "deepspeed_config_file",
+            config_file,
+            "lopt writes the DeepSpeed config itself, from its flags "
+            "(--per_device_train_batch_size, --gradient_accumulation_steps, --max_grad_norm, --bf16) and "
+            "the accelerate config's zero_stage.",
+            "Remove deepspeed_config_file and set deepspeed_config: {zero_stage: 2}",
+        )
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2").strip()
     if stage not in ("1", "2", "3"):
-        raise _refuse("zero_stage", stage, "lopt runs ZeRO stages 1, 2 and 3 (stage 0 is plain data parallelism: "
-                      "use configs/accelerate_multi_gpu.yaml).", "Set zero_stage: 1, 2 or 3")
+        raise _refuse(
+            "zero_stage",
+            stage,
+            "lopt runs ZeRO stages 1, 2 and 3 (stage 0 is plain data parallelism: "
+            "use configs/accelerate_multi_gpu.yaml).",
+            "Set zero_stage: 1, 2 or 3",
+        )
     for what in ("optimizer", "param"):
         device = os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what.upper()}_DEVICE", "none").strip().lower()
         if device not in ("", "none"):
-            raise _refuse(f"offload_{what}_device", device, "offloading is not verified with local backward (it "
-                          "needs a GPU, and lopt's tests run on CPU).", f"Set offload_{what}_device: none")
+            raise _refuse(
+                f"offload_{what}_device",
+                device,
+                "offloading is not verified with local backward (it needs a GPU, and lopt's tests run on CPU).",
+                f"Set offload_{what}_device: none",
+            )
     if os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").strip().lower() in ("1", "true"):
-        raise _refuse("zero3_init_flag", "true", "every process loads the whole model, then DeepSpeed partitions it.",
-                      "Set zero3_init_flag: false")
+        raise _refuse(
+            "zero3_init_flag",
+            "true",
+            "every process loads the whole model, then DeepSpeed partitions it.",
+            "Set zero3_init_flag: false",
+        )
     accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
     if accumulation and int(accumulation) != config.gradient_accumulation_steps:
-        raise LoptError(f"gradient_accumulation_steps: {accumulation} in the accelerate config differs from "
-                        f"--gradient_accumulation_steps {config.gradient_accumulation_steps}. Remove it from the "
-                        "config (lopt's flag decides) or pass the same value.")
+        raise LoptError(
+            f"gradient_accumulation_steps: {accumulation} in the accelerate config differs from "
+            f"--gradient_accumulation_steps {config.gradient_accumulation_steps}. Remove it from the "
+            "config (lopt's flag decides) or pass the same value."
+        )
     clipping = os.environ.get("ACCELERATE_GRADIENT_CLIPPING")
     if clipping and float(clipping) != config.max_grad_norm:
-        raise LoptError(f"gradient_clipping: {clipping} in the accelerate config differs from --max_grad_norm "
-                        f"{config.max_grad_norm}. Remove it from the config (lopt's flag decides) or pass the same value.")
+        raise LoptError(
+            f"gradient_clipping: {clipping} in the accelerate config differs from --max_grad_norm "
+            f"{config.max_grad_norm}. Remove it from the config (lopt's flag decides) or pass the same value."
+        )
     if config.fp16:
-        raise LoptError("--fp16 is not supported with DeepSpeed: its loss scaling is not verified with local backward. "
-                        "Use --bf16 (no loss scaling needed).")
+        raise LoptError(
+            "--fp16 is not supported with DeepSpeed: its loss scaling is not verified with local backward. "
+            "Use --bf16 (no loss scaling needed)."
+        )
     return ZeroSettings(stage=int(stage))
 
 
@@ -107,16 +134,22 @@ def deepspeed_config(settings: ZeroSettings, config: SFTConfig, dtype: torch.dty
     }
 
 
-def initialize(model: LocalLearningLM, optimizer: torch.optim.Optimizer, settings: ZeroSettings, config: SFTConfig,
-               dtype: torch.dtype):
+def initialize(
+    model: LocalLearningLM,
+    optimizer: torch.optim.Optimizer,
+    settings: ZeroSettings,
+    config: SFTConfig,
+    dtype: torch.dtype,
+):
     """Partition `optimizer`'s state (and with stage 3 the model) across processes: DeepSpeed's engine.
 
     lopt keeps its own AdamW parameter groups and learning-rate schedule; DeepSpeed steps them.
     """
     import deepspeed
 
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
-                                      config=deepspeed_config(settings, config, dtype))
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, dist_init_required=False, config=deepspeed_config(settings, config, dtype)
+    )
     mark_micro_batches(engine, model)
     return engine
 
@@ -129,7 +162,9 @@ def mark_micro_batches(engine, model: LocalLearningLM) -> None:
     ZeRO-3 copies each micro-batch's reduced gradients over the previous ones instead of adding them
     (seen: the first micro-batch of a 2-micro-batch window lost).
     """
-    model.parts.embeddings[0].register_forward_pre_hook(lambda module, args: engine.optimizer.clear_backward_seen_flag())
+    model.parts.embeddings[0].register_forward_pre_hook(
+        lambda module, args: engine.optimizer.clear_backward_seen_flag()
+    )
 
 
 def backward(engine):
@@ -183,24 +218,33 @@ def check_resumable(checkpoint: Path, state: dict, engine) -> None:
     if saved == now:
         return
     if saved is None:
-        raise LoptError(f"--resume_from_checkpoint {checkpoint} was saved without DeepSpeed, and this launch uses "
-                        "DeepSpeed. Resume it with the launcher it was saved with (torchrun or "
-                        "configs/accelerate_multi_gpu.yaml / configs/accelerate_fsdp2.yaml).")
+        raise LoptError(
+            f"--resume_from_checkpoint {checkpoint} was saved without DeepSpeed, and this launch uses "
+            "DeepSpeed. Resume it with the launcher it was saved with (torchrun or "
+            "configs/accelerate_multi_gpu.yaml / configs/accelerate_fsdp2.yaml)."
+        )
     if now is None:
-        raise LoptError(f"--resume_from_checkpoint {checkpoint} holds DeepSpeed ZeRO-{saved['zero_stage']} optimizer "
-                        f"state from {saved['world_size']} processes. Resume it under DeepSpeed: `accelerate launch "
-                        f"--config_file configs/accelerate_deepspeed_zero{max(saved['zero_stage'], 2)}.yaml "
-                        f"--num_processes {saved['world_size']} -m lopt.cli sft ...` with zero_stage: {saved['zero_stage']}.")
-    raise LoptError(f"--resume_from_checkpoint {checkpoint} holds DeepSpeed ZeRO-{saved['zero_stage']} optimizer state "
-                    f"from {saved['world_size']} processes; this launch is ZeRO-{now['zero_stage']} on "
-                    f"{now['world_size']}. Launch with zero_stage: {saved['zero_stage']} and --num_processes "
-                    f"{saved['world_size']}.")
+        raise LoptError(
+            f"--resume_from_checkpoint {checkpoint} holds DeepSpeed ZeRO-{saved['zero_stage']} optimizer "
+            f"state from {saved['world_size']} processes. Resume it under DeepSpeed: `accelerate launch "
+            f"--config_file configs/accelerate_deepspeed_zero{max(saved['zero_stage'], 2)}.yaml "
+            f"--num_processes {saved['world_size']} -m lopt.cli sft ...` with zero_stage: {saved['zero_stage']}."
+        )
+    raise LoptError(
+        f"--resume_from_checkpoint {checkpoint} holds DeepSpeed ZeRO-{saved['zero_stage']} optimizer state "
+        f"from {saved['world_size']} processes; this launch is ZeRO-{now['zero_stage']} on "
+        f"{now['world_size']}. Launch with zero_stage: {saved['zero_stage']} and --num_processes "
+        f"{saved['world_size']}."
+    )
 
 
 def load_engine_state(engine, checkpoint: Path) -> None:
     """Restore the optimizer partitions written by `save_engine_state` (and DeepSpeed's copy of the weights)."""
-    loaded, _ = engine.load_checkpoint(str(checkpoint), tag=ENGINE_FOLDER, load_optimizer_states=True,
-                                       load_lr_scheduler_states=False)
+    loaded, _ = engine.load_checkpoint(
+        str(checkpoint), tag=ENGINE_FOLDER, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
     if loaded is None:
-        raise LoptError(f"{checkpoint / ENGINE_FOLDER} could not be read by DeepSpeed (files missing?). Resume from "
-                        "another checkpoint ('latest' takes the newest complete one).")
+        raise LoptError(
+            f"{checkpoint / ENGINE_FOLDER} could not be read by DeepSpeed (files missing?). Resume from "
+            "another checkpoint ('latest' takes the newest complete one)."
+        )
