@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lopt.bench import loss_part, main
 from lopt.errors import LoptError
+from lopt.tools.bench import loss_part, main
 from tiny_models import tiny_model_dir
 
 

@@ -16,10 +16,10 @@ from transformers import AutoModelForCausalLM
 
 from lopt.config import SFTConfig
 from lopt.errors import LoptError
-from lopt.training import zero
+from lopt.parallel import deepspeed as zero
+from lopt.parallel.deepspeed import ZeroSettings, zero_settings_from_environment
 from lopt.training.checkpoint import load_training_state
 from lopt.training.step import forward_backward
-from lopt.training.zero import ZeroSettings, zero_settings_from_environment
 from test_distributed import WORLD, _halves, _wrapped
 from test_fsdp import TORCHRUN, _micro_batches, _sft, _weights
 from tiny_models import tiny_batch, tiny_model_dir

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lopt.models.lopt import LocalLearningLM
+from lopt.models.local_learning import LocalLearningLM
 from lopt.training.step import all_reduce_gradients, forward_backward
 from tiny_models import tiny_batch, tiny_model, tiny_model_dir
 
@@ -103,7 +103,7 @@ def test_sharding_launch_configs_are_refused_not_silently_replicated(monkeypatch
     """What GRPO / DPO get; `lopt sft` reads the FSDP2 or DeepSpeed settings first and shards
     (test_fsdp.py, test_deepspeed.py), and is refused the other kind."""
     from lopt.errors import LoptError
-    from lopt.training.distributed import init_from_environment
+    from lopt.parallel.distributed import init_from_environment
 
     monkeypatch.setenv(variable, "true")
     with pytest.raises(LoptError, match="(FSDP|DeepSpeed).*configs/accelerate_multi_gpu.yaml"):

@@ -10,7 +10,7 @@ from lopt.cli import main
 from lopt.config import DPOConfig, parse_config
 from lopt.data.presets import dpo_records, gsm_symbolic_pairs
 from lopt.errors import LoptError
-from lopt.training.dpo import build_dpo_trainer
+from lopt.recipes.dpo import build_dpo_trainer
 from tiny_models import tiny_model_dir
 
 

@@ -8,9 +8,9 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from lopt.bench import Configuration, add_ratios, measure
 from lopt.cli import main
 from lopt.models.registry import load_model_and_tokenizer
+from lopt.tools.bench import Configuration, add_ratios, measure
 
 pytestmark = pytest.mark.integration
 

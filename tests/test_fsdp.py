@@ -17,10 +17,10 @@ from transformers import AutoModelForCausalLM
 
 from lopt.config import SFTConfig
 from lopt.errors import LoptError
-from lopt.training import sharding
+from lopt.parallel import fsdp as sharding
+from lopt.parallel.fsdp import FSDPSettings, fsdp_settings_from_environment, shard_model
 from lopt.training.checkpoint import load_training_state
 from lopt.training.optim import build_optimizer
-from lopt.training.sharding import FSDPSettings, fsdp_settings_from_environment, shard_model
 from lopt.training.step import forward_backward
 from test_distributed import WORLD, _halves, _wrapped
 from tiny_models import tiny_batch, tiny_model_dir

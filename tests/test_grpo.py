@@ -14,8 +14,8 @@ from lopt.cli import main
 from lopt.config import GRPOConfig, parse_config
 from lopt.data.presets import grpo_records
 from lopt.errors import LoptError
-from lopt.training.grpo import build_grpo_trainer, prepare_prompts, run_grpo
-from lopt.training.trl_lopt import trl_arguments
+from lopt.recipes.grpo import build_grpo_trainer, prepare_prompts, run_grpo
+from lopt.training.trl_integration import trl_arguments
 from tiny_models import tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def test_flags_trl_does_not_know_are_reported_once(model_dir, tmp_path, caplog):
     from trl import GRPOConfig as TRLGRPOConfig
 
     config = grpo_config(model_dir, tmp_path / "x")
-    with caplog.at_level(logging.WARNING, logger="lopt.training.trl_lopt"):
+    with caplog.at_level(logging.WARNING, logger="lopt.training.trl_integration"):
         args = trl_arguments(TRLGRPOConfig, config, num_generations=2, not_a_trl_setting=3)
     reports = [r.getMessage() for r in caplog.records if "not_a_trl_setting" in r.getMessage()]
     assert len(reports) == 1 and "--not_a_trl_setting" in reports[0]

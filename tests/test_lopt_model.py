@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, BertConfig, BertLMHeadModel
 
 from lopt.errors import LoptError
-from lopt.models.lopt import LocalLearningLM, ReconstructionHead, split_blocks
+from lopt.models.local_learning import LocalLearningLM, ReconstructionHead, split_blocks
 from lopt.training import loss as loss_module
 from lopt.training.loss import causal_lm_loss_sum
 from lopt.training.memory import SavedTensorMeter

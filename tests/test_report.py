@@ -9,7 +9,7 @@ import pytest
 
 from lopt.cli import main
 from lopt.errors import LoptError
-from lopt.report import load_run, write_report
+from lopt.tools.report import load_run, write_report
 
 MiB = 2**20
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from lopt.cli import main
 from lopt.config import SFTConfig, parse_config
 from lopt.errors import LoptError
-from lopt.training import sft
+from lopt.recipes import sft
 from lopt.training.step import StepResult
 from tiny_models import tiny_model_dir
 

@@ -17,8 +17,8 @@ from transformers import TrainerCallback
 
 from lopt.config import DPOConfig, parse_config
 from lopt.errors import LoptError
+from lopt.recipes.dpo import build_dpo_trainer
 from lopt.training.checkpoint import load_training_state
-from lopt.training.dpo import build_dpo_trainer
 from tiny_models import tiny_model_dir
 
 WORLD = 2

@@ -12,8 +12,8 @@ import torch
 
 from lopt.cli import main
 from lopt.errors import LoptError
+from lopt.recipes.grpo import run_grpo
 from lopt.training.checkpoint import TRAINING_STATE, find_checkpoint, load_training_state
-from lopt.training.grpo import run_grpo
 from test_faults import assert_signal_finishes_the_step_and_saves, cli_process, wait_for, weights
 from test_grpo import grpo_config
 from tiny_models import tiny_model_dir

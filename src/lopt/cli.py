@@ -26,8 +26,9 @@ def _loss(value: float | None) -> str:
 
 def _sft(argv: list[str]) -> None:
     from lopt.config import SFTConfig, parse_config
-    from lopt.training.distributed import is_main_process
-    from lopt.training.sft import console, run_sft
+    from lopt.parallel.distributed import is_main_process
+    from lopt.recipes.sft import run_sft
+    from lopt.training.run import console
 
     config = parse_config(argv, SFTConfig, prog="lopt sft", description="Supervised fine-tuning (E2E or LoPT).")
     result = run_sft(config)
@@ -40,9 +41,9 @@ def _sft(argv: list[str]) -> None:
 
 def _grpo(argv: list[str]) -> None:
     from lopt.config import GRPOConfig, parse_config
-    from lopt.training.distributed import is_main_process
-    from lopt.training.grpo import run_grpo
-    from lopt.training.sft import console
+    from lopt.parallel.distributed import is_main_process
+    from lopt.recipes.grpo import run_grpo
+    from lopt.training.run import console
 
     config = parse_config(argv, GRPOConfig, prog="lopt grpo", description="GRPO with verifiable rewards (E2E or LoPT).")
     result = run_grpo(config)
@@ -57,9 +58,9 @@ def _grpo(argv: list[str]) -> None:
 
 def _dpo(argv: list[str]) -> None:
     from lopt.config import DPOConfig, parse_config
-    from lopt.training.distributed import is_main_process
-    from lopt.training.dpo import run_dpo
-    from lopt.training.sft import console
+    from lopt.parallel.distributed import is_main_process
+    from lopt.recipes.dpo import run_dpo
+    from lopt.training.run import console
 
     config = parse_config(argv, DPOConfig, prog="lopt dpo", description="DPO on preference pairs (E2E or LoPT).")
     result = run_dpo(config)
@@ -73,25 +74,25 @@ def _dpo(argv: list[str]) -> None:
 
 
 def _eval(argv: list[str]) -> None:
-    from lopt.evaluation import main as eval_main
+    from lopt.evaluation.cli import main as eval_main
 
     eval_main(argv)
 
 
 def _report(argv: list[str]) -> None:
-    from lopt.report import main as report_main
+    from lopt.tools.report import main as report_main
 
     report_main(argv)
 
 
 def _demo(argv: list[str]) -> None:
-    from lopt.demo import main as demo_main
+    from lopt.tools.demo import main as demo_main
 
     demo_main(argv)
 
 
 def _bench(argv: list[str]) -> None:
-    from lopt.bench import main as bench_main
+    from lopt.tools.bench import main as bench_main
 
     bench_main(argv)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import get_scheduler
 
-from lopt.models.lopt import LocalLearningLM
+from lopt.models.local_learning import LocalLearningLM
 
 
 def _no_decay(param: torch.nn.Parameter) -> bool:

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from lopt.errors import LoptError
-from lopt.models.lopt import LocalLearningLM
-from lopt.training.distributed import all_reduce_sum, world_size
+from lopt.models.local_learning import LocalLearningLM
+from lopt.parallel.distributed import all_reduce_sum, world_size
 from lopt.training.loss import causal_lm_loss_sum
 
 BACKWARD_MODES = ("local", "joint")

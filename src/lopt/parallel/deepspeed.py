@@ -33,9 +33,9 @@ import torch
 
 from lopt.config import SFTConfig
 from lopt.errors import LoptError, unsupported_setting
-from lopt.models.lopt import LocalLearningLM
-from lopt.training import distributed
-from lopt.training.sharding import FullState, split_full_weights
+from lopt.models.local_learning import LocalLearningLM
+from lopt.parallel import distributed
+from lopt.parallel.fsdp import FullState, split_full_weights
 
 ZERO_CONFIGS = "configs/accelerate_deepspeed_zero2.yaml or configs/accelerate_deepspeed_zero3.yaml"
 ENGINE_FOLDER = "deepspeed"  # inside checkpoint-N/: DeepSpeed's partitioned optimizer state

@@ -2,9 +2,9 @@
 
 The whole training step is `train_step` below: forward/backward over the accumulation window
 (local or joint backward, see step.py), gradient sync across processes (done by FSDP itself when
-accelerate's FSDP2 config shards the model, see sharding.py), global-norm clipping,
+accelerate's FSDP2 config shards the model, see parallel/fsdp.py), global-norm clipping,
 a finiteness check, then the optimizer and schedule. Under accelerate's DeepSpeed config the
-engine reduces, clips and steps instead (zero.py). `run_sft` around it sets the run up, logs,
+engine reduces, clips and steps instead (parallel/deepspeed.py). `run_sft` around it sets the run up, logs,
 checkpoints, resumes, and stops cleanly on SIGINT / SIGTERM.
 """
 
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lopt.config import SFTConfig, save_config
@@ -27,9 +26,9 @@ from lopt.data.collate import collate, tokenize_sft
 from lopt.data.order import batches_from, batches_per_epoch
 from lopt.data.presets import load_records
 from lopt.errors import LoptError
-from lopt.models.lopt import LocalLearningLM
-from lopt.models.registry import load_model_and_tokenizer
-from lopt.training import distributed, sharding, zero
+from lopt.parallel import deepspeed as zero
+from lopt.parallel import distributed
+from lopt.parallel import fsdp as sharding
 from lopt.training.checkpoint import (
     check_writable,
     find_checkpoint,
@@ -42,10 +41,9 @@ from lopt.training.checkpoint import (
 from lopt.training.loss import liger_linear_cross_entropy
 from lopt.training.memory import SavedTensorMeter, device_peak_bytes
 from lopt.training.optim import build_optimizer, build_scheduler
+from lopt.training.run import build_model, console, prepare_output_dir, weights_dtype
 from lopt.training.signals import StopRequest
 from lopt.training.step import all_reduce_gradients, check_finite, forward_backward
-
-console = Console(stderr=True)
 
 
 @dataclass
@@ -58,48 +56,6 @@ class SFTResult:
     peak_mem_bytes: int
     activation_peak_bytes: int
     skipped_truncated: int
-
-
-def prepare_output_dir(config: SFTConfig) -> Path:
-    """Refuse to mix this run's files with an earlier run's unless the user said so."""
-    out = Path(config.output_dir)
-    if out.exists() and not out.is_dir():
-        raise LoptError(f"--output_dir {out} exists and is a file; pass a folder path.")
-    resuming = config.resume_from_checkpoint is not None
-    if out.is_dir() and any(out.iterdir()) and not (config.overwrite_output_dir or resuming):
-        raise LoptError(
-            f"--output_dir {out} is not empty (it holds an earlier run's files). Pass a new folder, "
-            "--resume_from_checkpoint latest to continue that run, or --overwrite_output_dir to write into it "
-            "(files with the same names are replaced)."
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def weights_dtype(config: SFTConfig, device: torch.device) -> torch.dtype:
-    if config.fp16 and device.type != "cuda":
-        raise LoptError("--fp16 needs a CUDA GPU (none found). Drop --fp16 to train in float32 on this machine.")
-    bf16 = config.bf16
-    if bf16 is None:  # auto: bf16 where the hardware has it
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if bf16 else torch.float32
-
-
-def build_model(config: SFTConfig, device: torch.device, weights: str | None = None):
-    """The wrapped model; `weights` (a checkpoint folder) replaces the starting weights on resume."""
-    model, tokenizer = load_model_and_tokenizer(
-        weights or config.model_name_or_path,
-        dtype=weights_dtype(config, device),
-        trust_remote_code=config.trust_remote_code,
-    )
-    num_blocks = config.num_blocks if config.canonical_method == "lopt" else 1
-    wrapped = LocalLearningLM(
-        model, num_blocks=num_blocks, lambda_aux=config.lambda_aux, early_blocks=config.early_blocks
-    ).to(device)
-    if config.gradient_checkpointing:
-        wrapped.enable_gradient_checkpointing()
-    wrapped.train()
-    return wrapped, tokenizer
 
 
 def train_step(model, window, config, optimizer, scheduler, scaler, step, autocast, engine=None):

@@ -2,7 +2,7 @@
 
 Local backward runs one backward per block, and DistributedDataParallel expects exactly one per
 forward, so lopt keeps the model unwrapped and sums gradients across processes itself after the
-accumulation window (see step.py), or shards it with FSDP2 (see sharding.py, which also reads what
+accumulation window (see training/step.py), or shards it with FSDP2 (see fsdp.py, which also reads what
 accelerate's config asks for). This module holds the process-group plumbing.
 """
 
@@ -25,7 +25,7 @@ def init_from_environment(sharded_by: str | None = None) -> torch.device:
     """Join the process group the launcher describes (WORLD_SIZE > 1) and return this process's device.
 
     A sharding launch is refused unless the caller shards the model itself (`sharded_by` "FSDP" or
-    "DeepSpeed": `lopt sft`, after sharding.py or zero.py has accepted the accelerate settings).
+    "DeepSpeed": `lopt sft`, after fsdp.py or deepspeed.py has accepted the accelerate settings).
     """
     for variable, name in _SHARDING_ENV.items():
         if os.environ.get(variable, "").lower() in ("1", "true") and name != sharded_by:

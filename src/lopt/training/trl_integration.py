@@ -49,8 +49,8 @@ from transformers import TrainerCallback
 
 from lopt.config import RunConfig, save_config
 from lopt.errors import LoptError
-from lopt.models.lopt import LocalLearningLM
-from lopt.training import distributed
+from lopt.models.local_learning import LocalLearningLM
+from lopt.parallel import distributed
 from lopt.training.checkpoint import (
     TRAINING_STATE,
     check_writable,
@@ -62,7 +62,7 @@ from lopt.training.checkpoint import (
 )
 from lopt.training.memory import SavedTensorMeter, device_peak_bytes
 from lopt.training.optim import build_optimizer
-from lopt.training.sft import console, prepare_output_dir
+from lopt.training.run import console, prepare_output_dir
 from lopt.training.signals import StopRequest
 from lopt.training.step import all_reduce_gradients, stop_unless_finite
 

@@ -1,6 +1,6 @@
 """DPO, end-to-end or with LoPT, on TRL's DPOTrainer.
 
-How LoPT enters TRL is in trl_lopt.py. The reference model is the frozen starting model: TRL loads
+How LoPT enters TRL is in training/trl_integration.py. The reference model is the frozen starting model: TRL loads
 it again from the policy's own folder (the policy's config names it), so it carries none of the
 LoPT hooks and runs without gradients.
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 from lopt.config import DPOConfig
 from lopt.data.presets import dpo_records
 from lopt.errors import LoptError
-from lopt.training.sft import build_model
-from lopt.training.trl_lopt import LoptTrainerMixin, MetricsCallback, TRLRunResult, run_trl_recipe, trl_arguments
+from lopt.training.run import build_model
+from lopt.training.trl_integration import LoptTrainerMixin, MetricsCallback, TRLRunResult, run_trl_recipe, trl_arguments
 
 # metrics.jsonl columns that DPO adds to the shared schema, and the TRL log keys they come from
 DPO_METRICS = {

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from lopt.errors import LoptError
 from lopt.keep_previous import keep_previous
-from lopt.models.lopt import LocalLearningLM
+from lopt.models.local_learning import LocalLearningLM
 from lopt.models.registry import DEFAULT_MODEL, load_model_and_tokenizer
 from lopt.training.loss import causal_lm_loss_sum, liger_linear_cross_entropy
 from lopt.training.memory import SavedTensorMeter, device_peak_bytes
@@ -155,7 +155,7 @@ def _measure_in_subprocess(
         "liger": liger,
     }
     done = subprocess.run(
-        [sys.executable, "-m", "lopt.bench", "--child", json.dumps(job)], capture_output=True, text=True
+        [sys.executable, "-m", "lopt.tools.bench", "--child", json.dumps(job)], capture_output=True, text=True
     )
     if done.returncode != 0:
         raise LoptError(f"bench of {config.label} at {batch} x {seq} failed:\n{done.stderr[-2000:]}")

@@ -1,6 +1,6 @@
 """GRPO, end-to-end or with LoPT, on TRL's GRPOTrainer (completions sampled from the current policy).
 
-How LoPT enters TRL is in trl_lopt.py; this module adds what is GRPO's own: the prompts with a
+How LoPT enters TRL is in training/trl_integration.py; this module adds what is GRPO's own: the prompts with a
 verifiable answer, the rewards, and `completions.jsonl` (sample completions with their rewards, for
 the dashboard).
 """
@@ -15,8 +15,8 @@ from lopt.data.collate import build_prompt
 from lopt.data.presets import GRPO_TASKS, grpo_records
 from lopt.errors import LoptError
 from lopt.rewards import TASK_REWARDS, completion_text, format_reward
-from lopt.training.sft import build_model, console
-from lopt.training.trl_lopt import LoptTrainerMixin, MetricsCallback, TRLRunResult, run_trl_recipe, trl_arguments
+from lopt.training.run import build_model, console
+from lopt.training.trl_integration import LoptTrainerMixin, MetricsCallback, TRLRunResult, run_trl_recipe, trl_arguments
 
 # metrics.jsonl columns that GRPO adds to the shared schema, and the TRL log keys they come from
 GRPO_METRICS = {
@@ -31,7 +31,7 @@ def _make_trainer_class():
     from trl import GRPOTrainer  # imported here: TRL takes seconds to import
 
     class LoptGRPOTrainer(LoptTrainerMixin, GRPOTrainer):
-        """GRPOTrainer with LoPT (see trl_lopt.py) that also writes every scored completion to a file."""
+        """GRPOTrainer with LoPT (training/trl_integration.py) that also writes each scored completion to a file."""
 
         completions_path: Path | None = None
 

@@ -47,8 +47,8 @@ except ImportError:
 
 from lopt.config import SFTConfig
 from lopt.errors import LoptError, unsupported_setting
-from lopt.models.lopt import LocalLearningLM
-from lopt.training import distributed
+from lopt.models.local_learning import LocalLearningLM
+from lopt.parallel import distributed
 
 FSDP2_CONFIG = "configs/accelerate_fsdp2.yaml"
 # The release this path is tested with: it relies on fully_shard's handling of a unit whose module
@@ -83,7 +83,7 @@ def fsdp_settings_from_environment(config: SFTConfig) -> FSDPSettings | None:
     """What `accelerate launch` asks for: None (no FSDP), FSDP2 settings, or a LoptError.
 
     FSDP1 is refused rather than ignored: running replicated under a sharding config would silently
-    use far more memory than asked (DeepSpeed is read by zero.py). FSDP1-only
+    use far more memory than asked (DeepSpeed is read by deepspeed.py). FSDP1-only
     settings that accelerate itself ignores under FSDP2 (sharding strategy, prefetch, use_orig_params,
     sync_module_states) are ignored here too.
     """

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 from lopt.config import SFTConfig, validate
-from lopt.evaluation import EvalOptions, evaluate_model, write_eval
+from lopt.evaluation.cli import EvalOptions, evaluate_model, write_eval
 from lopt.models.registry import DEFAULT_MODEL
-from lopt.report import markdown_table, write_report
-from lopt.training.sft import console, run_sft
+from lopt.recipes.sft import run_sft
+from lopt.tools.report import markdown_table, write_report
+from lopt.training.run import console
 
 # name -> the SFTConfig fields that make the method; everything else is shared by all runs.
 METHODS = {
