@@ -16,8 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from lopt.config import SFTConfig
 from lopt.errors import LoptError
-from lopt.parallel import deepspeed as zero
-from lopt.parallel.deepspeed import ZeroSettings, zero_settings_from_environment
+from lopt.parallel.deepspeed import DeepSpeedBackend, ZeroSettings, zero_settings_from_environment
 from lopt.training.checkpoint import load_training_state
 from lopt.training.step import forward_backward
 from test_distributed import WORLD, _halves, _wrapped
@@ -41,19 +40,14 @@ def _zero_worker(
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         # SGD with lr 1 and no clipping: each weight moves by exactly minus its gradient, which reads
         # DeepSpeed's reduced gradient out of its partitions without DeepSpeed internals.
-        config = {
-            **zero.deepspeed_config(ZeroSettings(stage), SFTConfig(max_grad_norm=0.0), torch.float32),
-            "zero_allow_untested_optimizer": True,
-        }
-        engine, *_ = deepspeed.initialize(
-            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=config, dist_init_required=False
-        )
-        zero.mark_micro_batches(engine, model)
+        backend = DeepSpeedBackend(
+            torch.device("cpu"), ZeroSettings(stage), SFTConfig(max_grad_norm=0.0),
+            extra_config={"zero_allow_untested_optimizer": True},
+        )  # fmt: skip
+        backend.prepare_optimizer(model, torch.optim.SGD(model.parameters(), lr=1.0))
         window = _micro_batches(_halves(tiny_batch(batch=4, seed=5))[rank], micro)
-        forward_backward(
-            model, window, backward, zero.backward(engine), lm_head_context=lambda: zero.gathered_lm_head(model)
-        )
-        zero.optimizer_step(engine)
+        forward_backward(model, window, backward, backend.backward, lm_head_context=backend.lm_head_context)
+        backend.step(model, None, lambda grad_norm, step_taken: None)
         params = dict(model.named_parameters())
         with deepspeed.zero.GatheredParameters(list(params.values())):  # a no-op below ZeRO-3
             grads = {n: before[n] - p.detach() for n, p in params.items()}

@@ -15,7 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lopt.models.local_learning import LocalLearningLM
-from lopt.training.step import all_reduce_gradients, forward_backward
+from lopt.parallel.distributed import all_reduce_gradients
+from lopt.training.step import forward_backward
 from tiny_models import tiny_batch, tiny_model, tiny_model_dir
 
 WORLD = 2

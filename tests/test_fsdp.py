@@ -17,8 +17,9 @@ from transformers import AutoModelForCausalLM
 
 from lopt.config import SFTConfig
 from lopt.errors import LoptError
-from lopt.parallel import fsdp as sharding
+from lopt.parallel import fsdp
 from lopt.parallel.fsdp import FSDPSettings, fsdp_settings_from_environment, shard_model
+from lopt.parallel.replicated import ReplicatedBackend, load_optimizer_state
 from lopt.training.checkpoint import load_training_state
 from lopt.training.optim import build_optimizer
 from lopt.training.step import forward_backward
@@ -38,7 +39,7 @@ def _sharded_worker(rank: int, init_file: str, out_dir: str, num_blocks: int, mi
         model = _wrapped(num_blocks)
         full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         shard_model(model, settings, torch.device("cpu"))
-        local_bytes = sum(t.numel() * t.element_size() for t in sharding.local_parameters(model))
+        local_bytes = sum(t.numel() * t.element_size() for t in fsdp.local_parameters(model))
         window = _micro_batches(_halves(tiny_batch(batch=4, seed=5))[rank], micro)
         forward_backward(model, window, backward="local")
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
@@ -229,9 +230,10 @@ def test_unsharded_optimizer_state_round_trips(saved_format):
     forward_backward(model, [tiny_batch()])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # resuming loads the state before any backward, as here
-    saved = sharding.full_state(model, optimizer).optimizer if saved_format == "by-name" else optimizer.state_dict()
+    backend = ReplicatedBackend(torch.device("cpu"), SFTConfig())
+    saved = backend.full_state(model, optimizer).optimizer if saved_format == "by-name" else optimizer.state_dict()
     restored = build_optimizer(model, 1e-3, None, 0.0)
-    sharding.load_optimizer_state(model, restored, saved)
+    load_optimizer_state(model, restored, saved)
     for before, after in zip(optimizer.param_groups, restored.param_groups, strict=True):
         for p, q in zip(before["params"], after["params"], strict=True):
             torch.testing.assert_close(restored.state[q]["exp_avg"], optimizer.state[p]["exp_avg"], atol=0, rtol=0)

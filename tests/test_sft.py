@@ -15,6 +15,7 @@ from lopt.cli import main
 from lopt.config import SFTConfig, parse_config
 from lopt.errors import LoptError
 from lopt.recipes import sft
+from lopt.training.metrics import contract_errors
 from lopt.training.step import StepResult
 from tiny_models import tiny_model_dir
 
@@ -98,7 +99,11 @@ def test_lopt_sft_writes_metrics_checkpoints_and_a_plain_model(model_dir, train_
         "elapsed_s",
     }
     assert all(keys <= set(r) for r in lines)
+    assert all(contract_errors(r, "sft") == [] for r in lines)
     assert all(len(r["aux_loss"]) == 1 and r["activation_peak_bytes"] > 0 for r in lines)
+    # the rate each step used (linear decay from 1e-3 over 4 steps, no warm-up), as TRL logs it
+    assert [r["lr"] for r in lines] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    assert [r["lr_k1"] for r in lines] == [r["lr"] for r in lines]  # --lr_k1 defaults to --learning_rate
     assert lines[-1]["task_loss"] < lines[0]["task_loss"]  # lr 1e-3 on 12 examples: it must learn
     args = json.loads((out / "training_args.json").read_text())
     assert args["method"] == "lopt" and args["num_blocks"] == 2 and args["max_steps"] == 4

@@ -35,7 +35,7 @@ from lopt.config import SFTConfig
 from lopt.errors import LoptError, unsupported_setting
 from lopt.models.local_learning import LocalLearningLM
 from lopt.parallel import distributed
-from lopt.parallel.fsdp import FullState, split_full_weights
+from lopt.parallel.backend import FiniteCheck, FullState, ParallelBackend, split_full_weights
 
 ZERO_CONFIGS = "configs/accelerate_deepspeed_zero2.yaml or configs/accelerate_deepspeed_zero3.yaml"
 ENGINE_FOLDER = "deepspeed"  # inside checkpoint-N/: DeepSpeed's partitioned optimizer state
@@ -134,22 +134,14 @@ def deepspeed_config(settings: ZeroSettings, config: SFTConfig, dtype: torch.dty
     }
 
 
-def initialize(
-    model: LocalLearningLM,
-    optimizer: torch.optim.Optimizer,
-    settings: ZeroSettings,
-    config: SFTConfig,
-    dtype: torch.dtype,
-):
+def initialize(model: LocalLearningLM, optimizer: torch.optim.Optimizer, config: dict):
     """Partition `optimizer`'s state (and with stage 3 the model) across processes: DeepSpeed's engine.
 
     lopt keeps its own AdamW parameter groups and learning-rate schedule; DeepSpeed steps them.
     """
     import deepspeed
 
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, dist_init_required=False, config=deepspeed_config(settings, config, dtype)
-    )
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False, config=config)
     mark_micro_batches(engine, model)
     return engine
 
@@ -167,13 +159,6 @@ def mark_micro_batches(engine, model: LocalLearningLM) -> None:
     )
 
 
-def backward(engine):
-    """The backward function for step.forward_backward: DeepSpeed's, on a loss scaled from a global sum
-    to the per-process share DeepSpeed expects before it averages."""
-    world = distributed.world_size()
-    return lambda loss: engine.backward(loss * world, scale_wrt_gas=False)
-
-
 def gathered_lm_head(model: LocalLearningLM):
     """A context in which the LM head's full weight is present (ZeRO-3 partitions it; see the module docstring)."""
     weight = model.parts.lm_head.weight
@@ -184,37 +169,81 @@ def gathered_lm_head(model: LocalLearningLM):
     return deepspeed.zero.GatheredParameters([weight])
 
 
-def optimizer_step(engine) -> float:
-    """Reduce, clip and apply the window's gradients; return their global norm before clipping."""
-    engine.step()
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else 0.0
+class DeepSpeedBackend(ParallelBackend):
+    """DeepSpeed's engine reduces, clips and steps; lopt's loop still runs forward, backward and the schedule.
+
+    `extra_config` adds keys to the DeepSpeed config lopt writes (tests use it for a plain SGD optimizer).
+    """
+
+    def __init__(
+        self, device: torch.device, settings: ZeroSettings, config: SFTConfig, extra_config: dict | None = None
+    ):
+        super().__init__(device)
+        self.settings, self.config, self.extra_config = settings, config, extra_config or {}
+        self.name = f"DeepSpeed ZeRO-{settings.stage}"
+        self.engine = self.model = None
+
+    def prepare_optimizer(self, model: LocalLearningLM, optimizer: torch.optim.Optimizer) -> None:
+        dtype = next(model.parameters()).dtype  # the weights' dtype decides DeepSpeed's bf16 mode
+        config = {**deepspeed_config(self.settings, self.config, dtype), **self.extra_config}
+        self.engine, self.model = initialize(model, optimizer, config), model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # A loss normalized by a global count, scaled to the per-process share DeepSpeed averages.
+        self.engine.backward(loss * distributed.world_size(), scale_wrt_gas=False)
+
+    def lm_head_context(self):
+        return gathered_lm_head(self.model)
+
+    def step(self, model: LocalLearningLM, optimizer: torch.optim.Optimizer, check: FiniteCheck) -> float:
+        check(0.0, step_taken=False)  # the losses, before the step: DeepSpeed computes the norm inside its step
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else 0.0
+        check(grad_norm, step_taken=True)
+        return grad_norm
+
+    def full_state(self, model: LocalLearningLM, optimizer: torch.optim.Optimizer | None = None) -> FullState:
+        """The whole model (gathered under ZeRO-3); the optimizer state is saved by `save_state`."""
+        if self.engine.zero_optimization_stage() < 3:
+            return FullState(model, model.aux_heads.state_dict(), None)
+        # The private method accelerate's get_state_dict uses too: gathers layer by layer onto the main process
+        # (in the model's dtype despite the name); None elsewhere.
+        weights = self.engine._zero3_consolidated_16bit_state_dict()
+        return split_full_weights(model, weights or {}, None)
+
+    def layout(self) -> dict:
+        """What a checkpoint's DeepSpeed state fits: recorded in training_state.pt, checked on resume."""
+        return {"zero_stage": self.engine.zero_optimization_stage(), "world_size": distributed.world_size()}
+
+    def save_state(self, folder: Path) -> None:
+        """Every process writes its optimizer partition into `folder`/deepspeed (a collective)."""
+        self.engine.save_checkpoint(str(folder), tag=ENGINE_FOLDER, save_latest=False)
+        distributed.barrier()
+
+    def state_dict(self) -> dict:
+        return {"scaler": None, "deepspeed": self.layout()}
+
+    def load_state(
+        self, checkpoint: Path, state: dict, model: LocalLearningLM, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Restore the optimizer partitions written by `save_state` (and DeepSpeed's copy of the weights)."""
+        check_resumable(checkpoint, state.get("deepspeed"), self.layout())
+        loaded, _ = self.engine.load_checkpoint(
+            str(checkpoint), tag=ENGINE_FOLDER, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if loaded is None:
+            raise LoptError(
+                f"{checkpoint / ENGINE_FOLDER} could not be read by DeepSpeed (files missing?). Resume from "
+                "another checkpoint ('latest' takes the newest complete one)."
+            )
 
 
-def full_state(engine, model: LocalLearningLM) -> FullState:
-    """The whole model for saving (a collective under ZeRO-3); the optimizer state is saved by `save_engine_state`."""
-    if engine.zero_optimization_stage() < 3:
-        return FullState(model, model.aux_heads.state_dict(), None)
-    # The private method accelerate's get_state_dict uses too: gathers layer by layer onto the main process
-    # (in the model's dtype despite the name); None elsewhere.
-    weights = engine._zero3_consolidated_16bit_state_dict()
-    return split_full_weights(model, weights or {}, None)
+def check_resumable(checkpoint: Path, saved: dict | None, now: dict | None) -> None:
+    """Refuse, before training, a checkpoint whose optimizer state this launch cannot restore.
 
-
-def describe(engine) -> dict:
-    """What a checkpoint's DeepSpeed state fits: recorded in training_state.pt, checked on resume."""
-    return {"zero_stage": engine.zero_optimization_stage(), "world_size": distributed.world_size()}
-
-
-def save_engine_state(engine, folder: Path) -> None:
-    """Every process writes its optimizer partition into `folder`/deepspeed (a collective)."""
-    engine.save_checkpoint(str(folder), tag=ENGINE_FOLDER, save_latest=False)
-
-
-def check_resumable(checkpoint: Path, state: dict, engine) -> None:
-    """Refuse, before training, a checkpoint whose optimizer state this launch cannot restore."""
-    saved = state.get("deepspeed")
-    now = describe(engine) if engine is not None else None
+    `saved` and `now` are the DeepSpeed layouts of the checkpoint and of this launch (None: no DeepSpeed).
+    """
     if saved == now:
         return
     if saved is None:
@@ -236,15 +265,3 @@ def check_resumable(checkpoint: Path, state: dict, engine) -> None:
         f"{now['world_size']}. Launch with zero_stage: {saved['zero_stage']} and --num_processes "
         f"{saved['world_size']}."
     )
-
-
-def load_engine_state(engine, checkpoint: Path) -> None:
-    """Restore the optimizer partitions written by `save_engine_state` (and DeepSpeed's copy of the weights)."""
-    loaded, _ = engine.load_checkpoint(
-        str(checkpoint), tag=ENGINE_FOLDER, load_optimizer_states=True, load_lr_scheduler_states=False
-    )
-    if loaded is None:
-        raise LoptError(
-            f"{checkpoint / ENGINE_FOLDER} could not be read by DeepSpeed (files missing?). Resume from "
-            "another checkpoint ('latest' takes the newest complete one)."
-        )

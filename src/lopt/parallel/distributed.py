@@ -92,3 +92,24 @@ def all_reduce_sum(value: float, device: torch.device) -> float:
 def any_process(flag: bool, device: torch.device) -> bool:
     """True on every process when the flag is set on at least one (a signal reaches one process first)."""
     return all_reduce_sum(float(flag), device) > 0
+
+
+def all_reduce_gradients(parameters: list[torch.nn.Parameter], mean: bool = False) -> None:
+    """Sum gradients over processes, or with `mean` average them.
+
+    The SFT loop sums: its losses are already scaled by the global normalizers. TRL's losses are
+    per-process means that DistributedDataParallel would average, so LoPT inside TRL takes the mean.
+    """
+    if world_size() == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    if mean:
+        flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()

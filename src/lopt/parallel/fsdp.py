@@ -31,12 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 
 try:  # FSDP2's public API; lopt's unsharded training also runs on torch releases without it
@@ -49,6 +44,8 @@ from lopt.config import SFTConfig
 from lopt.errors import LoptError, unsupported_setting
 from lopt.models.local_learning import LocalLearningLM
 from lopt.parallel import distributed
+from lopt.parallel.backend import FullState, split_full_weights
+from lopt.parallel.replicated import ReplicatedBackend
 
 FSDP2_CONFIG = "configs/accelerate_fsdp2.yaml"
 # The release this path is tested with: it relies on fully_shard's handling of a unit whose module
@@ -185,60 +182,38 @@ def shard_model(model: LocalLearningLM, settings: FSDPSettings, device: torch.de
             module.set_force_sum_reduction_for_comms(True)  # a plain sum, which every backend (gloo too) has
 
 
-def is_sharded(model: nn.Module) -> bool:
-    return FSDPModule is not None and isinstance(model, FSDPModule)
-
-
 def local_parameters(model: nn.Module) -> list[torch.Tensor]:
     """This process's parameter tensors: the shards under FSDP.
 
     The parameters gathered for a layer's forward are new tensors each time, so under FSDP the
     activation meter also counts the gathered weights autograd saves for backward.
     """
-    return [p.to_local() if DTensor is not None and isinstance(p, DTensor) else p for p in model.parameters()]
+    return [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
 
 
-class _GatheredModel:
-    """The full weights gathered from a sharded model, saved like `LocalLearningLM.save_pretrained`."""
+class FSDPBackend(ReplicatedBackend):
+    """FSDP2: the replicated backend's step on a sharded model.
 
-    def __init__(self, model: LocalLearningLM, weights: dict[str, torch.Tensor]):
-        self.model, self._weights = model.model, weights
+    FSDP reduce-scatters each unit's gradients into its shards during backward, so there is nothing
+    left to sum after the window; saving gathers full tensors onto the main process.
+    """
 
-    def save_pretrained(self, output_dir, tokenizer=None) -> None:
-        self.model.save_pretrained(output_dir, state_dict=self._weights, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(output_dir)
+    name = "FSDP2"
 
+    def __init__(self, device: torch.device, config: SFTConfig, settings: FSDPSettings):
+        super().__init__(device, config)
+        self.settings = settings
 
-@dataclass
-class FullState:
-    """What a checkpoint holds, complete on the main process (other processes may hold nothing)."""
+    def prepare_model(self, model: LocalLearningLM) -> None:
+        shard_model(model, self.settings, self.device)
 
-    model: LocalLearningLM | _GatheredModel  # saved with .save_pretrained(folder, tokenizer)
-    aux_heads: dict[str, torch.Tensor]
-    optimizer: dict | None
+    def reduce_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+        pass  # FSDP has already summed the gradients into each shard
 
+    def local_parameters(self, model: LocalLearningLM) -> list[torch.Tensor]:
+        return local_parameters(model)
 
-def full_state(model: LocalLearningLM, optimizer: torch.optim.Optimizer | None = None) -> FullState:
-    """Gather what saving needs. Every process must call this: under FSDP it is a collective."""
-    sharded = is_sharded(model)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
-    optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
-    if not sharded:
-        return FullState(model, model.aux_heads.state_dict(), optim)
-    return split_full_weights(model, get_model_state_dict(model, options=options), optim)
-
-
-def split_full_weights(model: LocalLearningLM, weights: dict[str, torch.Tensor], optimizer: dict | None) -> FullState:
-    """A FullState from the wrapper's gathered state dict: the HF model's weights and the heads' apart."""
-    heads = {k.removeprefix("aux_heads."): v for k, v in weights.items() if k.startswith("aux_heads.")}
-    hf = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
-    return FullState(_GatheredModel(model, hf), heads, optimizer)
-
-
-def load_optimizer_state(model: LocalLearningLM, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Restore `full_state(...).optimizer` on any number of processes, sharded or not."""
-    if any(isinstance(p, int) for group in state["param_groups"] for p in group["params"]):
-        optimizer.load_state_dict(state)  # keyed by position: a checkpoint from lopt before FSDP support
-        return
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    def full_state(self, model: LocalLearningLM, optimizer: torch.optim.Optimizer | None = None) -> FullState:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+        return split_full_weights(model, get_model_state_dict(model, options=options), optim)

@@ -13,9 +13,15 @@ from lopt.config import DPOConfig
 from lopt.data.presets import dpo_records
 from lopt.errors import LoptError
 from lopt.training.run import build_model
-from lopt.training.trl_integration import LoptTrainerMixin, MetricsCallback, TRLRunResult, run_trl_recipe, trl_arguments
+from lopt.training.trl_integration import (
+    LoptTrainerMixin,
+    TRLRunResult,
+    add_lopt_callbacks,
+    run_trl_recipe,
+    trl_arguments,
+)
 
-# metrics.jsonl columns that DPO adds to the shared schema, and the TRL log keys they come from
+# metrics.jsonl columns that DPO adds to the contract (training/metrics.py), and the TRL log keys they come from
 DPO_METRICS = {
     "reward_accuracy": "rewards/accuracies",
     "reward_margin": "rewards/margins",
@@ -75,16 +81,7 @@ def build_dpo_trainer(config: DPOConfig, out: Path):
             f"every prompt is at least --max_seq_length {config.max_seq_length} tokens long, so no answer token is "
             "left to train on; raise --max_seq_length."
         )
-    trainer.add_callback(
-        MetricsCallback(
-            out / "metrics.jsonl",
-            wrapper,
-            trainer.saved_meter,
-            args.device,
-            DPO_METRICS,
-            append=config.resume_from_checkpoint is not None,
-        )
-    )  # a resumed run appends
+    add_lopt_callbacks(trainer, "dpo", DPO_METRICS, append=config.resume_from_checkpoint is not None)
     return trainer
 
 

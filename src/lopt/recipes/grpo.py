@@ -16,9 +16,15 @@ from lopt.data.presets import GRPO_TASKS, grpo_records
 from lopt.errors import LoptError
 from lopt.rewards import TASK_REWARDS, completion_text, format_reward
 from lopt.training.run import build_model, console
-from lopt.training.trl_integration import LoptTrainerMixin, MetricsCallback, TRLRunResult, run_trl_recipe, trl_arguments
+from lopt.training.trl_integration import (
+    LoptTrainerMixin,
+    TRLRunResult,
+    add_lopt_callbacks,
+    run_trl_recipe,
+    trl_arguments,
+)
 
-# metrics.jsonl columns that GRPO adds to the shared schema, and the TRL log keys they come from
+# metrics.jsonl columns that GRPO adds to the contract (training/metrics.py), and the TRL log keys they come from
 GRPO_METRICS = {
     "reward": "reward",
     "reward_std": "reward_std",
@@ -140,9 +146,7 @@ def build_grpo_trainer(config: GRPOConfig, out: Path, **trl_settings):
     trainer.completions_path = out / "completions.jsonl"
     if trainer.accelerator.is_main_process and not resuming:
         trainer.completions_path.write_text("")
-    trainer.add_callback(
-        MetricsCallback(out / "metrics.jsonl", wrapper, trainer.saved_meter, args.device, GRPO_METRICS, append=resuming)
-    )
+    add_lopt_callbacks(trainer, "grpo", GRPO_METRICS, append=resuming)
     return trainer
 
 

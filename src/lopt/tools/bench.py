@@ -37,6 +37,7 @@ from lopt.training.loss import causal_lm_loss_sum, liger_linear_cross_entropy
 from lopt.training.memory import SavedTensorMeter, device_peak_bytes
 from lopt.training.optim import build_optimizer
 from lopt.training.step import forward_backward
+from lopt.training.task_loss import CausalLMLoss
 
 # Wide enough for the whole table when printed to a file or a CI log (rich assumes 80 columns there).
 console = Console(width=None if sys.stdout.isatty() else 150)
@@ -112,7 +113,7 @@ def measure(base, config: Configuration, batch: int, seq: int, steps: int, warmu
         _sync(device)
         start = time.perf_counter()
         with meter.active():
-            forward_backward(model, [data], config.backward, liger=liger)
+            forward_backward(model, [data], config.backward, task_loss=CausalLMLoss(liger=liger))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)

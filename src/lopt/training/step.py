@@ -18,43 +18,21 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from lopt.errors import LoptError
 from lopt.models.local_learning import LocalLearningLM
 from lopt.parallel.distributed import all_reduce_sum, world_size
-from lopt.training.loss import causal_lm_loss_sum
+from lopt.training.task_loss import CausalLMLoss, TaskLoss
 
 BACKWARD_MODES = ("local", "joint")
 
 
 @dataclass
 class StepResult:
-    task_loss: float  # mean next-token cross entropy over the window's trained tokens
+    task_loss: float  # the task loss's mean over the window's units (SFT: cross entropy per trained token)
     aux_losses: list[float]  # mean local loss per non-final block
-    tokens: int  # trained (labelled) tokens in the window, this process
+    tokens: int  # units the task loss counted in the window (trained tokens), this process
     input_tokens: int  # all non-padding tokens in the window, this process
-
-
-def all_reduce_gradients(parameters: list[torch.nn.Parameter], mean: bool = False) -> None:
-    """Sum gradients over processes, or with `mean` average them.
-
-    The SFT loop sums: its losses are already scaled by the global normalizers. TRL's losses are
-    per-process means that DistributedDataParallel would average, so LoPT inside TRL takes the mean.
-    """
-    if world_size() == 1:
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    if mean:
-        flat /= world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 def forward_backward(
@@ -62,25 +40,26 @@ def forward_backward(
     micro_batches: list[dict[str, torch.Tensor]],
     backward: str = "local",
     run_backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
-    liger: bool = False,
+    task_loss: TaskLoss | None = None,
     lm_head_context: Callable[[], AbstractContextManager] = nullcontext,
 ) -> StepResult:
     """Accumulate the gradients of one optimizer step over `micro_batches`.
 
-    The task loss is normalized by the number of trained tokens in the whole window (on all
-    processes), so a window split into micro-batches or across processes gives the gradient of
-    the same global mean. Each block's local loss is a per-micro-batch mean, averaged over the
-    window. `run_backward` back-propagates one loss (through the fp16 loss scaler or DeepSpeed's engine
-    when they are used); `liger` picks Liger Kernel's fused linear cross entropy over the chunked one
-    (CUDA); `lm_head_context` is entered around the task loss and its backward (ZeRO-3 gathers the LM
-    head's weight there).
+    The task loss (`task_loss`, default: causal LM cross entropy) is normalized by the number of its
+    units (trained tokens) in the whole window, on all processes, so a window split into micro-batches
+    or across processes gives the gradient of the same global mean. Each block's local loss is a
+    per-micro-batch mean, averaged over the window. `run_backward` back-propagates one loss (the
+    parallel backend's: through the fp16 loss scaler or DeepSpeed's engine when they are used);
+    `lm_head_context` is entered around the task loss and its backward (ZeRO-3 gathers the LM head's
+    weight there).
     """
     if backward not in BACKWARD_MODES:
         raise LoptError(f"--backward {backward!r} is not valid; choose one of: {', '.join(BACKWARD_MODES)}")
+    task_loss = task_loss or CausalLMLoss()
     device = micro_batches[0]["input_ids"].device
-    local_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
-    global_tokens = all_reduce_sum(local_tokens, device)
-    if global_tokens == 0:
+    local_units = sum(task_loss.units(mb) for mb in micro_batches)
+    global_units = all_reduce_sum(local_units, device)
+    if global_units == 0:
         raise LoptError("No trained tokens in this step: every example's response was masked or truncated.")
     micro_weight = 1.0 / (len(micro_batches) * world_size())
     aux_weight = model.lambda_aux / max(len(model.aux_heads), 1) * micro_weight
@@ -91,8 +70,8 @@ def forward_backward(
         with model.boundary_step(local, aux_weight, batch["attention_mask"]) as aux_losses:
             hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
         with lm_head_context():
-            loss_sum, _ = causal_lm_loss_sum(hidden, model.parts.lm_head, batch["labels"], liger=liger)
-            objective = loss_sum / global_tokens
+            loss_sum = task_loss(model, hidden, batch)
+            objective = loss_sum / global_units
             if local is None and aux_losses:
                 objective = objective + aux_weight * torch.stack(aux_losses).sum()
             run_backward(objective)
@@ -100,9 +79,9 @@ def forward_backward(
         for i, aux in enumerate(aux_losses):
             aux_sums[i] += float(aux.detach()) / len(micro_batches)
     return StepResult(
-        task_loss=all_reduce_sum(task_sum, device) / global_tokens,
+        task_loss=all_reduce_sum(task_sum, device) / global_units,
         aux_losses=[all_reduce_sum(a, device) / world_size() for a in aux_sums],
-        tokens=local_tokens,
+        tokens=local_units,
         input_tokens=sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
     )
 

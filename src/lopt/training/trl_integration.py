@@ -51,6 +51,8 @@ from lopt.config import RunConfig, save_config
 from lopt.errors import LoptError
 from lopt.models.local_learning import LocalLearningLM
 from lopt.parallel import distributed
+from lopt.parallel.distributed import all_reduce_gradients
+from lopt.training.callbacks import Callback, Callbacks, MetricsFile, RunInfo
 from lopt.training.checkpoint import (
     TRAINING_STATE,
     check_writable,
@@ -61,10 +63,11 @@ from lopt.training.checkpoint import (
     save_final_model,
 )
 from lopt.training.memory import SavedTensorMeter, device_peak_bytes
+from lopt.training.metrics import StepMetrics
 from lopt.training.optim import build_optimizer
 from lopt.training.run import console, prepare_output_dir
 from lopt.training.signals import StopRequest
-from lopt.training.step import all_reduce_gradients, stop_unless_finite
+from lopt.training.step import stop_unless_finite
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +118,7 @@ class LoptTrainerMixin:
         self.lopt_lr_k1 = lr_k1
         self.lopt_save_total_limit = save_total_limit
         self.saved_meter = SavedTensorMeter(lopt.parameters())
+        self.last_task_loss = float("nan")  # the latest micro-batch's, for listeners' on_step_end
         super().__init__(*args, **kwargs)
         sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         if lopt.num_blocks > 1 and sharded:
@@ -148,6 +152,7 @@ class LoptTrainerMixin:
         self._stop_unless_finite(values)
         metrics = self._metrics["train"]
         metrics[TASK_LOSS_KEY].append(values["task loss"])
+        self.last_task_loss = values["task loss"]
         for i in range(len(aux_losses)):
             metrics[AUX_LOSS_KEY.format(i + 1)].append(values[f"aux loss (block {i + 1})"])
         if not local and aux_losses:
@@ -265,60 +270,79 @@ def trl_arguments(trl_config_cls, config: RunConfig, **specific):
         raise LoptError(f"TRL rejected these settings: {error}") from error
 
 
-class MetricsCallback(TrainerCallback):
-    """Writes `metrics.jsonl` in the schema the SFT loop writes, plus the recipe's own columns.
+class TRLBridge(TrainerCallback):
+    """TRL's TrainerCallback events -> lopt's listeners (training/callbacks.py), with each logged step as
+    the StepMetrics record of the metrics contract (training/metrics.py).
 
-    `extra` maps a column name in metrics.jsonl to the key of TRL's logs it comes from.
-    `activation_peak_bytes` is the peak of bytes saved for backward over the logging window.
+    `columns` maps each of the recipe's own metrics.jsonl columns to the key of TRL's logs it comes
+    from. `activation_peak_bytes` is the peak of bytes saved for backward over the logging window; `lr`
+    and `lr_k1` are the rates of the last optimizer step, read before the Trainer steps the schedule.
+    Only the main process tells the listeners.
     """
 
-    def __init__(
-        self,
-        path: Path,
-        lopt: LocalLearningLM,
-        meter: SavedTensorMeter,
-        device: torch.device,
-        extra: dict[str, str],
-        append: bool = False,
-    ):
-        self.path, self.lopt, self.meter, self.device, self.extra = path, lopt, meter, device, extra
-        self.append = append  # a resumed run continues the file
+    def __init__(self, trainer, recipe: str, columns: dict[str, str], listeners: list[Callback]):
+        self.trainer, self.recipe, self.columns = trainer, recipe, columns
+        self.callbacks = Callbacks(listeners)
         self.start = self.last_time = time.perf_counter()
         self.last_tokens = 0.0
+        self.rates = [float("nan")]
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.last_time = time.perf_counter()
-        self.meter.reset_peak()
+        self.trainer.saved_meter.reset_peak()
         # GRPO counts tokens in the Trainer's state, which a resume restores: the first rate counts from
         # there (DPO counts its own from 0 each run, and leaves the state's count at 0)
         self.last_tokens = float(state.num_input_tokens_seen)
-        if state.is_world_process_zero and not self.append:
-            self.path.write_text("")
+        if state.is_world_process_zero:
+            lopt = self.trainer.lopt
+            self.callbacks.on_train_begin(
+                RunInfo(
+                    recipe=self.recipe, method="lopt" if lopt.num_blocks > 1 else "e2e", blocks=list(lopt.blocks),
+                    backward=self.trainer.lopt_backward, total_steps=state.max_steps, start_step=state.global_step,
+                    output_dir=Path(args.output_dir), world_size=self.trainer.accelerator.num_processes,
+                )
+            )  # fmt: skip
 
-    def on_log(self, args, state, control, logs=None, lr_scheduler=None, **kwargs):
+    def on_optimizer_step(self, args, state, control, lr_scheduler=None, **kwargs):
+        if lr_scheduler is not None:
+            self.rates = lr_scheduler.get_last_lr()  # build_optimizer puts the early groups first
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.callbacks.on_step_end(state.global_step, self.trainer.last_task_loss)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or TASK_LOSS_KEY not in logs:
             return  # the end-of-training summary and evaluation logs carry no step metrics
         now = time.perf_counter()
         tokens = float(logs.get("num_tokens", self.last_tokens))
-        rates = lr_scheduler.get_last_lr() if lr_scheduler is not None else [float("nan")]
-        record = {
-            "step": state.global_step,
-            "epoch": logs.get("epoch"),
-            "task_loss": logs[TASK_LOSS_KEY],
-            "aux_loss": [logs.get(AUX_LOSS_KEY.format(i + 1)) for i in range(len(self.lopt.aux_heads))],
-            "lr": rates[-1],
-            "lr_k1": rates[0],  # build_optimizer puts the early groups first
-            "grad_norm": logs.get("grad_norm"),
-            "tokens_per_s": (tokens - self.last_tokens) / max(now - self.last_time, 1e-9),
-            "peak_mem_bytes": device_peak_bytes(self.device),
-            "activation_peak_bytes": self.meter.peak_bytes,
-            "elapsed_s": now - self.start,
-        }
-        record.update({column: logs.get(key) for column, key in self.extra.items()})
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        self.meter.reset_peak()
+        meter = self.trainer.saved_meter
+        self.callbacks.on_log(
+            StepMetrics(
+                step=state.global_step, epoch=logs.get("epoch"), task_loss=logs[TASK_LOSS_KEY],
+                aux_loss=[logs.get(AUX_LOSS_KEY.format(i + 1)) for i in range(len(self.trainer.lopt.aux_heads))],
+                lr=self.rates[-1], lr_k1=self.rates[0], grad_norm=logs.get("grad_norm"),
+                tokens_per_s=(tokens - self.last_tokens) / max(now - self.last_time, 1e-9),
+                peak_mem_bytes=device_peak_bytes(args.device), activation_peak_bytes=meter.peak_bytes,
+                elapsed_s=now - self.start, recipe={column: logs.get(key) for column, key in self.columns.items()},
+            )
+        )  # fmt: skip
+        meter.reset_peak()
         self.last_time, self.last_tokens = now, tokens
+
+    def on_save(self, args, state, control, **kwargs):
+        # The mixin's _save_checkpoint has completed the folder (training_state.pt written last) by now.
+        if state.is_world_process_zero:
+            self.callbacks.on_save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.callbacks.on_train_end(state.global_step)
+
+
+def add_lopt_callbacks(trainer, recipe: str, columns: dict[str, str], append: bool) -> None:
+    """Write metrics.jsonl (a resumed run appends) and tell lopt's listeners, through a TRLBridge."""
+    trainer.add_callback(TRLBridge(trainer, recipe, columns, [MetricsFile(append=append)]))
 
 
 @dataclass

@@ -1,0 +1,105 @@
+"""The parallel backend interface: everything the training loop asks of how a model is spread over processes.
+
+Three backends implement it: replicated (one process, or data parallel with an explicit gradient sum:
+replicated.py), FSDP2 (fsdp.py) and DeepSpeed ZeRO 1/2/3 (deepspeed.py); `backend_from_environment`
+in launch.py picks one from what `torchrun` / `accelerate launch` set. The SFT loop calls only the
+methods below, in this order, and never names a backend:
+
+    prepare_model -> (optimizer built) -> prepare_optimizer -> [load_state on resume]
+    per step: autocast { forward_backward(backward=..., lm_head_context=...) } -> step
+    per checkpoint: full_state, save_state, state_dict        at the end: full_state
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lopt.models.local_learning import LocalLearningLM
+
+# check(grad_norm, step_taken=...): raises before (or, with step_taken, right after) a step on non-finite values
+FiniteCheck = Callable[[float, bool], None]
+
+
+class ParallelBackend:
+    """Hooks with a default do nothing unless a backend needs them; the others each backend implements."""
+
+    name = "replicated"  # shown at start-up and told to listeners: replicated, FSDP2, DeepSpeed ZeRO-n
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def prepare_model(self, model: LocalLearningLM) -> None:
+        """Called once the model (with any resumed heads) is loaded, before the optimizer exists."""
+
+    def prepare_optimizer(self, model: LocalLearningLM, optimizer: torch.optim.Optimizer) -> None:
+        """Called once the optimizer exists (DeepSpeed partitions its state here)."""
+
+    def autocast(self) -> AbstractContextManager:
+        """Entered around each step's forward and backward (fp16 autocast where it applies)."""
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate one loss (each block's local loss, then the task loss) into the gradients."""
+        raise NotImplementedError
+
+    def lm_head_context(self) -> AbstractContextManager:
+        """Entered around the task loss and its backward (ZeRO-3 gathers the LM head there)."""
+        return nullcontext()
+
+    def step(self, model: LocalLearningLM, optimizer: torch.optim.Optimizer, check: FiniteCheck) -> float:
+        """Reduce the window's gradients over processes, clip, `check`, apply, zero; return the norm before clipping."""
+        raise NotImplementedError
+
+    def local_parameters(self, model: LocalLearningLM) -> list[torch.Tensor]:
+        """This process's parameter tensors (shards, where sharded): excluded from the activation meter."""
+        return list(model.parameters())
+
+    def full_state(self, model: LocalLearningLM, optimizer: torch.optim.Optimizer | None = None) -> FullState:
+        """What a checkpoint (or, without optimizer, the final model) holds. Every process calls it: a collective."""
+        raise NotImplementedError
+
+    def save_state(self, folder: Path) -> None:
+        """Write the backend's own files into the checkpoint `folder` being built (every process calls it)."""
+
+    def state_dict(self) -> dict:
+        """What training_state.pt records about the backend: `scaler` (fp16) and `deepspeed` (its layout)."""
+        raise NotImplementedError
+
+    def load_state(
+        self, checkpoint: Path, state: dict, model: LocalLearningLM, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Resume: refuse a checkpoint this launch cannot restore, then restore the optimizer (and scaler)."""
+        raise NotImplementedError
+
+
+class GatheredModel:
+    """Full weights gathered from a sharded model, saved like `LocalLearningLM.save_pretrained`."""
+
+    def __init__(self, model: LocalLearningLM, weights: dict[str, torch.Tensor]):
+        self.model, self._weights = model.model, weights
+
+    def save_pretrained(self, output_dir, tokenizer=None) -> None:
+        self.model.save_pretrained(output_dir, state_dict=self._weights, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
+
+
+@dataclass
+class FullState:
+    """What a checkpoint holds, complete on the main process (other processes may hold nothing)."""
+
+    model: LocalLearningLM | GatheredModel  # saved with .save_pretrained(folder, tokenizer)
+    aux_heads: dict[str, torch.Tensor]
+    optimizer: dict | None
+
+
+def split_full_weights(model: LocalLearningLM, weights: dict[str, torch.Tensor], optimizer: dict | None) -> FullState:
+    """A FullState from the wrapper's gathered state dict: the HF model's weights and the heads' apart."""
+    heads = {k.removeprefix("aux_heads."): v for k, v in weights.items() if k.startswith("aux_heads.")}
+    hf = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+    return FullState(GatheredModel(model, hf), heads, optimizer)

@@ -1,0 +1,107 @@
+"""The step-metrics contract: one record type, one writer, one description of every field.
+
+Every recipe writes `metrics.jsonl` in its `--output_dir` through `MetricsWriter`: one JSON object
+per logged optimizer step, with the common fields below in this order, then the recipe's own
+columns (`RECIPE_COLUMNS`). Reports, benchmarks, the dashboard and trackers read these files (or the
+`StepMetrics` records the callbacks receive), never a recipe's private state, so a new recipe that
+writes this contract is shown by all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The common fields, in file order, with what each holds.
+FIELDS: dict[str, str] = {
+    "step": "optimizer step just taken (1-based)",
+    "epoch": "epochs completed at the end of this step, fractional",
+    "task_loss": "the final block's objective for this step (SFT: mean next-token cross entropy over trained "
+    "tokens; GRPO/DPO: TRL's loss, averaged over the logging window)",
+    "aux_loss": "LoPT: each non-final block's mean local reconstruction loss, one per block ([] for E2E)",
+    "lr": "learning rate the step used for the final block, final norm and LM head (all of E2E)",
+    "lr_k1": "learning rate the step used for the embeddings, early blocks and reconstruction heads",
+    "grad_norm": "global gradient norm before clipping (null where the trainer did not report one)",
+    "tokens_per_s": "input tokens per second since the previous logged step, all processes",
+    "peak_mem_bytes": "peak device memory so far: CUDA max allocated, or the process's peak RSS on CPU",
+    "activation_peak_bytes": "peak bytes saved for backward during the logged steps (deterministic)",
+    "elapsed_s": "seconds since training started (this process, this launch)",
+}
+
+# The columns each recipe adds after the common fields.
+RECIPE_COLUMNS: dict[str, dict[str, str]] = {
+    "sft": {},
+    "grpo": {
+        "reward": "mean total reward of the step's completions (weighted sum of the reward functions)",
+        "reward_std": "standard deviation of the total reward within a prompt's group, averaged",
+        "completion_length": "mean completion length in tokens",
+        "step_time_s": "seconds TRL measured for the step",
+    },
+    "dpo": {
+        "reward_accuracy": "fraction of pairs whose implicit reward ranks chosen above rejected",
+        "reward_margin": "mean implicit reward of chosen minus rejected",
+        "reward_chosen": "mean implicit reward of the chosen answers",
+        "reward_rejected": "mean implicit reward of the rejected answers",
+    },
+}
+
+
+@dataclass
+class StepMetrics:
+    """One line of metrics.jsonl (see FIELDS for what each field holds)."""
+
+    step: int
+    epoch: float | None
+    task_loss: float
+    aux_loss: list[float | None]
+    lr: float
+    lr_k1: float
+    grad_norm: float | None
+    tokens_per_s: float
+    peak_mem_bytes: int
+    activation_peak_bytes: int
+    elapsed_s: float
+    recipe: dict[str, float | None] = field(default_factory=dict)  # the recipe's own columns
+
+    def to_json(self) -> dict:
+        row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "recipe"}
+        return {**row, **self.recipe}
+
+
+def contract_errors(row: dict, recipe: str) -> list[str]:
+    """What in a metrics.jsonl row breaks the contract for `recipe` (empty when it holds)."""
+    expected = [*FIELDS, *RECIPE_COLUMNS[recipe]]
+    errors = []
+    if list(row) != expected:
+        errors.append(f"columns {list(row)} differ from the contract's {expected}")
+    for name in ("step", "peak_mem_bytes", "activation_peak_bytes"):
+        if not isinstance(row.get(name), int) or row[name] < 0:
+            errors.append(f"{name} must be a non-negative integer, got {row.get(name)!r}")
+    for name in ("task_loss", "lr", "lr_k1", "tokens_per_s", "elapsed_s"):
+        value = row.get(name)
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            errors.append(f"{name} must be a finite number, got {value!r}")
+    if not isinstance(row.get("aux_loss"), list):
+        errors.append(f"aux_loss must be a list (one entry per non-final block), got {row.get('aux_loss')!r}")
+    return errors
+
+
+class MetricsWriter:
+    """Appends StepMetrics to metrics.jsonl, one flushed line each (a crash loses no logged step).
+
+    A new run starts the file afresh; a resumed run (`append`) continues it.
+    """
+
+    def __init__(self, path: Path, append: bool = False):
+        self.path = Path(path)
+        self._file = self.path.open("a" if append else "w")
+
+    def write(self, metrics: StepMetrics) -> None:
+        self._file.write(json.dumps(metrics.to_json()) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
