@@ -16,10 +16,11 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from lopt.data import presets
+from lopt.answers import GSM_ANSWER_INSTRUCTION
+from lopt.data import generated
 from lopt.data.collate import IGNORE_INDEX, build_prompt, collate, tokenize_sft
 from lopt.data.formats import SHAPES, detect_format, to_messages
-from lopt.data.presets import GSM_ANSWER_INSTRUCTION, PRESETS, load_records
+from lopt.data.presets import PRESETS, load_records
 from lopt.errors import LoptError
 from tiny_models import CHATML, make_tokenizer, train_tiny_bpe
 
@@ -378,7 +379,7 @@ def test_gsm_symbolic_answer_line_uses_the_canonical_answer(monkeypatch):
 
     item = {"question": "Q?", "answer": "8", "metadata": {"answer_cot": "4+4=8\n#### 8.0"}}
     monkeypatch.setattr(reasoning_gym, "create_dataset", lambda name, size, seed: [item])
-    assert presets.gsm_symbolic_records(1, 0) == [
+    assert generated.gsm_symbolic_records(1, 0) == [
         {"question": f"Q?\n{GSM_ANSWER_INSTRUCTION}", "answer": "4+4=8\n#### 8"}
     ]
 

@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from lopt.cli import main
 from lopt.config import DPOConfig, parse_config
-from lopt.data.presets import dpo_records, gsm_symbolic_pairs
+from lopt.data.generated import gsm_symbolic_pairs
+from lopt.data.presets import dpo_records
 from lopt.errors import LoptError
 from lopt.recipes.dpo import build_dpo_trainer
 from lopt.training.metrics import contract_errors

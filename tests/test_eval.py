@@ -11,10 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lopt.cli import main
-from lopt.data.presets import gsm_symbolic_records
+from lopt.data.generated import gsm_symbolic_records
 from lopt.errors import LoptError
 from lopt.evaluation.retention import perplexity, retention_text, token_windows
-from lopt.evaluation.task import EVAL_SEED, generate_answers, heldout_gsm_symbolic, score, training_questions
+from lopt.evaluation.task import generate_answers, score, training_questions
+from lopt.tasks import EVAL_SEED, heldout_gsm_symbolic
 from tiny_models import tiny_model, tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]

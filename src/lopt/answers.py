@@ -1,7 +1,10 @@
 """Final answers: where a model's answer is in its text, and when two answers are the same.
 
-One concept, used both by the GRPO rewards and by evaluation, so that what training rewards is
-exactly what evaluation counts as correct.
+One concept, used by the prompts (which ask for the answer in a style), the GRPO rewards and
+evaluation, so that what training asks for and rewards is exactly what evaluation counts as correct.
+
+- ``with_answer_instruction(question, style)``: the question followed by the sentence that asks for
+  the final answer in that style.
 
 - ``extract_final_answer(text, "hash")``: the number after the last ``####`` (the GSM8K convention),
   falling back to the last number in the text; ``"boxed"``: the content of the last ``\\boxed{...}``
@@ -16,12 +19,23 @@ import re
 from decimal import Decimal, InvalidOperation
 
 ANSWER_STYLES = ("hash", "boxed")
+GSM_ANSWER_INSTRUCTION = (
+    "Solve the problem step by step, then write the final answer as a number on the last line "
+    "in the form: #### <answer>"
+)
+BOXED_ANSWER_INSTRUCTION = "Solve the problem step by step, then write the final answer in \\boxed{}."
+ANSWER_INSTRUCTIONS = {"hash": GSM_ANSWER_INSTRUCTION, "boxed": BOXED_ANSWER_INSTRUCTION}
 
 # A number as people write it: optional sign, digits with optional thousands separators, optional
 # decimals, or a bare decimal such as ".5". A minus sign right before the digits belongs to it.
 _NUMBER = re.compile(r"[-\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-\u2212]?\.\d+")
 _CANONICAL_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
 _BOXED = "\\boxed{"
+
+
+def with_answer_instruction(question: str, style: str = "hash") -> str:
+    """A question followed by the instruction on how to write the final answer (`####` or `\\boxed{}`)."""
+    return f"{question}\n{ANSWER_INSTRUCTIONS[style]}"
 
 
 def extract_final_answer(text: str, style: str = "hash") -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from lopt.errors import LoptError
+from lopt.errors import LoptError, unknown_choice
 
 USAGE = """usage: lopt <command> [flags]
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"lopt: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
+        print(f"lopt: {unknown_choice('command', command, list(COMMANDS))}\n\n{USAGE}", file=sys.stderr)
         return 2
     try:
         COMMANDS[command](rest)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +16,8 @@ from typing import Any, ClassVar
 
 import yaml
 
-from lopt.data.presets import GRPO_TASKS
-from lopt.errors import LoptError
+from lopt.errors import LoptError, did_you_mean, unknown_choice
+from lopt.tasks import TASKS
 
 METHODS = {"e2e": "e2e", "lopt": "lopt", "ll": "lopt"}  # 'll' is the reference implementation's name
 
@@ -131,7 +130,7 @@ class GRPOConfig(RunConfig):
     task: str = _opt(
         "gsm-symbolic",
         "gsm-symbolic (offline), gsm8k (openai/gsm8k), numinamath (AI-MO/NuminaMath-CoT)",
-        choices=sorted(GRPO_TASKS),
+        choices=sorted(TASKS),
     )
     format_reward_weight: float = _opt(0.0, "weight of a reward for writing the answer in the task's format (0: off)")
     num_generations: int = _opt(4, "completions sampled per prompt (a group)")
@@ -188,11 +187,6 @@ def build_parser(cls=SFTConfig, prog: str = "lopt sft", description: str = "") -
     return parser
 
 
-def _closest(name: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(name, options, n=1)
-    return f" Did you mean {match[0]!r}?" if match else ""
-
-
 def _read_yaml(path: str, cls) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
@@ -211,7 +205,7 @@ def _read_yaml(path: str, cls) -> dict[str, Any]:
     for key in data:
         if key not in names or key == "config":
             raise LoptError(
-                f"{path}: unknown key {key!r}.{_closest(str(key), names)} Valid keys are the flags of `{cls.__name__}` "
+                f"{path}: unknown key {key!r}.{did_you_mean(key, names)} Valid keys are the flags of `{cls.__name__}` "
                 "(see `lopt sft --help`)."
             )
     return data
@@ -238,7 +232,7 @@ def parse_config(argv: list[str] | None, cls=SFTConfig, prog: str = "lopt sft", 
     if unknown:
         names = [f"--{f.name}" for f in _flag_fields(cls)]
         flag = unknown[0].split("=")[0]
-        parser.error(f"unrecognized argument {unknown[0]!r}.{_closest(flag, names)}")
+        parser.error(f"unrecognized argument {unknown[0]!r}.{did_you_mean(flag, names)}")
     cli = vars(cli)
     values: dict[str, Any] = {}
     if "config" in cli:
@@ -253,7 +247,7 @@ def parse_config(argv: list[str] | None, cls=SFTConfig, prog: str = "lopt sft", 
 def validate(config) -> None:
     """Checks that need no model or data; each error names the flag and the fix."""
     if config.method not in METHODS:
-        raise LoptError(f"--method {config.method!r} is not valid; choose one of: {', '.join(sorted(METHODS))}.")
+        raise unknown_choice("--method", config.method, sorted(METHODS))
     if config.canonical_method == "e2e":
         for name in ("num_blocks", "lr_k1", "backward", "early_blocks"):
             if name in config.explicit:

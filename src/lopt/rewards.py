@@ -86,11 +86,3 @@ def format_reward(style: str) -> RewardFunc:
 
     reward.__name__ = f"format_{style}"  # TRL names the reward's metrics after the function
     return reward
-
-
-# Correctness reward and answer style of each GRPO task (see lopt.data.presets.GRPO_TASKS).
-TASK_REWARDS: dict[str, tuple[RewardFunc, str]] = {
-    "gsm-symbolic": (gsm_symbolic_score, "hash"),
-    "gsm8k": (gsm8k_accuracy, "hash"),
-    "numinamath": (boxed_accuracy, "boxed"),
-}

@@ -1,33 +1,24 @@
-"""Where SFT records come from: a named preset, any hub dataset, or a local file.
+"""Named training data per recipe: SFT presets, GRPO prompts of a task, DPO preference pairs.
 
-All sources return the same thing, a list of plain dicts (records); ``formats.py`` decides their
-shape. Hub presets go through the real ``datasets.load_dataset``; the offline preset
-``gsm-symbolic`` is generated locally by reasoning-gym and needs no network.
+Each recipe asks here for its records; the answer is the same shape whatever the source: a list of
+plain dicts. The precedence is always `--train_file` > `--dataset_name` > the preset or task's own
+data. Files and the hub are read by sources.py, offline data is made by generated.py, and what a
+task is (its source, answer style, reward) is in lopt/tasks.py.
 """
 
 from __future__ import annotations
 
-import difflib
-import json
 import logging
-import random
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from lopt.answers import extract_final_answer
-from lopt.errors import LoptError
+from lopt.answers import extract_final_answer, with_answer_instruction
+from lopt.data.generated import DEFAULT_GSM_SAMPLES, gsm_symbolic_pairs, gsm_symbolic_records
+from lopt.data.sources import load_hub, read_file
+from lopt.errors import LoptError, unknown_choice
+from lopt.tasks import get_task
 
 logger = logging.getLogger(__name__)
-
-# The answer format the GSM-style tasks train on and are scored by: evaluation and GRPO append the
-# same sentence to their questions, so what the model learns here is what they parse later.
-GSM_ANSWER_INSTRUCTION = (
-    "Solve the problem step by step, then write the final answer as a number on the last line "
-    "in the form: #### <answer>"
-)
-DEFAULT_GSM_SAMPLES = 2000
-SUPPORTED_FILE_TYPES = (".json", ".jsonl", ".parquet")
 
 
 @dataclass(frozen=True)
@@ -70,11 +61,11 @@ def load_records(
         raise LoptError(f"--max_samples must be 0 or more (got {max_samples}); leave it out to keep every record")
     if train_file is not None:
         _warn_ignored("--train_file", {"--dataset_name": dataset_name, "--dataset_preset": preset})
-        records, source = _read_file(Path(train_file)), f"--train_file {train_file}"
+        records, source = read_file(Path(train_file)), f"--train_file {train_file}"
         records = records[:max_samples] if max_samples is not None else records
     elif dataset_name is not None:
         _warn_ignored("--dataset_name", {"--dataset_preset": preset})
-        records = _load_hub(dataset_name, dataset_config, split, max_samples)
+        records = load_hub(dataset_name, dataset_config, split, max_samples)
         source = f"--dataset_name {dataset_name} (split {split!r})"
     elif preset is not None:
         records, source = _load_preset(preset, split, max_samples, seed), f"--dataset_preset {preset}"
@@ -87,128 +78,13 @@ def load_records(
     return records
 
 
-def with_answer_instruction(question: str, style: str = "hash") -> str:
-    """A question followed by the instruction on how to write the final answer (`####` or `\\boxed{}`)."""
-    return f"{question}\n{_ANSWER_INSTRUCTIONS[style]}"
-
-
-def gsm_symbolic_records(size: int, seed: int) -> list[dict]:
-    """``size`` generated GSM problems as ``{"question", "answer"}`` records.
-
-    ``answer`` is reasoning-gym's worked solution whose last line is ``#### <answer>``, with
-    ``<answer>`` exactly the task's canonical answer string (reasoning-gym writes some as
-    ``8.0`` in the solution but ``8`` as the answer; scoring compares against the latter).
-    """
-    if size == 0:
-        return []  # reasoning-gym rejects size 0; the caller reports the empty source
-    import reasoning_gym  # imported here: it takes a second and only this preset needs it
-
-    records = []
-    for item in reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed):
-        steps = item["metadata"]["answer_cot"].rstrip().splitlines()
-        if steps and steps[-1].startswith("####"):
-            steps = steps[:-1]
-        steps.append(f"#### {item['answer']}")
-        records.append({"question": with_answer_instruction(item["question"]), "answer": "\n".join(steps)})
-    return records
-
-
 def _load_preset(name: str, split: str, max_samples: int | None, seed: int) -> list[dict]:
     if name not in PRESETS:
-        close = difflib.get_close_matches(name, list(PRESETS), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        listing = "\n".join(f"  {n}: {p.description} [{p.source}]" for n, p in PRESETS.items())
-        raise LoptError(f"unknown --dataset_preset {name!r}.{hint} Available presets:\n{listing}")
+        raise unknown_choice("--dataset_preset", name, {n: f"{p.description} [{p.source}]" for n, p in PRESETS.items()})
     hub_id = PRESETS[name].hub_id
     if hub_id is None:
         return gsm_symbolic_records(DEFAULT_GSM_SAMPLES if max_samples is None else max_samples, seed)
-    return _load_hub(hub_id, None, split, max_samples)
-
-
-def _load_hub(name: str, config: str | None, split: str, max_samples: int | None) -> list[dict]:
-    import datasets  # imported here so `lopt --help` and offline runs stay fast
-
-    try:
-        dataset = datasets.load_dataset(name, config, split=split)
-    # Any failure here (no network, unknown name or split, auth) is reported the same way; the
-    # original message is kept because it says which of those it was.
-    except Exception as error:
-        raise LoptError(
-            f"dataset {name!r} could not be loaded from the Hugging Face hub "
-            f"({type(error).__name__}: {error}).\n"
-            "Offline? Use --dataset_preset gsm-symbolic (generated locally) or --train_file PATH "
-            "(.json, .jsonl or .parquet)."
-        ) from error
-    if max_samples is not None:
-        dataset = dataset.select(range(min(max_samples, len(dataset))))
-    return dataset.to_list()
-
-
-def _read_file(path: Path) -> list[dict]:
-    if not path.exists():
-        raise LoptError(f"--train_file {path}: no such file")
-    if path.is_dir():
-        raise LoptError(f"--train_file {path}: is a directory; pass a .json, .jsonl or .parquet file")
-    suffix = path.suffix.lower()
-    if suffix not in SUPPORTED_FILE_TYPES:
-        raise LoptError(
-            f"--train_file {path}: unsupported file type {suffix or '(no extension)'!r}; "
-            f"supported: {', '.join(SUPPORTED_FILE_TYPES)}"
-        )
-    try:
-        if suffix == ".parquet":
-            return _read_parquet(path)
-        text = path.read_text(encoding="utf-8")
-    except PermissionError:
-        raise LoptError(f"--train_file {path}: permission denied; make the file readable") from None
-    except UnicodeDecodeError as error:
-        raise LoptError(f"--train_file {path}: not UTF-8 text ({error})") from None
-    return _parse_json(text, path) if suffix == ".json" else _parse_jsonl(text, path)
-
-
-def _read_parquet(path: Path) -> list[dict]:
-    import pyarrow
-    import pyarrow.parquet
-
-    try:
-        return pyarrow.parquet.read_table(path).to_pylist()
-    except pyarrow.ArrowException as error:
-        raise LoptError(f"--train_file {path}: not a readable parquet file ({error})") from None
-
-
-def _parse_json(text: str, path: Path) -> list[dict]:
-    """A top-level list of records, ``{"data": [...]}``, or JSON Lines content (as `datasets` allows)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        if text.lstrip().startswith("["):  # meant as one JSON document: report where it broke
-            raise LoptError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
-        return _parse_jsonl(text, path)  # e.g. one object per line saved with a .json name
-    if isinstance(value, dict) and list(value) == ["data"] and isinstance(value["data"], list):
-        value = value["data"]
-    if isinstance(value, dict):
-        value = [value]  # a single record: JSON Lines with one line
-    if not isinstance(value, list):
-        raise LoptError(f"{path}: expected a list of records (JSON objects), got {type(value).__name__}")
-    for i, record in enumerate(value):
-        if not isinstance(record, dict):
-            raise LoptError(f"{path}: record {i} is {type(record).__name__}; each record must be a JSON object")
-    return value
-
-
-def _parse_jsonl(text: str, path: Path) -> list[dict]:
-    records = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise LoptError(f"{path}:{line_number}: invalid JSON ({error})") from None
-        if not isinstance(record, dict):
-            raise LoptError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
-    return records
+    return load_hub(hub_id, None, split, max_samples)
 
 
 def _warn_ignored(chosen: str, others: dict[str, str | None]) -> None:
@@ -219,23 +95,6 @@ def _warn_ignored(chosen: str, others: dict[str, str | None]) -> None:
 
 # ---- GRPO: prompts with a verifiable final answer ---------------------------------------------------
 
-BOXED_ANSWER_INSTRUCTION = "Solve the problem step by step, then write the final answer in \\boxed{}."
-_ANSWER_INSTRUCTIONS = {"hash": GSM_ANSWER_INSTRUCTION, "boxed": BOXED_ANSWER_INSTRUCTION}
-
-
-@dataclass(frozen=True)
-class GRPOTask:
-    description: str
-    style: str  # where the final answer is written: "hash" (#### <answer>) or "boxed" (\boxed{<answer>})
-    hub_id: str | None = None  # None: generated offline
-    hub_config: str | None = None
-
-
-GRPO_TASKS: dict[str, GRPOTask] = {
-    "gsm-symbolic": GRPOTask("grade-school math word problems (reasoning-gym gsm_symbolic, offline)", "hash"),
-    "gsm8k": GRPOTask("GSM8K grade-school math (hub)", "hash", "openai/gsm8k", "main"),
-    "numinamath": GRPOTask("NuminaMath-CoT competition math (hub)", "boxed", "AI-MO/NuminaMath-CoT"),
-}
 # Column pairs a GRPO record may have: the question, and a text whose final answer is the gold one.
 _QUESTION_ANSWER_COLUMNS = (("question", "answer"), ("problem", "solution"), ("prompt", "answer"))
 
@@ -257,12 +116,7 @@ def grpo_records(
     the answer format the prompt asks for and how the gold answer is read from the reference
     solution. Records whose solution holds no final answer are skipped.
     """
-    if task not in GRPO_TASKS:
-        close = difflib.get_close_matches(task, list(GRPO_TASKS), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        listing = "\n".join(f"  {name}: {t.description}" for name, t in GRPO_TASKS.items())
-        raise LoptError(f"unknown --task {task!r}.{hint} Available tasks:\n{listing}")
-    spec = GRPO_TASKS[task]
+    spec = get_task(task)
     if train_file is not None or dataset_name is not None:
         raw = load_records(
             dataset_name=dataset_name,
@@ -272,13 +126,8 @@ def grpo_records(
             max_samples=max_samples,
             seed=seed,
         )
-    elif spec.hub_id is not None:
-        raw = _load_hub(spec.hub_id, spec.hub_config, split, max_samples)
-    else:  # generated questions already carry the answer instruction
-        raw = [
-            {"prompt": r["question"], "answer": r["answer"]}
-            for r in gsm_symbolic_records(DEFAULT_GSM_SAMPLES if max_samples is None else max_samples, seed)
-        ]
+    else:
+        raw = spec.records(split, max_samples, seed)
     if not raw:
         raise LoptError(f"--task {task} gave no records; check the data source and --max_samples")
     question_column, answer_column = _grpo_columns(raw[0])
@@ -352,36 +201,5 @@ def dpo_records(
             )
         return records
     if preset not in DPO_PRESETS:
-        close = difflib.get_close_matches(str(preset), list(DPO_PRESETS), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        listing = "\n".join(f"  {name}: {text}" for name, text in DPO_PRESETS.items())
-        raise LoptError(f"unknown DPO --dataset_preset {preset!r}.{hint} Available presets:\n{listing}")
+        raise unknown_choice("DPO --dataset_preset", preset, DPO_PRESETS)
     return gsm_symbolic_pairs(DEFAULT_GSM_SAMPLES if max_samples is None else max_samples, seed)
-
-
-def gsm_symbolic_pairs(size: int, seed: int) -> list[dict]:
-    """Synthetic preference pairs: chosen = the correct worked solution; rejected = the same solution
-    whose final ``#### <answer>`` line is changed to a wrong number (the answer plus a non-zero offset)."""
-    rng = random.Random(seed)
-    pairs = []
-    for record in gsm_symbolic_records(size, seed):
-        steps, final = record["answer"].rsplit("\n", 1) if "\n" in record["answer"] else ("", record["answer"])
-        gold = final.removeprefix("####").strip()
-        wrong = _wrong_number(gold, rng)
-        rejected = f"{steps}\n#### {wrong}" if steps else f"#### {wrong}"
-        pairs.append(
-            {
-                "prompt": [{"role": "user", "content": record["question"]}],
-                "chosen": [{"role": "assistant", "content": record["answer"]}],
-                "rejected": [{"role": "assistant", "content": rejected}],
-            }
-        )
-    return pairs
-
-
-def _wrong_number(gold: str, rng: random.Random) -> str:
-    offset = rng.choice([-1, 1]) * rng.randint(1, 10)
-    try:
-        return str(Decimal(gold.replace(",", "")) + offset)
-    except InvalidOperation:  # not a number: any other text is wrong
-        return f"{gold}{offset}"

@@ -19,9 +19,10 @@ from rich.table import Table
 
 from lopt.errors import LoptError
 from lopt.evaluation.retention import DEFAULT_SOURCE, perplexity, relative_change, retention_text, token_windows
-from lopt.evaluation.task import TASKS, load_task, task_accuracy, training_questions
+from lopt.evaluation.task import load_task, task_accuracy, training_questions
 from lopt.keep_previous import keep_previous
 from lopt.models.registry import load_model_and_tokenizer
+from lopt.tasks import EVALUABLE_TASKS, get_task
 
 console = Console(stderr=True)
 
@@ -95,8 +96,9 @@ def evaluate_model(
         exclude = training_questions(run) if run.is_dir() else set()
         records = load_task(options.task, options.eval_samples, exclude)
         scores = task_accuracy(
-            net, tokenizer, records, batch_size=options.batch_size, max_new_tokens=options.max_new_tokens
-        )
+            net, tokenizer, records, batch_size=options.batch_size, max_new_tokens=options.max_new_tokens,
+            style=get_task(options.task).style,
+        )  # fmt: skip
         result.update(task=options.task, max_new_tokens=options.max_new_tokens, **scores)
     if options.retention_windows > 0:
         text = retention_text(options.retention_file)
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--task",
         default=defaults.task,
-        choices=TASKS,
+        choices=EVALUABLE_TASKS,
         help="gsm-symbolic: generated offline, minus the run's training questions; gsm8k: test split (hub)",
     )
     parser.add_argument("--eval_samples", type=int, default=defaults.eval_samples, help="problems to solve (0: skip)")

@@ -1,9 +1,9 @@
-"""Task accuracy: greedy answers to held-out problems, scored by their final number.
+"""Task accuracy: greedy answers to a task's held-out problems (lopt/tasks.py), scored by their final answer.
 
 Questions are prompted exactly as SFT trains on them (`build_prompt` over the question followed by
-`GSM_ANSWER_INSTRUCTION`), so a fine-tuned model is asked in the format it learned. The final answer
-is read with `lopt.answers`, the parser the rewards use, from both the generation and the reference
-solution (both end with `#### <answer>`).
+the task's answer instruction), so a fine-tuned model is asked in the format it learned. The final
+answer is read with `lopt.answers`, the parser the rewards use, from both the generation and the
+reference solution, in the task's answer style (gsm-symbolic and GSM8K: `#### <answer>`).
 """
 
 from __future__ import annotations
@@ -15,13 +15,8 @@ import torch
 
 from lopt.answers import answers_match, extract_final_answer
 from lopt.data.collate import build_prompt
-from lopt.data.presets import DEFAULT_GSM_SAMPLES, gsm_symbolic_records, with_answer_instruction
-from lopt.errors import LoptError
-
-TASKS = ("gsm-symbolic", "gsm8k")
-# gsm-symbolic problems for evaluation are generated from this seed; any that also appears in the
-# training set is dropped (reasoning-gym's seeds are not disjoint, see `heldout_gsm_symbolic`).
-EVAL_SEED = 10_000
+from lopt.data.generated import DEFAULT_GSM_SAMPLES, gsm_symbolic_records
+from lopt.tasks import get_task
 
 
 def training_questions(run_dir: Path) -> set[str]:
@@ -36,41 +31,9 @@ def training_questions(run_dir: Path) -> set[str]:
     return {record["question"] for record in gsm_symbolic_records(size, args.get("seed", 42))}
 
 
-def heldout_gsm_symbolic(n: int, exclude: set[str], seed: int = EVAL_SEED) -> list[dict]:
-    """The first `n` problems generated from `seed` that are not in `exclude`.
-
-    reasoning-gym draws each problem from its own seed and index, so a generated set is a prefix of
-    any larger one from the same seed; growing the set until `n` survive keeps the choice stable.
-    """
-    size = n
-    while True:
-        kept = [r for r in gsm_symbolic_records(size, seed) if r["question"] not in exclude]
-        if len(kept) >= n:
-            return kept[:n]
-        size *= 2
-
-
-def gsm8k_test(n: int) -> list[dict]:
-    """The first `n` problems of GSM8K's test split, from the hub."""
-    import datasets
-
-    try:
-        split = datasets.load_dataset("openai/gsm8k", "main", split="test")
-    except Exception as error:  # offline, blocked or renamed: all mean this task cannot run here
-        raise LoptError(
-            f"--task gsm8k needs the GSM8K test split from the Hugging Face hub, which could not be loaded "
-            f"({type(error).__name__}: {error}). Offline, use --task gsm-symbolic."
-        ) from error
-    rows = split.select(range(min(n, len(split))))
-    return [{"question": with_answer_instruction(r["question"]), "answer": r["answer"]} for r in rows]
-
-
 def load_task(task: str, n: int, exclude: set[str]) -> list[dict]:
-    if task == "gsm-symbolic":
-        return heldout_gsm_symbolic(n, exclude)
-    if task == "gsm8k":
-        return gsm8k_test(n)
-    raise LoptError(f"--task {task!r} is not known; choose one of: {', '.join(TASKS)}.")
+    """`n` held-out problems of `task` (lopt/tasks.py), none of them in `exclude`."""
+    return get_task(task, evaluable=True).heldout(n, exclude)
 
 
 @torch.no_grad()
@@ -103,13 +66,14 @@ def generate_answers(model, tokenizer, questions: list[str], *, batch_size: int,
     return [c.strip() for c in completions]
 
 
-def score(records: list[dict], completions: list[str]) -> dict:
-    """Exact match of final answers: `{"n", "correct", "accuracy", "samples"}` (samples: the first few)."""
+def score(records: list[dict], completions: list[str], style: str = "hash") -> dict:
+    """Exact match of final answers written in `style` (the task's, answers.py): `{"n", "correct",
+    "accuracy", "samples"}` (samples: the first few)."""
     samples = []
     correct = 0
     for record, completion in zip(records, completions, strict=True):
-        gold = extract_final_answer(record["answer"])
-        predicted = extract_final_answer(completion)
+        gold = extract_final_answer(record["answer"], style)
+        predicted = extract_final_answer(completion, style)
         ok = gold is not None and answers_match(predicted, gold)
         correct += ok
         samples.append(
@@ -125,8 +89,10 @@ def score(records: list[dict], completions: list[str]) -> dict:
     return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0, "samples": samples[:5]}
 
 
-def task_accuracy(model, tokenizer, records: list[dict], *, batch_size: int = 16, max_new_tokens: int = 256) -> dict:
+def task_accuracy(
+    model, tokenizer, records: list[dict], *, batch_size: int = 16, max_new_tokens: int = 256, style: str = "hash"
+) -> dict:
     completions = generate_answers(
         model, tokenizer, [r["question"] for r in records], batch_size=batch_size, max_new_tokens=max_new_tokens
     )
-    return score(records, completions)
+    return score(records, completions, style)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lopt.errors import LoptError
+from lopt.errors import LoptError, unknown_choice
 from lopt.models.adapters import model_parts
 
 BackwardFn = Callable[[torch.Tensor], None]
@@ -101,9 +101,7 @@ class LocalLearningLM(nn.Module):
     def __init__(self, model: nn.Module, num_blocks: int = 2, lambda_aux: float = 10.0, early_blocks: str = "recon"):
         super().__init__()
         if early_blocks not in EARLY_BLOCK_MODES:
-            raise LoptError(
-                f"--early_blocks {early_blocks!r} is not valid; choose one of: {', '.join(EARLY_BLOCK_MODES)}"
-            )
+            raise unknown_choice("--early_blocks", early_blocks, EARLY_BLOCK_MODES)
         self.model = model
         self.parts = model_parts(model)
         self.blocks = split_blocks(len(self.parts.layers), num_blocks)

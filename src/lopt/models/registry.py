@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
 import importlib.metadata
 import json
 import os
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lopt.errors import LoptError
+from lopt.errors import LoptError, did_you_mean
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -231,11 +230,10 @@ def resolve_model(name_or_path: str) -> str:
     if "/" in name_or_path:
         return name_or_path
 
-    close = difflib.get_close_matches(name_or_path.lower(), ALIASES, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
     raise LoptError(
         f"Unknown model alias {name_or_path!r} for --model_name_or_path; choose one of: "
-        f"{', '.join(ALIASES)}, or pass a local path or a Hugging Face hub id (org/name).{hint}"
+        f"{', '.join(ALIASES)}, or pass a local path or a Hugging Face hub id (org/name)."
+        f"{did_you_mean(name_or_path.lower(), ALIASES)}"
     )
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from lopt.config import GRPOConfig
 from lopt.data.collate import build_prompt
-from lopt.data.presets import GRPO_TASKS, grpo_records
+from lopt.data.presets import grpo_records
 from lopt.errors import LoptError
-from lopt.rewards import TASK_REWARDS, completion_text, format_reward
+from lopt.rewards import completion_text, format_reward
+from lopt.tasks import get_task
 from lopt.training.run import build_model, console
 from lopt.training.trl_integration import (
     LoptTrainerMixin,
@@ -97,10 +98,10 @@ def build_grpo_trainer(config: GRPOConfig, out: Path, **trl_settings):
     from trl import GRPOConfig as TRLGRPOConfig
 
     set_seed(config.seed)  # before the heads are initialized
-    correctness, style = TASK_REWARDS[config.task]
-    reward_funcs, reward_weights = [correctness], [1.0]
+    task = get_task(config.task)
+    reward_funcs, reward_weights = [task.reward], [1.0]
     if config.format_reward_weight:
-        reward_funcs.append(format_reward(style))
+        reward_funcs.append(format_reward(task.style))
         reward_weights.append(config.format_reward_weight)
     args = trl_arguments(
         TRLGRPOConfig,
@@ -156,7 +157,7 @@ def run_grpo(config: GRPOConfig) -> TRLRunResult:
         config,
         build_grpo_trainer,
         lambda trainer: (
-            f"task {config.task} ({GRPO_TASKS[config.task].description}), {len(trainer.train_dataset)} "
+            f"task {config.task} ({get_task(config.task).description}), {len(trainer.train_dataset)} "
             f"prompts | {config.num_generations} completions per prompt"
         ),
     )

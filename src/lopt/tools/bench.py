@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from lopt.data.collate import IGNORE_INDEX
 from lopt.errors import LoptError
 from lopt.keep_previous import keep_previous
 from lopt.models.local_learning import LocalLearningLM
@@ -90,7 +91,7 @@ def synthetic_batch(batch: int, seq: int, vocab: int, device: torch.device) -> d
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab, (batch, seq), generator=g)
     labels = input_ids.clone()
-    labels[:, : seq // 4] = -100
+    labels[:, : seq // 4] = IGNORE_INDEX
     return {
         "input_ids": input_ids.to(device),
         "attention_mask": torch.ones_like(input_ids).to(device),

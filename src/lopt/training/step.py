@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lopt.errors import LoptError
+from lopt.errors import LoptError, unknown_choice
 from lopt.models.local_learning import LocalLearningLM
 from lopt.parallel.distributed import all_reduce_sum, world_size
 from lopt.training.task_loss import CausalLMLoss, TaskLoss
@@ -54,7 +54,7 @@ def forward_backward(
     weight there).
     """
     if backward not in BACKWARD_MODES:
-        raise LoptError(f"--backward {backward!r} is not valid; choose one of: {', '.join(BACKWARD_MODES)}")
+        raise unknown_choice("--backward", backward, BACKWARD_MODES)
     task_loss = task_loss or CausalLMLoss()
     device = micro_batches[0]["input_ids"].device
     local_units = sum(task_loss.units(mb) for mb in micro_batches)

@@ -1,0 +1,64 @@
+"""Offline data generated locally by reasoning-gym: worked problems, and preference pairs built from them.
+
+No network: this is what the default presets, the `gsm-symbolic` task and the embedded-model demo
+train and evaluate on. Generation is deterministic in (size, seed), and a set is a prefix of any
+larger one from the same seed (reasoning-gym draws each problem from its own seed and index).
+"""
+
+from __future__ import annotations
+
+import random
+from decimal import Decimal, InvalidOperation
+
+from lopt.answers import with_answer_instruction
+
+DEFAULT_GSM_SAMPLES = 2000
+
+
+def gsm_symbolic_records(size: int, seed: int) -> list[dict]:
+    """``size`` generated GSM problems as ``{"question", "answer"}`` records.
+
+    ``answer`` is reasoning-gym's worked solution whose last line is ``#### <answer>``, with
+    ``<answer>`` exactly the task's canonical answer string (reasoning-gym writes some as
+    ``8.0`` in the solution but ``8`` as the answer; scoring compares against the latter).
+    """
+    if size == 0:
+        return []  # reasoning-gym rejects size 0; the caller reports the empty source
+    import reasoning_gym  # imported here: it takes a second and only this preset needs it
+
+    records = []
+    for item in reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed):
+        steps = item["metadata"]["answer_cot"].rstrip().splitlines()
+        if steps and steps[-1].startswith("####"):
+            steps = steps[:-1]
+        steps.append(f"#### {item['answer']}")
+        records.append({"question": with_answer_instruction(item["question"]), "answer": "\n".join(steps)})
+    return records
+
+
+def gsm_symbolic_pairs(size: int, seed: int) -> list[dict]:
+    """Synthetic preference pairs: chosen = the correct worked solution; rejected = the same solution
+    whose final ``#### <answer>`` line is changed to a wrong number (the answer plus a non-zero offset)."""
+    rng = random.Random(seed)
+    pairs = []
+    for record in gsm_symbolic_records(size, seed):
+        steps, final = record["answer"].rsplit("\n", 1) if "\n" in record["answer"] else ("", record["answer"])
+        gold = final.removeprefix("####").strip()
+        wrong = _wrong_number(gold, rng)
+        rejected = f"{steps}\n#### {wrong}" if steps else f"#### {wrong}"
+        pairs.append(
+            {
+                "prompt": [{"role": "user", "content": record["question"]}],
+                "chosen": [{"role": "assistant", "content": record["answer"]}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
+    return pairs
+
+
+def _wrong_number(gold: str, rng: random.Random) -> str:
+    offset = rng.choice([-1, 1]) * rng.randint(1, 10)
+    try:
+        return str(Decimal(gold.replace(",", "")) + offset)
+    except InvalidOperation:  # not a number: any other text is wrong
+        return f"{gold}{offset}"
