@@ -14,10 +14,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lopt.data.collate import IGNORE_INDEX
 from lopt.errors import LoptError
 
-IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 1024
+_SINGLE_ROW_VOCAB_BLOCK = 1024  # vocabulary rows per partial product when a chunk holds one token
+
+
+def _grad_hidden_rows(grad_logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`grad_logits @ weight` in float32, as accurate for a one-token chunk as for a full one.
+
+    A one-row product (chunk=1, or a last chunk left with a single token) is a matrix-vector product, and the
+    BLAS gemv it dispatches to (MKL on CPU; bit-identical to `torch.mv(weight.t(), row)`) accumulates the whole
+    vocabulary in one running float32 sum per output. Measured on CPU at a 49152 vocabulary: 2e-6 relative error
+    per row against float64, where the matrix-matrix product of a full chunk (and of plain F.cross_entropy) is at
+    2e-7 to 4e-7; with chunk=1 that made the hidden gradient 5x worse than plain float32 cross entropy's. Summing
+    the product over blocks of 1024 vocabulary rows bounds each running sum and measured 1.8e-7 for that row.
+    """
+    if grad_logits.shape[0] != 1:
+        return grad_logits @ weight.float()
+    rows = grad_logits.new_zeros(1, weight.shape[1])
+    for start in range(0, weight.shape[0], _SINGLE_ROW_VOCAB_BLOCK):
+        end = start + _SINGLE_ROW_VOCAB_BLOCK
+        rows += grad_logits[:, start:end] @ weight[start:end].float()
+    return rows
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -45,7 +65,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_logits[torch.arange(h.shape[0], device=h.device), labels[start : start + ctx.chunk]] -= 1.0
             grad_logits *= grad_total
             if grad_hidden is not None:
-                grad_hidden[start : start + ctx.chunk] = (grad_logits @ weight.float()).to(hidden.dtype)
+                grad_hidden[start : start + ctx.chunk] = _grad_hidden_rows(grad_logits, weight).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += grad_logits.t() @ h.float()
         if grad_weight is not None:
@@ -56,23 +76,30 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 def liger_linear_cross_entropy(device: torch.device):
     """Liger Kernel's fused linear cross entropy (summed), or a LoptError saying why it cannot run."""
     if device.type != "cuda":
-        raise LoptError(f"--liger needs a CUDA GPU (Liger Kernel is Triton code); this run is on {device.type}. "
-                        "Drop --liger: the default chunked loss also never holds the full logits.")
+        raise LoptError(
+            f"--liger needs a CUDA GPU (Liger Kernel is Triton code); this run is on {device.type}. "
+            "Drop --liger: the default chunked loss also never holds the full logits."
+        )
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError as error:
-        raise LoptError(f"--liger needs Liger Kernel ({error}). Install it with `pip install liger-kernel`, "
-                        "or drop --liger to use the default chunked loss.") from error
+        raise LoptError(
+            f"--liger needs Liger Kernel ({error}). Install it with `pip install liger-kernel`, "
+            "or drop --liger to use the default chunked loss."
+        ) from error
     return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def causal_lm_loss_sum(
-    hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Linear,
+    labels: torch.Tensor,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     liger: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross entropy over labelled positions, and the number of those positions.
 
-    `hidden` is [batch, seq, hidden] (the LM head's input), `labels` is [batch, seq] with -100 where
+    `hidden` is [batch, seq, hidden] (the LM head's input), `labels` is [batch, seq] with IGNORE_INDEX where
     no loss applies. The caller divides by the token count of the whole accumulation window.
     """
     if lm_head.bias is not None:
