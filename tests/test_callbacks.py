@@ -13,7 +13,6 @@ from lopt.recipes.sft import run_sft
 from lopt.training.callbacks import Callback
 from lopt.training.step import forward_backward
 from lopt.training.task_loss import CausalLMLoss
-from lopt.training.trl_integration import TRLBridge
 from test_distributed import _wrapped
 from test_dpo import dpo_flags
 from test_sft import model_dir, sft_args, train_file  # noqa: F401 (pytest fixtures)
@@ -61,10 +60,8 @@ def test_trl_events_reach_lopt_listeners_through_the_bridge(model_dir, tmp_path)
     out = tmp_path / "dpo"
     out.mkdir()
     config = parse_config(dpo_flags(model_dir, out, "--max_steps", "2"), DPOConfig, prog="lopt dpo")
-    trainer = build_dpo_trainer(config, out)
     recorder = Recorder()
-    trainer.add_callback(TRLBridge(trainer, "dpo", DPO_METRICS, [recorder]))
-    trainer.train()
+    build_dpo_trainer(config, out, callbacks=[recorder]).train()
     kinds = [kind for kind, _ in recorder.events]
     assert kinds == ["begin", "step", "log", "step", "log", "save", "end"]  # the Trainer saves its last step
     assert recorder.events[5][1] == "checkpoint-2" and (out / "checkpoint-2" / "training_state.pt").is_file()

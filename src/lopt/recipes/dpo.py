@@ -7,11 +7,14 @@ LoPT hooks and runs without gradients.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from pathlib import Path
 
 from lopt.config import DPOConfig
 from lopt.data.presets import dpo_records
 from lopt.errors import LoptError
+from lopt.training.callbacks import Callback
 from lopt.training.run import build_model
 from lopt.training.trl_integration import (
     LoptTrainerMixin,
@@ -34,8 +37,8 @@ def _is_conversation(value) -> bool:
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
 
 
-def build_dpo_trainer(config: DPOConfig, out: Path):
-    """The LoPT (or E2E) DPO trainer for `config`, writing into `out`."""
+def build_dpo_trainer(config: DPOConfig, out: Path, callbacks: Sequence[Callback] = ()):
+    """The LoPT (or E2E) DPO trainer for `config`, writing into `out`; `callbacks` listen next to metrics.jsonl."""
     import datasets
     from transformers import set_seed
     from trl import DPOConfig as TRLDPOConfig
@@ -81,14 +84,14 @@ def build_dpo_trainer(config: DPOConfig, out: Path):
             f"every prompt is at least --max_seq_length {config.max_seq_length} tokens long, so no answer token is "
             "left to train on; raise --max_seq_length."
         )
-    add_lopt_callbacks(trainer, "dpo", DPO_METRICS, append=config.resume_from_checkpoint is not None)
+    add_lopt_callbacks(trainer, "dpo", DPO_METRICS, config.resume_from_checkpoint is not None, callbacks)
     return trainer
 
 
-def run_dpo(config: DPOConfig) -> TRLRunResult:
+def run_dpo(config: DPOConfig, callbacks: Sequence[Callback] = ()) -> TRLRunResult:
     return run_trl_recipe(
         "dpo",
         config,
-        build_dpo_trainer,
+        functools.partial(build_dpo_trainer, callbacks=callbacks),
         lambda trainer: f"{len(trainer.train_dataset)} pairs | beta {config.beta}, loss {config.loss_type}",
     )

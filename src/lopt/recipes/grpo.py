@@ -7,7 +7,9 @@ the dashboard).
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from lopt.config import GRPOConfig
@@ -16,6 +18,7 @@ from lopt.data.presets import grpo_records
 from lopt.errors import LoptError
 from lopt.rewards import completion_text, format_reward
 from lopt.tasks import get_task
+from lopt.training.callbacks import Callback
 from lopt.training.run import build_model, console
 from lopt.training.trl_integration import (
     LoptTrainerMixin,
@@ -90,9 +93,9 @@ def prepare_prompts(records: list[dict], tokenizer, max_prompt_length: int) -> l
     return kept
 
 
-def build_grpo_trainer(config: GRPOConfig, out: Path, **trl_settings):
-    """The LoPT (or E2E) GRPO trainer for `config`, writing into `out`; `trl_settings` are extra
-    TRLGRPOConfig fields (tests use them, e.g. for greedy generation)."""
+def build_grpo_trainer(config: GRPOConfig, out: Path, callbacks: Sequence[Callback] = (), **trl_settings):
+    """The LoPT (or E2E) GRPO trainer for `config`, writing into `out`; `callbacks` listen next to
+    metrics.jsonl; `trl_settings` are extra TRLGRPOConfig fields (tests use them, e.g. for greedy generation)."""
     import datasets
     from transformers import set_seed
     from trl import GRPOConfig as TRLGRPOConfig
@@ -147,15 +150,15 @@ def build_grpo_trainer(config: GRPOConfig, out: Path, **trl_settings):
     trainer.completions_path = out / "completions.jsonl"
     if trainer.accelerator.is_main_process and not resuming:
         trainer.completions_path.write_text("")
-    add_lopt_callbacks(trainer, "grpo", GRPO_METRICS, append=resuming)
+    add_lopt_callbacks(trainer, "grpo", GRPO_METRICS, resuming, callbacks)
     return trainer
 
 
-def run_grpo(config: GRPOConfig) -> TRLRunResult:
+def run_grpo(config: GRPOConfig, callbacks: Sequence[Callback] = ()) -> TRLRunResult:
     return run_trl_recipe(
         "grpo",
         config,
-        build_grpo_trainer,
+        functools.partial(build_grpo_trainer, callbacks=callbacks),
         lambda trainer: (
             f"task {config.task} ({get_task(config.task).description}), {len(trainer.train_dataset)} "
             f"prompts | {config.num_generations} completions per prompt"

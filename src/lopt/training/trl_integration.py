@@ -38,7 +38,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,9 +340,11 @@ class TRLBridge(TrainerCallback):
             self.callbacks.on_train_end(state.global_step)
 
 
-def add_lopt_callbacks(trainer, recipe: str, columns: dict[str, str], append: bool) -> None:
-    """Write metrics.jsonl (a resumed run appends) and tell lopt's listeners, through a TRLBridge."""
-    trainer.add_callback(TRLBridge(trainer, recipe, columns, [MetricsFile(append=append)]))
+def add_lopt_callbacks(
+    trainer, recipe: str, columns: dict[str, str], append: bool, listeners: Sequence[Callback] = ()
+) -> None:
+    """Write metrics.jsonl (a resumed run appends) and tell `listeners`, through one TRLBridge."""
+    trainer.add_callback(TRLBridge(trainer, recipe, columns, [MetricsFile(append=append), *listeners]))
 
 
 @dataclass
