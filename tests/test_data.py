@@ -19,8 +19,8 @@ from tokenizers import Tokenizer
 from lopt.answers import GSM_ANSWER_INSTRUCTION
 from lopt.data import generated
 from lopt.data.collate import IGNORE_INDEX, build_prompt, collate, tokenize_sft
-from lopt.data.formats import SHAPES, detect_format, to_messages
-from lopt.data.presets import PRESETS, load_records
+from lopt.data.formats import SHAPES, detect_format, to_messages, to_reference_text
+from lopt.data.presets import PRESETS, dpo_records, load_records
 from lopt.errors import LoptError
 from tiny_models import CHATML, make_tokenizer, train_tiny_bpe
 
@@ -142,6 +142,38 @@ def test_record_missing_a_column_of_the_detected_shape():
         to_messages({"instruction": "x"}, where="record 1", fmt="alpaca")
 
 
+@pytest.mark.parametrize(
+    "record, prompt, answer",
+    [
+        ({"instruction": "Add.", "input": "2 and 2", "output": "4"}, "Instruction: Add.\n2 and 2\nResponse:\n", "4"),
+        ({"instruction": "Add.", "input": "", "output": "4"}, "Instruction: Add.\nResponse:\n", "4"),
+        ({"instruction": "Add.", "output": "4"}, "Instruction: Add.\nResponse:\n", "4"),
+        ({"prompt": "Q: 2 + 2?\nA:", "completion": " 4"}, "Q: 2 + 2?\nA:", " 4"),
+    ],
+)
+def test_reference_text_of_alpaca_and_prompt_completion(record, prompt, answer):
+    assert to_reference_text(record) == (prompt, answer)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        qa(),
+        {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]},
+        {"prompt": [{"role": "user", "content": "p"}], "completion": "c"},
+    ],
+)
+def test_reference_text_leaves_other_shapes_to_the_chat_template(record):
+    assert to_reference_text(record) is None
+
+
+def test_reference_text_checks_the_record_as_to_messages_does():
+    with pytest.raises(LoptError, match="record 3: missing column 'output'"):
+        to_reference_text({"instruction": "x"}, where="record 3", fmt="alpaca")
+    with pytest.raises(LoptError, match="field 'input' must be text"):
+        to_reference_text({"instruction": "x", "input": 7, "output": "y"})
+
+
 # --- tokenization and masking ----------------------------------------------------------------
 
 
@@ -237,6 +269,44 @@ def test_all_examples_truncated_is_an_error(chatml):
         tokenize_sft([qa(), qa()], chatml, max_seq_length=8)
 
 
+@pytest.mark.parametrize("tokenizer_name", ["chatml", "plain"])
+def test_reference_prompt_format_trains_the_plain_text_output_and_eos(tokenizer_name, request):
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    records = [
+        {"instruction": "What is 2 + 2?", "input": "", "output": "The answer is 4."},
+        {"instruction": "What is 2 + 2?", "input": "Hello there", "output": "4"},
+    ]
+    (first, second), stats = tokenize_sft(records, tokenizer, max_seq_length=512, prompt_format="reference")
+    prompt = "Instruction: What is 2 + 2?\nResponse:\n"
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer("The answer is 4.", add_special_tokens=False)["input_ids"]
+    # No chat template, no BOS: the prompt's tokens, then the output's, then EOS.
+    assert first["input_ids"] == prompt_ids + answer_ids + [tokenizer.eos_token_id]
+    assert first["labels"] == [IGNORE_INDEX] * len(prompt_ids) + answer_ids + [tokenizer.eos_token_id]
+    assert tokenizer.decode(second["input_ids"]) == "Instruction: What is 2 + 2?\nHello there\nResponse:\n4<|im_end|>"
+    assert labelled_spans(tokenizer, second) == ["4<|im_end|>"]
+    assert (
+        stats["trained_tokens"] == len(answer_ids) + 1 + len(tokenizer("4", add_special_tokens=False)["input_ids"]) + 1
+    )
+
+
+def test_reference_prompt_format_of_prompt_completion_and_other_shapes(chatml):
+    (plain_text,), _ = tokenize_sft(
+        [{"prompt": "What is 2 + 2?", "completion": " 4"}], chatml, max_seq_length=512, prompt_format="reference"
+    )
+    assert chatml.decode(plain_text["input_ids"]) == "What is 2 + 2? 4<|im_end|>"
+    assert labelled_spans(chatml, plain_text) == [" 4<|im_end|>"]
+    # Shapes the reference has no plain text for are tokenized exactly as with the chat format.
+    for record in (qa(), {"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "completion": "4"}):
+        reference, _ = tokenize_sft([record], chatml, max_seq_length=512, prompt_format="reference")
+        assert reference == tokenize_sft([record], chatml, max_seq_length=512)[0]
+
+
+def test_unknown_prompt_format_suggests_the_closest(chatml):
+    with pytest.raises(LoptError, match=r"unknown --prompt_format 'refrence'\. Did you mean 'reference'\?"):
+        tokenize_sft([qa()], chatml, max_seq_length=64, prompt_format="refrence")
+
+
 def test_detects_the_shape_once_and_names_the_bad_record(chatml):
     with pytest.raises(LoptError, match="record 1: missing column 'answer'"):
         tokenize_sft([qa(), {"question": "q", "solution": "s"}], chatml, max_seq_length=64)
@@ -283,6 +353,33 @@ def test_jsonl_skips_blank_lines_and_max_samples_keeps_the_first(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in RECORDS[:2]) + "\n\n  \n" + json.dumps(RECORDS[2]) + "\n")
     assert load_records(train_file=path) == RECORDS
     assert load_records(train_file=str(path), max_samples=2) == RECORDS[:2]
+
+
+MANY = [qa(f"q{n}", f"a{n}") for n in range(20)]
+
+
+def test_random_select_samples_is_a_seeded_subset_of_a_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in MANY))
+    picked = load_records(train_file=path, max_samples=5, select_samples="random", seed=1)
+    assert picked == load_records(train_file=path, max_samples=5, select_samples="random", seed=1)  # reproducible
+    assert len(picked) == 5 and all(r in MANY for r in picked) and len({r["question"] for r in picked}) == 5
+    assert picked != MANY[:5] and picked != load_records(
+        train_file=path, max_samples=5, select_samples="random", seed=2
+    )
+    assert load_records(train_file=path, max_samples=5, select_samples="first", seed=1) == MANY[:5]
+    assert load_records(train_file=path, select_samples="random") == MANY  # no --max_samples: every record
+    with pytest.raises(LoptError, match=r"unknown --select_samples 'randm'\. Did you mean 'random'\?"):
+        load_records(train_file=path, max_samples=5, select_samples="randm")
+
+
+def test_dpo_records_select_samples_random_from_a_file(tmp_path):
+    pairs = [{"prompt": f"p{n}", "chosen": f"c{n}", "rejected": f"r{n}"} for n in range(20)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    picked = dpo_records(train_file=path, max_samples=5, select_samples="random", seed=4)
+    assert picked == load_records(train_file=path, max_samples=5, select_samples="random", seed=4)
+    assert picked != pairs[:5] and dpo_records(train_file=path, max_samples=5) == pairs[:5]
 
 
 def test_parquet(tmp_path):
@@ -404,6 +501,23 @@ def test_hub_presets_call_load_dataset_with_their_id(fake_hub, preset):
     records = load_records(preset=preset, max_samples=3)
     assert fake_hub == [(PRESETS[preset].hub_id, None, "train")]
     assert records == [{"instruction": f"i{n}", "input": "", "output": f"o{n}"} for n in range(3)]
+
+
+def test_random_select_samples_shuffles_a_hub_dataset_with_the_seed(monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, split=None: datasets.Dataset.from_list(MANY))
+    picked = load_records(dataset_name="x/y", max_samples=5, select_samples="random", seed=3)
+    assert picked == load_records(dataset_name="x/y", max_samples=5, select_samples="random", seed=3)
+    assert len(picked) == 5 and all(r in MANY for r in picked) and len({r["question"] for r in picked}) == 5
+    assert picked != MANY[:5] and picked != load_records(dataset_name="x/y", max_samples=5, select_samples="random")
+    assert load_records(preset="alpaca", max_samples=5, select_samples="random", seed=3) == picked  # presets too
+    assert load_records(dataset_name="x/y", max_samples=5) == MANY[:5]
+
+
+def test_generated_gsm_symbolic_is_the_same_under_either_select_samples():
+    first = load_records(preset="gsm-symbolic", max_samples=3, seed=5)
+    assert load_records(preset="gsm-symbolic", max_samples=3, seed=5, select_samples="random") == first
 
 
 def test_preset_hub_ids():

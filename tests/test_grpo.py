@@ -217,6 +217,26 @@ def test_grpo_records_from_hub_tasks_use_the_real_load_dataset(monkeypatch):
     assert calls == [("openai/gsm8k", "main", "train"), ("AI-MO/NuminaMath-CoT", None, "train")]
 
 
+def test_grpo_records_select_samples_random_from_the_task_hub_and_a_file(monkeypatch, tmp_path):
+    import datasets
+
+    rows = [{"question": f"{n} + 1?", "answer": f"#### {n + 1}"} for n in range(20)]
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda name, config=None, split=None: datasets.Dataset.from_list(rows)
+    )
+    first = [r["answer"] for r in grpo_records("gsm8k", max_samples=4)]
+    assert first == ["1", "2", "3", "4"]
+    picked = [r["answer"] for r in grpo_records("gsm8k", max_samples=4, select_samples="random", seed=7)]
+    assert picked == [r["answer"] for r in grpo_records("gsm8k", max_samples=4, select_samples="random", seed=7)]
+    assert picked != first and len(set(picked)) == 4
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from_file = [r["answer"] for r in grpo_records("gsm8k", train_file=path, max_samples=4, select_samples="random")]
+    assert from_file != first and len(set(from_file)) == 4
+    with pytest.raises(LoptError, match="unknown --select_samples"):
+        grpo_records("gsm-symbolic", max_samples=4, select_samples="shuffled")
+
+
 def test_grpo_records_from_a_file_and_bad_columns(tmp_path):
     good = tmp_path / "qa.jsonl"
     good.write_text(json.dumps({"question": "1 + 1?", "answer": "#### 2"}) + "\n")

@@ -151,6 +151,10 @@ def test_reference_smoke_command_runs_through_train_sft_py(model_dir, train_file
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (out / "config.json").exists() and (out / "metrics.jsonl").exists()
+    # The script trains as the reference does, not with `lopt sft`'s defaults.
+    args = json.loads((out / "training_args.json").read_text())
+    assert (args["lr_scheduler_type"], args["warmup_ratio"]) == ("cosine", 0.03)
+    assert (args["select_samples"], args["prompt_format"]) == ("random", "reference")
 
 
 # ---- the config layer ---------------------------------------------------------------------------

@@ -20,17 +20,26 @@ commands:
 `lopt <command> --help` lists a command's flags."""
 
 
+# The LoPT reference implementation's script names, kept at the repository root: they run these
+# commands with the reference's defaults (cosine schedule, 3% warm-up, a seeded random --max_samples
+# subset, and its plain-text prompts for SFT) where `lopt sft` / `lopt grpo` keep lopt's own.
+REFERENCE_SCRIPTS = {"sft": "train_sft.py", "grpo": "train_grpo.py"}
+REFERENCE_DEFAULTS = ", with the LoPT reference implementation's defaults"
+
+
 def _loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"  # None: a resumed run had no step left
 
 
-def _sft(argv: list[str]) -> None:
-    from lopt.config import SFTConfig, parse_config
+def _sft(argv: list[str], reference: bool = False) -> None:
+    from lopt.config import ReferenceSFTConfig, SFTConfig, parse_config
     from lopt.parallel.distributed import is_main_process
     from lopt.recipes.sft import run_sft
     from lopt.training.run import console
 
-    config = parse_config(argv, SFTConfig, prog="lopt sft", description="Supervised fine-tuning (E2E or LoPT).")
+    cls, prog = (ReferenceSFTConfig, REFERENCE_SCRIPTS["sft"]) if reference else (SFTConfig, "lopt sft")
+    description = f"Supervised fine-tuning (E2E or LoPT){REFERENCE_DEFAULTS if reference else ''}."
+    config = parse_config(argv, cls, prog=prog, description=description)
     result = run_sft(config)
     if is_main_process():
         console.print(
@@ -39,13 +48,15 @@ def _sft(argv: list[str]) -> None:
         )
 
 
-def _grpo(argv: list[str]) -> None:
-    from lopt.config import GRPOConfig, parse_config
+def _grpo(argv: list[str], reference: bool = False) -> None:
+    from lopt.config import GRPOConfig, ReferenceGRPOConfig, parse_config
     from lopt.parallel.distributed import is_main_process
     from lopt.recipes.grpo import run_grpo
     from lopt.training.run import console
 
-    config = parse_config(argv, GRPOConfig, prog="lopt grpo", description="GRPO with verifiable rewards (E2E or LoPT).")
+    cls, prog = (ReferenceGRPOConfig, REFERENCE_SCRIPTS["grpo"]) if reference else (GRPOConfig, "lopt grpo")
+    description = f"GRPO with verifiable rewards (E2E or LoPT){REFERENCE_DEFAULTS if reference else ''}."
+    config = parse_config(argv, cls, prog=prog, description=description)
     result = run_grpo(config)
     if not is_main_process():
         return
@@ -100,7 +111,9 @@ def _bench(argv: list[str]) -> None:
 COMMANDS = {"sft": _sft, "grpo": _grpo, "dpo": _dpo, "eval": _eval, "report": _report, "demo": _demo, "bench": _bench}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, reference: bool = False) -> int:
+    """Run `lopt <command> [flags]`; `reference`: run sft or grpo as the reference implementation's script
+    (train_sft.py, train_grpo.py), with the reference's defaults."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -109,10 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"lopt: {unknown_choice('command', command, list(COMMANDS))}\n\n{USAGE}", file=sys.stderr)
         return 2
+    if reference and command not in REFERENCE_SCRIPTS:
+        raise ValueError(f"no reference script runs `lopt {command}`; only {' and '.join(REFERENCE_SCRIPTS)} have one")
+    name = REFERENCE_SCRIPTS[command] if reference else f"lopt {command}"
     try:
-        COMMANDS[command](rest)
+        if reference:
+            COMMANDS[command](rest, reference=True)
+        else:
+            COMMANDS[command](rest)
     except LoptError as exc:
-        print(f"lopt {command}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 
 import yaml
 
+from lopt.data.formats import PROMPT_FORMATS
+from lopt.data.sources import SELECT_SAMPLES
 from lopt.errors import LoptError, did_you_mean, unknown_choice
 from lopt.tasks import TASKS
 
@@ -67,7 +69,13 @@ class RunConfig:
         None, "local .json / .jsonl / .parquet file (overrides --dataset_name and the preset)"
     )
     split: str = _opt("train", "dataset split")
-    max_samples: int | None = _opt(None, "keep the first N records")
+    max_samples: int | None = _opt(None, "keep N records, picked as --select_samples says")
+    select_samples: str = _opt(
+        "first",
+        "how --max_samples picks records: first (the first N) or random (N drawn after a shuffle seeded by "
+        "--seed); the generated gsm-symbolic data is exactly N random problems from --seed either way",
+        choices=list(SELECT_SAMPLES),
+    )
     # optimization
     per_device_train_batch_size: int = _opt(4, "micro-batch size per process")
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
@@ -110,6 +118,14 @@ class SFTConfig(RunConfig):
 
     dataset_preset: str = _opt("gsm-symbolic", "data preset: gsm-symbolic (offline), alpaca, metamathqa, tulu3")
     max_seq_length: int = _opt(1024, "truncate examples to this many tokens")
+    prompt_format: str = _opt(
+        "chat",
+        "chat: every record through the model's chat template; reference: the reference implementation's plain "
+        "text for Alpaca records ('Instruction: {instruction}\\n[{input}\\n]Response:\\n' + output) and text "
+        "prompt/completion records (prompt + completion), loss on the answer only; other record shapes still "
+        "go through the chat template",
+        choices=list(PROMPT_FORMATS),
+    )
     liger: bool = _opt(
         False, "LM-head loss with Liger Kernel's fused linear cross entropy (CUDA; pip install liger-kernel)"
     )
@@ -145,6 +161,30 @@ class GRPOConfig(RunConfig):
         None, "micro-batches per generation (default: --gradient_accumulation_steps)"
     )
     use_vllm: bool = _opt(False, "generate with vLLM (needs vllm installed and a GPU)")
+
+
+def _reference_default(cls, name: str, value):
+    """Field ``name`` of ``cls`` with the reference implementation's default; its help and choices are kept."""
+    return field(default=value, metadata=cls.__dataclass_fields__[name].metadata)
+
+
+@dataclass
+class ReferenceSFTConfig(SFTConfig):
+    """`train_sft.py`: `lopt sft` with the LoPT reference implementation's defaults where lopt's differ."""
+
+    lr_scheduler_type: str = _reference_default(SFTConfig, "lr_scheduler_type", "cosine")
+    warmup_ratio: float = _reference_default(SFTConfig, "warmup_ratio", 0.03)
+    select_samples: str = _reference_default(SFTConfig, "select_samples", "random")
+    prompt_format: str = _reference_default(SFTConfig, "prompt_format", "reference")
+
+
+@dataclass
+class ReferenceGRPOConfig(GRPOConfig):
+    """`train_grpo.py`: `lopt grpo` with the LoPT reference implementation's defaults where lopt's differ."""
+
+    lr_scheduler_type: str = _reference_default(GRPOConfig, "lr_scheduler_type", "cosine")
+    warmup_ratio: float = _reference_default(GRPOConfig, "warmup_ratio", 0.03)
+    select_samples: str = _reference_default(GRPOConfig, "select_samples", "random")
 
 
 @dataclass
@@ -248,6 +288,10 @@ def validate(config) -> None:
     """Checks that need no model or data; each error names the flag and the fix."""
     if config.method not in METHODS:
         raise unknown_choice("--method", config.method, sorted(METHODS))
+    for f in _flag_fields(type(config)):  # argparse checks flags; this checks YAML values too
+        choices = f.metadata.get("choices")
+        if choices and getattr(config, f.name) not in choices:
+            raise unknown_choice(f"--{f.name}", getattr(config, f.name), choices)
     if config.canonical_method == "e2e":
         for name in ("num_blocks", "lr_k1", "backward", "early_blocks"):
             if name in config.explicit:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from lopt.answers import with_answer_instruction
 from lopt.data.generated import DEFAULT_GSM_SAMPLES, gsm_symbolic_records
-from lopt.data.sources import load_hub
+from lopt.data.sources import check_select_samples, load_hub
 from lopt.errors import LoptError, unknown_choice
 from lopt.rewards import RewardFunc, boxed_accuracy, gsm8k_accuracy, gsm_symbolic_score
 
@@ -34,11 +34,12 @@ class Task:
     # (n, questions to exclude) -> n held-out {"question", "answer"} records; None: not evaluable
     heldout: Callable[[int, set[str]], list[dict]] | None = None
 
-    def records(self, split: str, max_samples: int | None, seed: int) -> list[dict]:
-        """The task's own training problems: hub rows as they are, or generated {"prompt", "answer"} rows
-        whose prompt already carries the answer instruction."""
+    def records(self, split: str, max_samples: int | None, seed: int, select_samples: str = "first") -> list[dict]:
+        """The task's own training problems: hub rows as they are (`max_samples` picked as `select_samples`
+        says), or generated {"prompt", "answer"} rows, random already, whose prompt carries the answer instruction."""
+        check_select_samples(select_samples)  # the generated path does not use it, but a wrong value is still wrong
         if self.hub_id is not None:
-            return load_hub(self.hub_id, self.hub_config, split, max_samples)
+            return load_hub(self.hub_id, self.hub_config, split, max_samples, select_samples, seed)
         size = DEFAULT_GSM_SAMPLES if max_samples is None else max_samples
         return [{"prompt": r["question"], "answer": r["answer"]} for r in gsm_symbolic_records(size, seed)]
 

@@ -10,6 +10,10 @@ exactly as ``build_prompt`` + tokenizer do at inference and the labelled ids are
 answer the model should produce after it. This needs the template to render a conversation's
 prefix as a prefix of the whole (ChatML does); when a template does not, only the final assistant
 turn is trained, after the same prompt ``build_prompt`` gives.
+
+With ``prompt_format="reference"`` the records the reference implementation writes as plain text
+(``formats.to_reference_text``) are that text instead: the prompt untrained, the answer trained and
+ended with EOS, as above; other records still go through the chat template.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ import logging
 
 import torch
 
-from lopt.data.formats import detect_format, to_messages
-from lopt.errors import LoptError
+from lopt.data.formats import PROMPT_FORMATS, detect_format, to_messages, to_reference_text
+from lopt.errors import LoptError, unknown_choice
 
 logger = logging.getLogger(__name__)
 
@@ -30,26 +34,39 @@ IGNORE_INDEX = -100  # the label torch's cross-entropy skips
 PLAIN_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
 
 
-def tokenize_sft(records: list[dict], tokenizer, max_seq_length: int) -> tuple[list[dict], dict]:
+def tokenize_sft(
+    records: list[dict], tokenizer, max_seq_length: int, prompt_format: str = "chat"
+) -> tuple[list[dict], dict]:
     """Tokenize SFT records into ``{"input_ids": [...], "labels": [...]}`` examples.
+
+    ``prompt_format`` is ``"chat"`` (every record through the chat template) or ``"reference"``
+    (Alpaca and text prompt/completion records as the reference implementation's plain text).
 
     Returns ``(examples, stats)`` with ``stats = {"examples", "skipped_truncated", "tokens",
     "trained_tokens"}``. Sequences longer than ``max_seq_length`` are cut at the end; an example
     with no trained token left is skipped and counted in ``skipped_truncated``. Records are named
     ``record <i>`` (0-based index into ``records``) in error messages.
     """
+    if prompt_format not in PROMPT_FORMATS:
+        raise unknown_choice("--prompt_format", prompt_format, PROMPT_FORMATS)
     if not records:
         raise LoptError("no records to tokenize")
     if tokenizer.eos_token_id is None:
         raise LoptError("the tokenizer has no eos_token; set one so the model learns where an answer ends")
     fmt = detect_format(records[0])
-    examples, skipped, tokens, trained, fallbacks = [], 0, 0, 0, 0
+    examples, skipped, tokens, trained, fallbacks, chat = [], 0, 0, 0, 0, 0
     for index, record in enumerate(records):
-        messages = to_messages(record, where=f"record {index}", fmt=fmt)
-        segments = _segments(tokenizer, messages)
-        if segments is None:
-            fallbacks += 1
-            segments = _final_turn_segments(tokenizer, messages)
+        where = f"record {index}"
+        plain = to_reference_text(record, where=where, fmt=fmt) if prompt_format == "reference" else None
+        if plain is not None:
+            segments = [(plain[0], False), (plain[1], True)]
+        else:
+            chat += 1
+            messages = to_messages(record, where=where, fmt=fmt)
+            segments = _segments(tokenizer, messages)
+            if segments is None:
+                fallbacks += 1
+                segments = _final_turn_segments(tokenizer, messages)
         input_ids, labels = _ids_and_labels(tokenizer, segments)
         input_ids, labels = input_ids[:max_seq_length], labels[:max_seq_length]
         n_trained = sum(label != IGNORE_INDEX for label in labels)
@@ -59,6 +76,14 @@ def tokenize_sft(records: list[dict], tokenizer, max_seq_length: int) -> tuple[l
         examples.append({"input_ids": input_ids, "labels": labels})
         tokens += len(input_ids)
         trained += n_trained
+    if prompt_format == "reference" and chat:
+        logger.info(
+            "--prompt_format reference: %d of %d records (shape %r) have no plain-text form in the reference; "
+            "they go through the chat template",
+            chat,
+            len(records),
+            fmt,
+        )
     if fallbacks:
         logger.warning(
             "the chat template does not render a conversation's beginning as a prefix of the whole "

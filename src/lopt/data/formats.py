@@ -4,6 +4,10 @@ Every SFT data source ends up as a list of records (dicts). Datasets disagree on
 the shape is detected once per dataset from its columns and each record is turned into a
 conversation ``[{"role": ..., "content": ...}, ...]`` that ends with an assistant message; the
 tokenizer then renders that conversation with the model's chat template (see ``collate.py``).
+
+``--prompt_format reference`` renders the two shapes the LoPT reference implementation writes as
+plain text (Alpaca, and prompt/completion with text on both sides) as that text instead
+(``to_reference_text``); every other shape still becomes a conversation.
 """
 
 from __future__ import annotations
@@ -15,6 +19,12 @@ from typing import Any
 from lopt.errors import LoptError
 
 ROLES = ("system", "user", "assistant")
+
+# --prompt_format: how SFT records become token sequences.
+PROMPT_FORMATS = {
+    "chat": "every record through the model's chat template",
+    "reference": "Alpaca and text prompt/completion records as the reference implementation's plain text",
+}
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,30 @@ def to_messages(record: dict, *, where: str = "", fmt: str | None = None) -> lis
     out it is detected from this record's keys. ``where`` names the record in error messages, e.g.
     ``"train.jsonl:17"`` or ``"record 17"``.
     """
+    fmt, where = _checked(record, where, fmt)
+    return _CONVERTERS[fmt](record, where)
+
+
+def to_reference_text(record: dict, *, where: str = "", fmt: str | None = None) -> tuple[str, str] | None:
+    """The reference implementation's plain text for one record, as ``(prompt, answer)``.
+
+    Alpaca: ``"Instruction: {instruction}\\n"``, then ``"{input}\\n"`` when the input is not empty,
+    then ``"Response:\\n"``; the answer is the output. prompt/completion with text (not message
+    lists) on both sides: the prompt and the completion as they are. Any other record: None (the
+    reference has no plain text for it; it goes through ``to_messages`` and the chat template).
+    """
+    fmt, where = _checked(record, where, fmt)
+    if fmt == "alpaca":
+        instruction, extra = _alpaca_prompt(record, where)
+        prompt = f"Instruction: {instruction}\n" + (f"{extra}\n" if extra else "") + "Response:\n"
+        return prompt, _text(record["output"], where, "output")
+    if fmt == "prompt_completion" and isinstance(record["prompt"], str) and isinstance(record["completion"], str):
+        return record["prompt"], record["completion"]
+    return None
+
+
+def _checked(record: dict, where: str, fmt: str | None) -> tuple[str, str]:
+    """``(shape, where)`` of a record that has its shape's columns; an error naming the record otherwise."""
     if not isinstance(record, dict):
         raise LoptError(f"{where or 'record'}: expected a JSON object (a dict of columns), got {_type_name(record)}")
     fmt = fmt or detect_format(record)
@@ -80,7 +114,7 @@ def to_messages(record: dict, *, where: str = "", fmt: str | None = None) -> lis
                 f"{where}: missing column {column!r}; the dataset was detected as shape {fmt!r} "
                 f"({SHAPES[fmt].columns_text()}) but this record has: {', '.join(sorted(record))}"
             )
-    return _CONVERTERS[fmt](record, where)
+    return fmt, where
 
 
 def _from_messages(record: dict, where: str) -> list[dict]:
@@ -110,12 +144,15 @@ def _from_prompt_completion(record: dict, where: str) -> list[dict]:
 
 
 def _from_alpaca(record: dict, where: str) -> list[dict]:
-    instruction = _text(record["instruction"], where, "instruction")
-    extra = record.get("input")
-    if extra is not None:
-        extra = _text(extra, where, "input")
+    instruction, extra = _alpaca_prompt(record, where)
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
     return _pair(prompt, _text(record["output"], where, "output"))
+
+
+def _alpaca_prompt(record: dict, where: str) -> tuple[str, str]:
+    """The instruction and the input ("" when there is none)."""
+    extra = record.get("input")
+    return _text(record["instruction"], where, "instruction"), "" if extra is None else _text(extra, where, "input")
 
 
 def _columns_pair(prompt_column: str, answer_column: str) -> Callable[[dict, str], list[dict]]:

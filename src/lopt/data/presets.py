@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lopt.answers import extract_final_answer, with_answer_instruction
 from lopt.data.generated import DEFAULT_GSM_SAMPLES, gsm_symbolic_pairs, gsm_symbolic_records
-from lopt.data.sources import load_hub, read_file
+from lopt.data.sources import load_hub, read_file, select_records
 from lopt.errors import LoptError, unknown_choice
 from lopt.tasks import get_task
 
@@ -48,27 +48,30 @@ def load_records(
     split: str = "train",
     max_samples: int | None = None,
     seed: int = 0,
+    select_samples: str = "first",
 ) -> list[dict]:
     """Load SFT records from one source.
 
     Precedence when several are given: ``train_file`` > ``dataset_name`` > ``preset`` (the others
     are ignored with a warning). The caller supplies the default preset when none is chosen.
-    ``max_samples`` keeps the first N records (no shuffling, so runs are reproducible). ``seed``
-    only matters for the generated ``gsm-symbolic`` preset; ``split`` and ``dataset_config`` only
-    for hub datasets.
+    ``max_samples`` keeps N records: the first N (``select_samples="first"``) or N drawn after a
+    shuffle seeded by ``seed`` (``"random"``); either way runs are reproducible. The generated
+    ``gsm-symbolic`` preset makes exactly N random problems from ``seed`` whatever ``select_samples``
+    says. ``split`` and ``dataset_config`` only matter for hub datasets.
     """
     if max_samples is not None and max_samples < 0:
         raise LoptError(f"--max_samples must be 0 or more (got {max_samples}); leave it out to keep every record")
     if train_file is not None:
         _warn_ignored("--train_file", {"--dataset_name": dataset_name, "--dataset_preset": preset})
         records, source = read_file(Path(train_file)), f"--train_file {train_file}"
-        records = records[:max_samples] if max_samples is not None else records
+        records = select_records(records, max_samples, select_samples, seed)
     elif dataset_name is not None:
         _warn_ignored("--dataset_name", {"--dataset_preset": preset})
-        records = load_hub(dataset_name, dataset_config, split, max_samples)
+        records = load_hub(dataset_name, dataset_config, split, max_samples, select_samples, seed)
         source = f"--dataset_name {dataset_name} (split {split!r})"
     elif preset is not None:
-        records, source = _load_preset(preset, split, max_samples, seed), f"--dataset_preset {preset}"
+        records = _load_preset(preset, split, max_samples, seed, select_samples)
+        source = f"--dataset_preset {preset}"
     else:
         raise LoptError("no data source given: pass --dataset_preset, --dataset_name or --train_file")
     if not records and max_samples is not None:
@@ -78,13 +81,13 @@ def load_records(
     return records
 
 
-def _load_preset(name: str, split: str, max_samples: int | None, seed: int) -> list[dict]:
+def _load_preset(name: str, split: str, max_samples: int | None, seed: int, select_samples: str) -> list[dict]:
     if name not in PRESETS:
         raise unknown_choice("--dataset_preset", name, {n: f"{p.description} [{p.source}]" for n, p in PRESETS.items()})
     hub_id = PRESETS[name].hub_id
     if hub_id is None:
         return gsm_symbolic_records(DEFAULT_GSM_SAMPLES if max_samples is None else max_samples, seed)
-    return load_hub(hub_id, None, split, max_samples)
+    return load_hub(hub_id, None, split, max_samples, select_samples, seed)
 
 
 def _warn_ignored(chosen: str, others: dict[str, str | None]) -> None:
@@ -108,13 +111,15 @@ def grpo_records(
     split: str = "train",
     max_samples: int | None = None,
     seed: int = 0,
+    select_samples: str = "first",
 ) -> list[dict]:
     """GRPO prompts as ``{"prompt": [user message], "answer": gold final answer}`` records.
 
     The records come from the task's own source (reasoning-gym, or the task's hub dataset), or from
     ``dataset_name`` / ``train_file`` (question/answer or problem/solution columns); the task decides
     the answer format the prompt asks for and how the gold answer is read from the reference
-    solution. Records whose solution holds no final answer are skipped.
+    solution. Records whose solution holds no final answer are skipped. ``max_samples`` and
+    ``select_samples`` pick the records as for SFT (before the ones without an answer are skipped).
     """
     spec = get_task(task)
     if train_file is not None or dataset_name is not None:
@@ -125,9 +130,10 @@ def grpo_records(
             split=split,
             max_samples=max_samples,
             seed=seed,
+            select_samples=select_samples,
         )
     else:
-        raw = spec.records(split, max_samples, seed)
+        raw = spec.records(split, max_samples, seed, select_samples)
     if not raw:
         raise LoptError(f"--task {task} gave no records; check the data source and --max_samples")
     question_column, answer_column = _grpo_columns(raw[0])
@@ -178,11 +184,13 @@ def dpo_records(
     split: str = "train",
     max_samples: int | None = None,
     seed: int = 0,
+    select_samples: str = "first",
 ) -> list[dict]:
     """Preference records with ``chosen`` and ``rejected`` (strings or conversations) and usually ``prompt``.
 
-    ``train_file`` > ``dataset_name`` > ``preset``, as for SFT. TRL's DPOTrainer reads both the
-    prompt/chosen/rejected shape and chat-format pairs whose chosen/rejected hold the whole conversation.
+    ``train_file`` > ``dataset_name`` > ``preset``, and ``max_samples`` / ``select_samples``, as for
+    SFT. TRL's DPOTrainer reads both the prompt/chosen/rejected shape and chat-format pairs whose
+    chosen/rejected hold the whole conversation.
     """
     if train_file is not None or dataset_name is not None:
         records = load_records(
@@ -192,6 +200,7 @@ def dpo_records(
             split=split,
             max_samples=max_samples,
             seed=seed,
+            select_samples=select_samples,
         )
         missing = {"chosen", "rejected"} - set(records[0])
         if missing:

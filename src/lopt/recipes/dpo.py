@@ -60,6 +60,7 @@ def build_dpo_trainer(config: DPOConfig, out: Path, callbacks: Sequence[Callback
         split=config.split,
         max_samples=config.max_samples,
         seed=config.seed,
+        select_samples=config.select_samples,
     )
     if _is_conversation(records[0]["chosen"]) and not tokenizer.chat_template:
         raise LoptError(

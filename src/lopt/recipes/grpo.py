@@ -130,6 +130,7 @@ def build_grpo_trainer(config: GRPOConfig, out: Path, callbacks: Sequence[Callba
         split=config.split,
         max_samples=config.max_samples,
         seed=config.seed,
+        select_samples=config.select_samples,
     )
     dataset = datasets.Dataset.from_list(prepare_prompts(records, tokenizer, config.max_prompt_length))
     try:

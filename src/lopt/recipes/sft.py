@@ -125,7 +125,7 @@ def _set_up(config: SFTConfig, task_loss: TaskLoss, listeners: list[Callback]) -
     backend.prepare_model(model)
     if main_process:
         check_writable(out, model)
-    examples, data_stats = tokenize_sft(_records(config), tokenizer, config.max_seq_length)
+    examples, data_stats = tokenize_sft(_records(config), tokenizer, config.max_seq_length, config.prompt_format)
     per_epoch = batches_per_epoch(len(examples), config.per_device_train_batch_size, world)
     if per_epoch == 0:
         raise LoptError(
@@ -159,6 +159,7 @@ def _records(config: SFTConfig) -> list[dict]:
     return load_records(
         preset=preset, dataset_name=config.dataset_name, dataset_config=config.dataset_config,
         train_file=config.train_file, split=config.split, max_samples=config.max_samples, seed=config.seed,
+        select_samples=config.select_samples,
     )  # fmt: skip
 
 
