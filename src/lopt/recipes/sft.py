@@ -46,6 +46,7 @@ from lopt.training.run import build_model, console, prepare_output_dir
 from lopt.training.signals import StopRequest
 from lopt.training.step import check_finite, forward_backward
 from lopt.training.task_loss import CausalLMLoss, TaskLoss
+from lopt.training.trackers import tracker_callbacks
 
 
 @dataclass
@@ -137,11 +138,10 @@ def _set_up(config: SFTConfig, task_loss: TaskLoss, listeners: list[Callback]) -
     optimizer = build_optimizer(model, config.learning_rate, config.lr_k1, config.weight_decay)
     scheduler = build_scheduler(optimizer, config.lr_scheduler_type, config.warmup_ratio, total_steps)
     backend.prepare_optimizer(model, optimizer)
-    default_listeners = [ProgressBar(console), MetricsFile(append=resume_dir is not None)]
     run = _Run(
         config=config, backend=backend, out=out, model=model, tokenizer=tokenizer, examples=examples,
         data_stats=data_stats, optimizer=optimizer, scheduler=scheduler, task_loss=task_loss,
-        callbacks=Callbacks(default_listeners + listeners if main_process else []),
+        callbacks=_listeners(config, resume_dir is not None, listeners),
         batches_per_epoch=per_epoch, total_steps=total_steps, resume_dir=resume_dir,
     )  # fmt: skip
     if state is not None:
@@ -150,6 +150,14 @@ def _set_up(config: SFTConfig, task_loss: TaskLoss, listeners: list[Callback]) -
         save_config(config, out / "training_args.json")
         console.print(_start_line(run))
     return run
+
+
+def _listeners(config: SFTConfig, resuming: bool, extra: list[Callback]) -> Callbacks:
+    """The main process's listeners: progress bar, metrics.jsonl, the --report_to trackers, then the caller's."""
+    if not distributed.is_main_process():
+        return Callbacks([])
+    own = [ProgressBar(console), MetricsFile(append=resuming), *tracker_callbacks(config.report_to, config)]
+    return Callbacks(own + extra)
 
 
 def _records(config: SFTConfig) -> list[dict]:

@@ -25,6 +25,11 @@ changes a TRL trainer at the narrowest hooks only, and never TRL's loss code:
   It also applies `--save_total_limit`, counting complete checkpoints only.
 - `_load_from_checkpoint` (resume) restores the heads next to the model; TRL's Trainer restores the
   optimizer, the schedule, the RNG states and the position in the data.
+- `log` adds the metrics contract's fields TRL does not log itself (`lopt/lr`, `lopt/lr_k1`,
+  `lopt/tokens_per_s`, `lopt/peak_mem_bytes`, `lopt/activation_peak_bytes`, `lopt/elapsed_s`) to TRL's
+  logs of each logging step, next to `lopt/task_loss` and `lopt/aux_loss_block_<i>`. The Trainer hands
+  those logs to every callback: the reporting integrations of `--report_to` (training/trackers.py) and
+  `TRLBridge`, which writes metrics.jsonl from them, so both show the same values.
 - As in the SFT loop, a NaN/inf loss stops the run before its optimizer step, and SIGINT / SIGTERM
   finish the step in flight, save a checkpoint and exit with 130 / 143 (`_StopOnSignal`).
 """
@@ -39,7 +44,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,12 +73,26 @@ from lopt.training.optim import build_optimizer
 from lopt.training.run import console, prepare_output_dir
 from lopt.training.signals import StopRequest
 from lopt.training.step import stop_unless_finite
+from lopt.training.trackers import (
+    AUX_LOSS_KEY,
+    CONFIG_TEXT,
+    TRACKERS,
+    config_text,
+    import_tracker,
+    lopt_key,
+    parse_report_to,
+    start_wandb,
+    tracker_names,
+)
 
 logger = logging.getLogger(__name__)
 
-# Metric names in TRL's metrics dict (averaged over a logging window by TRL's `log`).
-TASK_LOSS_KEY = "lopt/task_loss"
-AUX_LOSS_KEY = "lopt/aux_loss_block_{}"
+# Metric names in TRL's metrics dict (averaged over a logging window by TRL's `log`); AUX_LOSS_KEY (block i's
+# local loss) comes from trackers.py, which names every contract field the same way in every recipe.
+TASK_LOSS_KEY = lopt_key("task_loss")
+# The contract's fields TRL does not log, added to its logs by LoptTrainerMixin.log (epoch and grad_norm
+# are the Trainer's own; task and local losses go through TRL's metrics dict above).
+WINDOW_FIELDS = ("lr", "lr_k1", "tokens_per_s", "peak_mem_bytes", "activation_peak_bytes", "elapsed_s")
 
 
 class _ZeroHeadGradients(TrainerCallback):
@@ -99,6 +118,42 @@ class _StopOnSignal(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if distributed.any_process(self.stop.requested, self.device) and state.global_step < state.max_steps:
             control.should_save = control.should_training_stop = self.stopped = True
+
+
+class _ContractClock(TrainerCallback):
+    """What the metrics contract needs from the Trainer's events: the learning rates of the last optimizer step
+    (read before the Trainer steps the schedule), and where the logging window started (time, tokens)."""
+
+    def __init__(self, meter: SavedTensorMeter):
+        self.meter = meter
+        self.start = self.last_time = time.perf_counter()
+        self.last_tokens = 0.0
+        self.rates = [float("nan")]
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.last_time = time.perf_counter()
+        self.meter.reset_peak()
+        # GRPO counts tokens in the Trainer's state, which a resume restores: the first rate counts from
+        # there (DPO counts its own from 0 each run, and leaves the state's count at 0)
+        self.last_tokens = float(state.num_input_tokens_seen)
+
+    def on_optimizer_step(self, args, state, control, lr_scheduler=None, **kwargs):
+        if lr_scheduler is not None:
+            self.rates = lr_scheduler.get_last_lr()  # build_optimizer puts the early groups first
+
+    def window(self, tokens: float | None, device: torch.device) -> dict[str, float]:
+        """The logging window that ends now, as TRL log entries (WINDOW_FIELDS); the next one starts."""
+        now = time.perf_counter()
+        tokens = self.last_tokens if tokens is None else float(tokens)
+        values = {
+            "lr": self.rates[-1], "lr_k1": self.rates[0],
+            "tokens_per_s": (tokens - self.last_tokens) / max(now - self.last_time, 1e-9),
+            "peak_mem_bytes": device_peak_bytes(device), "activation_peak_bytes": self.meter.peak_bytes,
+            "elapsed_s": now - self.start,
+        }  # fmt: skip
+        self.meter.reset_peak()
+        self.last_time, self.last_tokens = now, tokens
+        return {lopt_key(name): values[name] for name in WINDOW_FIELDS}
 
 
 class LoptTrainerMixin:
@@ -130,6 +185,18 @@ class LoptTrainerMixin:
                 "config (configs/accelerate_multi_gpu.yaml)."
             )
         self.add_callback(_ZeroHeadGradients(lopt.aux_heads))
+        self.lopt_clock = _ContractClock(self.saved_meter)
+        self.add_callback(self.lopt_clock)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # A training step's logs (not evaluation's, not the end-of-training summary, which have no task loss
+        # pending) get the contract's remaining fields before TRL averages its metrics into them and the
+        # Trainer hands them to the callbacks.
+        pending = self._metrics["train"]
+        if self.model.training and pending.get(TASK_LOSS_KEY):
+            tokens = pending.get("num_tokens")  # TRL's running count of input tokens, all processes
+            logs = {**logs, **self.lopt_clock.window(tokens[-1] if tokens else None, self.args.device)}
+        super().log(logs, start_time)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not (self.model.training and torch.is_grad_enabled()):  # evaluation: TRL's loss as it is
@@ -221,6 +288,10 @@ def trl_arguments(trl_config_cls, config: RunConfig, **specific):
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
     # transformers 5 reads a warmup_steps below 1 as a ratio of the training steps.
     warmup = "warmup_ratio" if "warmup_ratio" in known else "warmup_steps"
+    # --report_to: transformers' own integrations (training/trackers.py), under lopt's project and run names
+    report_to = parse_report_to(getattr(config, "report_to", "none"))
+    project, run_name = tracker_names(config.output_dir)
+    tracking = {name: value for name, value in dict(project=project, run_name=run_name).items() if name in known}
     requested = dict(
         output_dir=config.output_dir,
         per_device_train_batch_size=config.per_device_train_batch_size,
@@ -243,7 +314,8 @@ def trl_arguments(trl_config_cls, config: RunConfig, **specific):
         # --fp16 is autocast with loss scaling, which TRL's accelerator provides.
         bf16=False,
         fp16=config.fp16,
-        report_to="none",
+        report_to=report_to or "none",
+        **(tracking if report_to else {}),
         # accelerate runs CPU processes (torchrun without CUDA) as one data-parallel job only when told to
         # use the CPU; otherwise each process would train alone on all the data.
         use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
@@ -272,27 +344,19 @@ def trl_arguments(trl_config_cls, config: RunConfig, **specific):
 
 class TRLBridge(TrainerCallback):
     """TRL's TrainerCallback events -> lopt's listeners (training/callbacks.py), with each logged step as
-    the StepMetrics record of the metrics contract (training/metrics.py).
+    the StepMetrics record of the metrics contract (training/metrics.py), read from TRL's logs.
 
     `columns` maps each of the recipe's own metrics.jsonl columns to the key of TRL's logs it comes
-    from. `activation_peak_bytes` is the peak of bytes saved for backward over the logging window; `lr`
-    and `lr_k1` are the rates of the last optimizer step, read before the Trainer steps the schedule.
-    Only the main process tells the listeners.
+    from. The mixin's `log` has put the other fields in the logs (`_ContractClock`): `activation_peak_bytes`
+    is the peak of bytes saved for backward over the logging window; `lr` and `lr_k1` are the rates of
+    the last optimizer step. Only the main process tells the listeners.
     """
 
     def __init__(self, trainer, recipe: str, columns: dict[str, str], listeners: list[Callback]):
         self.trainer, self.recipe, self.columns = trainer, recipe, columns
         self.callbacks = Callbacks(listeners)
-        self.start = self.last_time = time.perf_counter()
-        self.last_tokens = 0.0
-        self.rates = [float("nan")]
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = self.last_time = time.perf_counter()
-        self.trainer.saved_meter.reset_peak()
-        # GRPO counts tokens in the Trainer's state, which a resume restores: the first rate counts from
-        # there (DPO counts its own from 0 each run, and leaves the state's count at 0)
-        self.last_tokens = float(state.num_input_tokens_seen)
         if state.is_world_process_zero:
             lopt = self.trainer.lopt
             self.callbacks.on_train_begin(
@@ -303,10 +367,6 @@ class TRLBridge(TrainerCallback):
                 )
             )  # fmt: skip
 
-    def on_optimizer_step(self, args, state, control, lr_scheduler=None, **kwargs):
-        if lr_scheduler is not None:
-            self.rates = lr_scheduler.get_last_lr()  # build_optimizer puts the early groups first
-
     def on_step_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self.callbacks.on_step_end(state.global_step, self.trainer.last_task_loss)
@@ -314,21 +374,15 @@ class TRLBridge(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or TASK_LOSS_KEY not in logs:
             return  # the end-of-training summary and evaluation logs carry no step metrics
-        now = time.perf_counter()
-        tokens = float(logs.get("num_tokens", self.last_tokens))
-        meter = self.trainer.saved_meter
+        window = {name: logs[lopt_key(name)] for name in WINDOW_FIELDS}
         self.callbacks.on_log(
             StepMetrics(
                 step=state.global_step, epoch=logs.get("epoch"), task_loss=logs[TASK_LOSS_KEY],
                 aux_loss=[logs.get(AUX_LOSS_KEY.format(i + 1)) for i in range(len(self.trainer.lopt.aux_heads))],
-                lr=self.rates[-1], lr_k1=self.rates[0], grad_norm=logs.get("grad_norm"),
-                tokens_per_s=(tokens - self.last_tokens) / max(now - self.last_time, 1e-9),
-                peak_mem_bytes=device_peak_bytes(args.device), activation_peak_bytes=meter.peak_bytes,
-                elapsed_s=now - self.start, recipe={column: logs.get(key) for column, key in self.columns.items()},
+                grad_norm=logs.get("grad_norm"), **window,
+                recipe={column: logs.get(key) for column, key in self.columns.items()},
             )
         )  # fmt: skip
-        meter.reset_peak()
-        self.last_time, self.last_tokens = now, tokens
 
     def on_save(self, args, state, control, **kwargs):
         # The mixin's _save_checkpoint has completed the folder (training_state.pt written last) by now.
@@ -345,6 +399,54 @@ def add_lopt_callbacks(
 ) -> None:
     """Write metrics.jsonl (a resumed run appends) and tell `listeners`, through one TRLBridge."""
     trainer.add_callback(TRLBridge(trainer, recipe, columns, [MetricsFile(append=append), *listeners]))
+
+
+@contextmanager
+def trl_reporting(trainer, config: RunConfig):
+    """Around `trainer.train()` of a run whose TRL arguments came from `trl_arguments`, on the main process:
+    start wandb in `<output_dir>/wandb/`, offline unless WANDB_MODE says otherwise (transformers'
+    WandbCallback would start it in ./wandb, online, and leave it open), and finish it after; and add lopt's
+    config to each tracker's once transformers' integrations have started them (`_LoptConfig`)."""
+    names = [name for name in trainer.args.report_to if name in TRACKERS]
+    if not names or not trainer.is_world_process_zero():
+        yield
+        return
+    trainer.add_callback(_LoptConfig(trainer, config.to_json(), names))
+    wandb_run = None
+    if "wandb" in names:
+        wandb = import_tracker("wandb")
+        if wandb.run is None:  # a run the user started stays theirs, as with transformers
+            wandb_run = start_wandb(wandb, Path(trainer.args.output_dir), trainer.args.project, trainer.args.run_name)
+    try:
+        yield
+    except BaseException:
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=1)
+        raise
+    if wandb_run is not None:
+        wandb_run.finish()
+
+
+class _LoptConfig(TrainerCallback):
+    """Adds lopt's run config to the trackers that transformers' integrations start in their on_train_begin
+    (added after them, this callback runs after them); lopt's values win over TRL's arguments of the same name."""
+
+    def __init__(self, trainer, values: dict, names: list[str]):
+        self.trainer, self.values, self.names = trainer, values, names
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if "wandb" in self.names and import_tracker("wandb").run is not None:
+            import_tracker("wandb").run.config.update(self.values, allow_val_change=True)
+        if "trackio" in self.names:
+            import_tracker("trackio").config.update(self.values)  # the run TrackioCallback just started
+        if "tensorboard" in self.names:
+            from transformers.integrations import TensorBoardCallback
+
+            for callback in self.trainer.callback_handler.callbacks:
+                if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
+                    callback.tb_writer.add_text(CONFIG_TEXT, config_text(self.values), state.global_step)
 
 
 @dataclass
@@ -378,7 +480,7 @@ def run_trl_recipe(name: str, config: RunConfig, build_trainer: Callable, descri
             + (f" | resuming from {resume_dir}" if resume_dir else "")
         )
     start = time.perf_counter()
-    with StopRequest() as stop:
+    with StopRequest() as stop, trl_reporting(trainer, config):
         stopper = _StopOnSignal(stop, trainer.args.device)
         trainer.add_callback(stopper)
         # TRL's Trainer restores the model (and, through the mixin, the heads), the optimizer, the
