@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from lopt.errors import LoptError, unknown_choice
+from lopt.output import log_level_from, quiet_libraries
 
 USAGE = """usage: lopt <command> [flags]
 
@@ -16,6 +17,7 @@ commands:
   report  tables and plots comparing runs, from their training_args.json, metrics.jsonl and eval.json
   demo    the E2E-vs-LoPT study on the embedded SmolLM2-135M: train, evaluate, report
   bench   activation memory and step time of E2E vs LoPT (local and joint backward)
+  watch   the live dashboard of runs from their folders (metrics.jsonl, completions.jsonl), side by side
 
 `lopt <command> --help` lists a command's flags."""
 
@@ -27,20 +29,27 @@ REFERENCE_SCRIPTS = {"sft": "train_sft.py", "grpo": "train_grpo.py"}
 REFERENCE_DEFAULTS = ", with the LoPT reference implementation's defaults"
 
 
+def _listeners(config) -> list:
+    """The listeners the command line adds to a run: the dashboard, with --tui (or LOPT_TUI=1) on a terminal."""
+    from lopt.dashboard import Dashboard, tui_enabled
+
+    return [Dashboard()] if tui_enabled(config.tui, sys.stderr) else []
+
+
 def _loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"  # None: a resumed run had no step left
 
 
 def _sft(argv: list[str], reference: bool = False) -> None:
     from lopt.config import ReferenceSFTConfig, SFTConfig, parse_config
+    from lopt.output import console
     from lopt.parallel.distributed import is_main_process
     from lopt.recipes.sft import run_sft
-    from lopt.training.run import console
 
     cls, prog = (ReferenceSFTConfig, REFERENCE_SCRIPTS["sft"]) if reference else (SFTConfig, "lopt sft")
     description = f"Supervised fine-tuning (E2E or LoPT){REFERENCE_DEFAULTS if reference else ''}."
     config = parse_config(argv, cls, prog=prog, description=description)
-    result = run_sft(config)
+    result = run_sft(config, callbacks=_listeners(config))
     if is_main_process():
         console.print(
             f"done: {result.steps} steps in {result.elapsed_s:.1f} s, task loss {_loss(result.first_loss)} -> "
@@ -50,14 +59,14 @@ def _sft(argv: list[str], reference: bool = False) -> None:
 
 def _grpo(argv: list[str], reference: bool = False) -> None:
     from lopt.config import GRPOConfig, ReferenceGRPOConfig, parse_config
+    from lopt.output import console
     from lopt.parallel.distributed import is_main_process
     from lopt.recipes.grpo import run_grpo
-    from lopt.training.run import console
 
     cls, prog = (ReferenceGRPOConfig, REFERENCE_SCRIPTS["grpo"]) if reference else (GRPOConfig, "lopt grpo")
     description = f"GRPO with verifiable rewards (E2E or LoPT){REFERENCE_DEFAULTS if reference else ''}."
     config = parse_config(argv, cls, prog=prog, description=description)
-    result = run_grpo(config)
+    result = run_grpo(config, callbacks=_listeners(config))
     if not is_main_process():
         return
     rewards = " -> ".join(f"{m['reward']:.3f}" for m in result.metrics)
@@ -69,12 +78,12 @@ def _grpo(argv: list[str], reference: bool = False) -> None:
 
 def _dpo(argv: list[str]) -> None:
     from lopt.config import DPOConfig, parse_config
+    from lopt.output import console
     from lopt.parallel.distributed import is_main_process
     from lopt.recipes.dpo import run_dpo
-    from lopt.training.run import console
 
     config = parse_config(argv, DPOConfig, prog="lopt dpo", description="DPO on preference pairs (E2E or LoPT).")
-    result = run_dpo(config)
+    result = run_dpo(config, callbacks=_listeners(config))
     if not is_main_process():
         return
     losses = [m["task_loss"] for m in result.metrics]
@@ -102,13 +111,22 @@ def _demo(argv: list[str]) -> None:
     demo_main(argv)
 
 
+def _watch(argv: list[str]) -> None:
+    from lopt.dashboard.watch import main as watch_main
+
+    watch_main(argv)
+
+
 def _bench(argv: list[str]) -> None:
     from lopt.tools.bench import main as bench_main
 
     bench_main(argv)
 
 
-COMMANDS = {"sft": _sft, "grpo": _grpo, "dpo": _dpo, "eval": _eval, "report": _report, "demo": _demo, "bench": _bench}
+COMMANDS = {
+    "sft": _sft, "grpo": _grpo, "dpo": _dpo, "eval": _eval, "report": _report, "demo": _demo, "bench": _bench,
+    "watch": _watch,
+}  # fmt: skip
 
 
 def main(argv: list[str] | None = None, *, reference: bool = False) -> int:
@@ -125,6 +143,7 @@ def main(argv: list[str] | None = None, *, reference: bool = False) -> int:
     if reference and command not in REFERENCE_SCRIPTS:
         raise ValueError(f"no reference script runs `lopt {command}`; only {' and '.join(REFERENCE_SCRIPTS)} have one")
     name = REFERENCE_SCRIPTS[command] if reference else f"lopt {command}"
+    quiet_libraries(log_level_from(rest))
     try:
         if reference:
             COMMANDS[command](rest, reference=True)

@@ -97,6 +97,17 @@ class RunConfig:
     logging_steps: int = _opt(10, "write a metrics.jsonl line every N steps")
     save_steps: int = _opt(500, "write checkpoint-N/ every N steps (0 disables)")
     save_total_limit: int | None = _opt(None, "keep only the newest N checkpoints")
+    log_level: str = _opt(
+        "info",
+        "what is printed: info (lopt's progress and phases, libraries quiet), warning (lopt's warnings only), "
+        "debug (also every library's bars, logs and warnings); LOPT_LOG_LEVEL sets it for every command",
+        choices=["debug", "info", "warning"],
+    )
+    tui: bool | None = _opt(
+        None,
+        "full-screen live dashboard of the run (default: on with LOPT_TUI=1); off, saying why, when the output is "
+        "not a terminal",
+    )
     report_to: str = _opt(
         "none",
         "experiment trackers, comma-separated: trackio, tensorboard, wandb (pip install 'lopt[tracking]'); none: off",

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from lopt.errors import LoptError
@@ -22,9 +21,8 @@ from lopt.evaluation.retention import DEFAULT_SOURCE, perplexity, relative_chang
 from lopt.evaluation.task import load_task, task_accuracy, training_questions
 from lopt.keep_previous import keep_previous
 from lopt.models.registry import load_model_and_tokenizer
+from lopt.output import LOG_LEVELS, console, phase
 from lopt.tasks import EVALUABLE_TASKS, get_task
-
-console = Console(stderr=True)
 
 
 @dataclass
@@ -64,11 +62,15 @@ def _perplexity_of(name: str, options: EvalOptions, text: str) -> float:
             f"cannot load the starting model {name!r} for the retention baseline: {error}\n"
             "Pass --base_model with a model available here."
         ) from error
-    return perplexity(
-        model,
-        token_windows(tokenizer, text, options.retention_window, options.retention_windows),
-        batch_size=options.batch_size,
-    )
+    windows = token_windows(tokenizer, text, options.retention_window, options.retention_windows)
+    return _measured_perplexity(model, windows, options.batch_size, f"the starting model {name}")
+
+
+def _measured_perplexity(model, windows: torch.Tensor, batch_size: int, whose: str) -> float:
+    with phase(f"perplexity of {whose} on {windows.numel():,} tokens of general text") as measuring:
+        value = perplexity(model, windows, batch_size=batch_size)
+        measuring.result = f"{value:.2f}"
+    return value
 
 
 def evaluate_model(
@@ -95,15 +97,17 @@ def evaluate_model(
         run = Path(heldout_from or model)
         exclude = training_questions(run) if run.is_dir() else set()
         records = load_task(options.task, options.eval_samples, exclude)
-        scores = task_accuracy(
-            net, tokenizer, records, batch_size=options.batch_size, max_new_tokens=options.max_new_tokens,
-            style=get_task(options.task).style,
-        )  # fmt: skip
+        with phase(f"answering {len(records)} held-out {options.task} problems") as answering:
+            scores = task_accuracy(
+                net, tokenizer, records, batch_size=options.batch_size, max_new_tokens=options.max_new_tokens,
+                style=get_task(options.task).style,
+            )  # fmt: skip
+            answering.result = f"{scores['correct']}/{scores['n']} correct ({scores['accuracy']:.1%})"
         result.update(task=options.task, max_new_tokens=options.max_new_tokens, **scores)
     if options.retention_windows > 0:
         text = retention_text(options.retention_file)
         windows = token_windows(tokenizer, text, options.retention_window, options.retention_windows)
-        value = perplexity(net, windows, batch_size=options.batch_size)
+        value = _measured_perplexity(net, windows, options.batch_size, str(model))
         if base == model:
             base_value = value
         else:
@@ -121,13 +125,14 @@ def evaluate_model(
     if options.harness:
         from lopt.evaluation.harness import run_harness
 
-        result["harness"] = run_harness(
-            model,
-            list(options.harness),
-            include_path=options.harness_include,
-            limit=options.harness_limit,
-            device=str(_device()),
-        )
+        with phase(f"lm-eval {', '.join(options.harness)}"):
+            result["harness"] = run_harness(
+                model,
+                list(options.harness),
+                include_path=options.harness_include,
+                limit=options.harness_limit,
+                device=str(_device()),
+            )
     result["eval_seconds"] = time.perf_counter() - start
     return result
 
@@ -195,6 +200,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--harness_include", help="folder of extra lm-eval task YAMLs")
     parser.add_argument("--harness_limit", type=int, help="at most N documents per harness task")
+    parser.add_argument(
+        "--log_level", default="info", choices=LOG_LEVELS,
+        help="info: lopt's phases, libraries quiet; debug: also every library's bars and logs (default: info)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     for flag in ("eval_samples", "retention_windows"):
         if getattr(args, flag) < 0:
@@ -203,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, flag) < 1:
             raise LoptError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
     options = EvalOptions(
-        **{k: v for k, v in vars(args).items() if k not in ("models", "harness")},
+        **{k: v for k, v in vars(args).items() if k not in ("models", "harness", "log_level")},
         harness=tuple(t.strip() for t in args.harness.split(",") if t.strip()),
     )
     rows, base_perplexities = [], {}

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lopt.errors import LoptError, did_you_mean
+from lopt.output import phase
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -249,10 +250,22 @@ def load_model_and_tokenizer(
     device: str | torch.device | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Resolve `name_or_path` and load `(model, tokenizer)`; the model is a causal LM in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     resolved = resolve_model(name_or_path)
     described = _describe(name_or_path, resolved)
+    with phase(f"loading {described}") as loading:
+        model, tokenizer = _load(resolved, described, dtype, trust_remote_code)
+        parameters = sum(p.numel() for p in model.parameters())
+        count = f"{parameters / 1e6:,.0f}M" if parameters >= 1e6 else f"{parameters:,}"
+        loading.result = f"{model.config.model_type}, {count} parameters, {str(dtype).removeprefix('torch.')}"
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _load(resolved: str, described: str, dtype: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     try:
         config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     except OSError as err:  # not on the hub, gated, or the hub is unreachable and it is not cached
@@ -289,8 +302,4 @@ def load_model_and_tokenizer(
             f"{tokenizer.eos_token!r} for padding",
             file=sys.stderr,
         )
-
-    if device is not None:
-        model.to(device)
-    model.eval()
     return model, tokenizer

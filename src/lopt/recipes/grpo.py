@@ -16,10 +16,11 @@ from lopt.config import GRPOConfig
 from lopt.data.collate import build_prompt
 from lopt.data.presets import grpo_records
 from lopt.errors import LoptError
+from lopt.output import console
 from lopt.rewards import completion_text, format_reward
 from lopt.tasks import get_task
 from lopt.training.callbacks import Callback
-from lopt.training.run import build_model, console
+from lopt.training.run import build_model
 from lopt.training.trl_integration import (
     LoptTrainerMixin,
     TRLRunResult,

@@ -25,6 +25,7 @@ from lopt.data.order import batches_from, batches_per_epoch
 from lopt.data.presets import load_records
 from lopt.errors import LoptError
 from lopt.models.local_learning import LocalLearningLM
+from lopt.output import console, phase
 from lopt.parallel import distributed
 from lopt.parallel.backend import ParallelBackend
 from lopt.parallel.launch import backend_from_environment
@@ -42,7 +43,7 @@ from lopt.training.loss import liger_linear_cross_entropy
 from lopt.training.memory import SavedTensorMeter, device_peak_bytes
 from lopt.training.metrics import StepMetrics
 from lopt.training.optim import build_optimizer, build_scheduler
-from lopt.training.run import build_model, console, prepare_output_dir
+from lopt.training.run import build_model, prepare_output_dir
 from lopt.training.signals import StopRequest
 from lopt.training.step import check_finite, forward_backward
 from lopt.training.task_loss import CausalLMLoss, TaskLoss
@@ -126,7 +127,12 @@ def _set_up(config: SFTConfig, task_loss: TaskLoss, listeners: list[Callback]) -
     backend.prepare_model(model)
     if main_process:
         check_writable(out, model)
-    examples, data_stats = tokenize_sft(_records(config), tokenizer, config.max_seq_length, config.prompt_format)
+    with phase("tokenizing the training data") as tokenizing:
+        examples, data_stats = tokenize_sft(_records(config), tokenizer, config.max_seq_length, config.prompt_format)
+        tokenizing.result = (
+            f"{data_stats['examples']:,} examples, {data_stats['trained_tokens']:,} trained tokens of "
+            f"{data_stats['tokens']:,}, {data_stats['skipped_truncated']} skipped (answer truncated away)"
+        )
     per_epoch = batches_per_epoch(len(examples), config.per_device_train_batch_size, world)
     if per_epoch == 0:
         raise LoptError(
@@ -153,10 +159,12 @@ def _set_up(config: SFTConfig, task_loss: TaskLoss, listeners: list[Callback]) -
 
 
 def _listeners(config: SFTConfig, resuming: bool, extra: list[Callback]) -> Callbacks:
-    """The main process's listeners: progress bar, metrics.jsonl, the --report_to trackers, then the caller's."""
+    """The main process's listeners: progress bar (unless a listener draws progress itself), metrics.jsonl, the
+    --report_to trackers, then the caller's."""
     if not distributed.is_main_process():
         return Callbacks([])
-    own = [ProgressBar(console), MetricsFile(append=resuming), *tracker_callbacks(config.report_to, config)]
+    progress = [] if any(listener.draws_progress for listener in extra) else [ProgressBar(console)]
+    own = [*progress, MetricsFile(append=resuming), *tracker_callbacks(config.report_to, config)]
     return Callbacks(own + extra)
 
 
@@ -309,7 +317,8 @@ def _finish(run: _Run) -> None:
     """The final model, a plain Hugging Face folder in --output_dir (gathered where sharded)."""
     final = run.backend.full_state(run.model)
     if run.main_process:
-        save_final_model(run.out, final.model, run.tokenizer)
+        with phase(f"saving the model to {run.out}"):
+            save_final_model(run.out, final.model, run.tokenizer)
     distributed.barrier()
 
 

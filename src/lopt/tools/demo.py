@@ -10,15 +10,18 @@ just made. The defaults fit in about 15 minutes on a 2-core CPU; --steps and --e
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 from lopt.config import SFTConfig, validate
+from lopt.dashboard import Dashboard, tui_enabled
+from lopt.dashboard.state import StudyRun
 from lopt.evaluation.cli import EvalOptions, evaluate_model, write_eval
 from lopt.models.registry import DEFAULT_MODEL
+from lopt.output import console
 from lopt.recipes.sft import run_sft
 from lopt.tools.report import markdown_table, write_report
-from lopt.training.run import console
 
 # name -> the SFTConfig fields that make the method; everything else is shared by all runs.
 METHODS = {
@@ -48,6 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="study folder: one subfolder per run, the report next to them (default: outputs/demo)",
     )
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--tui", action=argparse.BooleanOptionalAction, default=None,
+        help="full-screen live dashboard while the runs train (default: on with LOPT_TUI=1, on a terminal)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     for flag in ("steps", "batch_size", "max_seq_length", "eval_samples", "max_new_tokens", "retention_windows"):
         if getattr(args, flag) < 1:
@@ -90,9 +97,13 @@ def main(argv: list[str] | None = None) -> None:
             "(their eval.json files are kept aside). Pass --output_dir to keep them as they are."
         )
 
-    for name, config in configs.items():
+    dashboard = Dashboard() if tui_enabled(args.tui, sys.stderr) else None
+    for index, (name, config) in enumerate(configs.items()):
         console.rule(f"[bold]training {name}")
-        result = run_sft(config)
+        if dashboard is not None:  # which run of the study trains now, which are done
+            status = ["done"] * index + ["training"] + ["pending"] * (len(configs) - index - 1)
+            dashboard.state.study = [StudyRun(n, s) for n, s in zip(configs, status, strict=True)]
+        result = run_sft(config, callbacks=[dashboard] if dashboard else [])
         console.print(
             f"{name}: {result.steps} steps in {result.elapsed_s:.0f} s, task loss "
             f"{result.first_loss:.4f} -> {result.last_loss:.4f}"

@@ -12,6 +12,7 @@ Events, in order: `on_train_begin(run)` once; per optimizer step `on_step_end(st
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,10 @@ class RunInfo:
 
 class Callback:
     """Override the events a listener needs; the others do nothing."""
+
+    # True for a listener that shows the run's progress itself (the dashboard): the plain progress bar
+    # and TRL's console logs then stay off the screen it draws.
+    draws_progress = False
 
     def on_train_begin(self, run: RunInfo) -> None:
         pass
@@ -101,9 +106,12 @@ class MetricsFile(Callback):
 
 
 class ProgressBar(Callback):
-    """A rich progress bar on stderr: steps done, the last task loss, time remaining."""
+    """The run's progress on `console`: a bar on a terminal; in a log file (stdout redirected, a Slurm or
+    nohup log) one line per logged step with the contract's fields, so a log reads like the terminal did.
+    Every recipe shows this same progress (the TRL ones instead of the Trainer's bar and log dicts)."""
 
     def __init__(self, console):
+        self.console = console
         self.progress = Progress(
             TextColumn("[progress.description]{task.description}"),
             BarColumn(),
@@ -112,13 +120,52 @@ class ProgressBar(Callback):
             console=console,
         )
         self.task = None
+        self.total = 0
+        self.start = 0.0
 
     def on_train_begin(self, run: RunInfo) -> None:
-        self.progress.start()
-        self.task = self.progress.add_task("training", total=run.total_steps, completed=run.start_step)
+        self.total, self.start = run.total_steps, time.perf_counter()
+        if self.console.is_terminal:
+            self.progress.start()
+            self.task = self.progress.add_task("training", total=run.total_steps, completed=run.start_step)
+        else:
+            resumed = f", resuming after step {run.start_step}" if run.start_step else ""
+            self.console.print(f"training: {run.total_steps} steps{resumed}", highlight=False)
 
     def on_step_end(self, step: int, task_loss: float) -> None:
-        self.progress.update(self.task, completed=step, description=f"training  loss {task_loss:.4f}")
+        if self.task is not None:
+            self.progress.update(self.task, completed=step, description=f"training  loss {task_loss:.4f}")
+
+    def on_log(self, metrics: StepMetrics) -> None:
+        if self.task is None:
+            self.console.print(progress_line(metrics, self.total), highlight=False)
+
+    def on_save(self, checkpoint: Path) -> None:
+        self.console.print(f"saved {checkpoint}", highlight=False)  # above the bar on a terminal
 
     def on_train_end(self, step: int) -> None:
-        self.progress.stop()
+        if self.task is not None:
+            self.progress.stop()
+            self.task = None
+        self.console.print(f"trained to step {step} of {self.total} in {_clock(time.perf_counter() - self.start)}")
+
+
+def progress_line(metrics: StepMetrics, total_steps: int) -> str:
+    """One logged step as a line: step, losses, learning rates, gradient norm, speed, the recipe's columns."""
+    parts = [f"step {metrics.step}/{total_steps}", f"task loss {metrics.task_loss:.4f}"]
+    if metrics.aux_loss:
+        parts.append("local " + " ".join("-" if v is None else f"{v:.4f}" for v in metrics.aux_loss))
+    rates = f"lr {metrics.lr:.2e}" + (f" / {metrics.lr_k1:.2e}" if metrics.lr_k1 != metrics.lr else "")
+    parts.append(rates)
+    if metrics.grad_norm is not None:
+        parts.append(f"grad norm {metrics.grad_norm:.3f}")
+    parts.append(f"{metrics.tokens_per_s:,.0f} tokens/s")
+    parts += [f"{name} {value:.3f}" for name, value in metrics.recipe.items() if isinstance(value, int | float)]
+    parts.append(_clock(metrics.elapsed_s))
+    return " | ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"

@@ -1,4 +1,4 @@
-"""Run set-up that every recipe shares: the output folder, the weights' dtype, the wrapped model, the console.
+"""Run set-up that every recipe shares: the output folder, the weights' dtype, the wrapped model.
 
 A recipe (recipes/) calls these; nothing here knows which recipe runs.
 """
@@ -8,15 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
 from lopt.config import RunConfig
 from lopt.errors import LoptError
 from lopt.models.local_learning import LocalLearningLM
 from lopt.models.registry import load_model_and_tokenizer
-
-# lopt's own messages go to stderr, so that stdout stays free for results a user may pipe.
-console = Console(stderr=True)
 
 
 def prepare_output_dir(config: RunConfig) -> Path:

@@ -19,10 +19,12 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:  # asked twice: the user wants out now
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-            return
+        if self.requested:  # asked twice: the user wants out now, without saving
+            # An exception, not the signal's default action, so that `finally` blocks still run: a
+            # full-screen dashboard gives the terminal back, a half-built checkpoint folder is removed.
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
         self.requested, self.signum = True, signum
         print(
             f"\nlopt: {signal.Signals(signum).name} received; finishing this step and saving a checkpoint "

@@ -51,13 +51,15 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedType
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from lopt.config import RunConfig, save_config
 from lopt.errors import LoptError
 from lopt.models.local_learning import LocalLearningLM
+from lopt.output import console, phase
 from lopt.parallel import distributed
 from lopt.parallel.distributed import all_reduce_gradients
-from lopt.training.callbacks import Callback, Callbacks, MetricsFile, RunInfo
+from lopt.training.callbacks import Callback, Callbacks, MetricsFile, ProgressBar, RunInfo
 from lopt.training.checkpoint import (
     TRAINING_STATE,
     check_writable,
@@ -70,7 +72,7 @@ from lopt.training.checkpoint import (
 from lopt.training.memory import SavedTensorMeter, device_peak_bytes
 from lopt.training.metrics import StepMetrics
 from lopt.training.optim import build_optimizer
-from lopt.training.run import console, prepare_output_dir
+from lopt.training.run import prepare_output_dir
 from lopt.training.signals import StopRequest
 from lopt.training.step import stop_unless_finite
 from lopt.training.trackers import (
@@ -397,8 +399,14 @@ class TRLBridge(TrainerCallback):
 def add_lopt_callbacks(
     trainer, recipe: str, columns: dict[str, str], append: bool, listeners: Sequence[Callback] = ()
 ) -> None:
-    """Write metrics.jsonl (a resumed run appends) and tell `listeners`, through one TRLBridge."""
-    trainer.add_callback(TRLBridge(trainer, recipe, columns, [MetricsFile(append=append), *listeners]))
+    """Write metrics.jsonl (a resumed run appends) and tell `listeners`, through one TRLBridge. lopt's progress
+    (its bar or log lines, or a listener that draws progress itself: the dashboard) replaces the Trainer's
+    console bar and log dicts, so every recipe shows the same progress and fields."""
+    for console_logger in (ProgressCallback, PrinterCallback):  # the Trainer adds one, as its verbosity says
+        trainer.remove_callback(console_logger)
+    drawn = any(listener.draws_progress for listener in listeners)
+    progress = [] if drawn or not trainer.is_world_process_zero() else [ProgressBar(console)]
+    trainer.add_callback(TRLBridge(trainer, recipe, columns, [*progress, MetricsFile(append=append), *listeners]))
 
 
 @contextmanager
@@ -490,7 +498,8 @@ def run_trl_recipe(name: str, config: RunConfig, build_trainer: Callable, descri
         distributed.barrier()
         stop.exit_after_save(find_checkpoint(out, "latest"), trainer.state.global_step)
     if main_process:
-        save_final_model(out, wrapper, trainer.processing_class)
+        with phase(f"saving the model to {out}"):
+            save_final_model(out, wrapper, trainer.processing_class)
     distributed.barrier()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return TRLRunResult(out, trainer.state.global_step, metrics, time.perf_counter() - start)

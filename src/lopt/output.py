@@ -1,0 +1,91 @@
+"""What lopt prints, and what it keeps other libraries from printing.
+
+lopt's own messages go to stderr through `console`, so stdout stays free for results a user pipes.
+Quiet by default (`quiet_libraries`): the progress bars and info/warning logs of transformers,
+datasets and huggingface_hub, DeepSpeed's accelerator banner, and a few warnings that tell a lopt user
+nothing are off; `--log_level debug` (or LOPT_LOG_LEVEL=debug) leaves every library as it is. Only the
+main process of a multi-process run speaks. A long phase (loading a model, tokenizing, generating,
+saving) is one line with its counts and elapsed time, and on a terminal a spinner while it runs
+(`phase`), so a log file of a redirected run reads like the terminal did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterator
+
+from rich.console import Console
+
+# soft_wrap: a line is one line in a log file too (rich would cut it at 80 columns there)
+console = Console(stderr=True, soft_wrap=True)
+
+LOG_LEVELS = ("debug", "info", "warning")
+# Warnings that fire on every run and say nothing a lopt user can act on (each checked against the
+# library version that emits it): torch's pin_memory on a machine without an accelerator, and
+# transformers' deprecation of a name TRL still uses.
+_NOISE = (
+    (UserWarning, r".*'pin_memory' argument is set as true but no accelerator is found"),
+    (FutureWarning, r".*`is_gradient_checkpointing` is deprecated"),
+)
+
+
+def log_level_from(argv: list[str]) -> str:
+    """The `--log_level` among a command's flags (the command's own parser checks the value), else
+    LOPT_LOG_LEVEL, else info."""
+    for i, arg in enumerate(argv):
+        if arg == "--log_level" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--log_level="):
+            return arg.split("=", 1)[1]
+    return os.environ.get("LOPT_LOG_LEVEL", "info")
+
+
+def quiet_libraries(level: str = "info") -> None:
+    """Keep library bars and logs off the terminal unless `level` is debug; silence ranks other than 0."""
+    if os.environ.get("RANK", "0") != "0":
+        console.quiet = True  # only the main process speaks
+    logging.getLogger("lopt").setLevel(logging.WARNING if level == "warning" else logging.INFO)
+    if level == "debug":
+        return
+    import datasets
+    import huggingface_hub
+    import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+    if not torch.cuda.is_available():
+        # DeepSpeed (imported by transformers when it saves a model) warns on every import that it found
+        # no GPU; naming the CPU accelerator is what it would pick anyway.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for category, message in _NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+class Phase:
+    """One long step of a command; `result` (set by the caller) is said when it ends."""
+
+    def __init__(self, what: str):
+        self.what, self.result = what, ""
+
+
+@contextlib.contextmanager
+def phase(what: str) -> Iterator[Phase]:
+    """Say `what` is under way (a spinner on a terminal), then one line: what, its `result`, the time it took.
+
+    Nothing is printed for a phase that fails: the error says what went wrong.
+    """
+    step = Phase(what)
+    start = time.perf_counter()
+    status = console.status(what) if console.is_terminal and not console.quiet else contextlib.nullcontext()
+    with status:
+        yield step
+    result = f": {step.result}" if step.result else ""
+    console.print(f"{what}{result} ({time.perf_counter() - start:.1f} s)", highlight=False)
