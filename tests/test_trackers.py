@@ -54,15 +54,14 @@ def sft_data(tmp_path) -> Path:
 
 @pytest.fixture(autouse=True)
 def offline(tmp_path_factory, monkeypatch):
-    """Every tracker local: wandb offline with its settings and cache in a temporary folder, Trackio's database
-    in a temporary folder (read when trackio is first imported) and no Space or server."""
+    """Every tracker local: wandb offline with its settings and cache in a temporary folder, no Trackio Space or
+    server (Trackio's database is the session's temporary one: conftest.py sets TRACKIO_DIR before imports)."""
     home = tmp_path_factory.getbasetemp() / "tracker-home"
     monkeypatch.setenv("WANDB_MODE", "offline")
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(name, str(home / name.lower()))
     for name in ("WANDB_DIR", "WANDB_PROJECT", "TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("TRACKIO_DIR", str(home / "trackio"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 

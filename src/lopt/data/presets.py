@@ -39,6 +39,15 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def source_options(config) -> dict:
+    """A run config's data flags, as the keyword arguments of `load_records`, `grpo_records` and `dpo_records`."""
+    return {
+        "dataset_name": config.dataset_name, "dataset_config": config.dataset_config, "train_file": config.train_file,
+        "split": config.split, "max_samples": config.max_samples, "seed": config.seed,
+        "select_samples": config.select_samples,
+    }  # fmt: skip
+
+
 def load_records(
     *,
     preset: str | None = None,

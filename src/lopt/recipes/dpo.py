@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lopt.config import DPOConfig
-from lopt.data.presets import dpo_records
+from lopt.data.presets import dpo_records, source_options
 from lopt.errors import LoptError
 from lopt.training.callbacks import Callback
 from lopt.training.run import build_model
@@ -52,16 +52,7 @@ def build_dpo_trainer(config: DPOConfig, out: Path, callbacks: Sequence[Callback
         TRLDPOConfig, config, beta=config.beta, loss_type=config.loss_type, max_length=config.max_seq_length
     )
     wrapper, tokenizer = build_model(config, args.device)  # accelerate's device: this process's GPU, else CPU
-    records = dpo_records(
-        config.dataset_preset,
-        dataset_name=config.dataset_name,
-        dataset_config=config.dataset_config,
-        train_file=config.train_file,
-        split=config.split,
-        max_samples=config.max_samples,
-        seed=config.seed,
-        select_samples=config.select_samples,
-    )
+    records = dpo_records(config.dataset_preset, **source_options(config))
     if _is_conversation(records[0]["chosen"]) and not tokenizer.chat_template:
         raise LoptError(
             f"the DPO data is in chat format but the tokenizer of {config.model_name_or_path} has no chat template; "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lopt.config import GRPOConfig
 from lopt.data.collate import build_prompt
-from lopt.data.presets import grpo_records
+from lopt.data.presets import grpo_records, source_options
 from lopt.errors import LoptError
 from lopt.output import console
 from lopt.rewards import completion_text, format_reward
@@ -123,16 +123,7 @@ def build_grpo_trainer(config: GRPOConfig, out: Path, callbacks: Sequence[Callba
         **trl_settings,
     )
     wrapper, tokenizer = build_model(config, args.device)  # accelerate's device: this process's GPU, else CPU
-    records = grpo_records(
-        config.task,
-        dataset_name=config.dataset_name,
-        dataset_config=config.dataset_config,
-        train_file=config.train_file,
-        split=config.split,
-        max_samples=config.max_samples,
-        seed=config.seed,
-        select_samples=config.select_samples,
-    )
+    records = grpo_records(config.task, **source_options(config))
     dataset = datasets.Dataset.from_list(prepare_prompts(records, tokenizer, config.max_prompt_length))
     try:
         trainer = _make_trainer_class()(

@@ -22,7 +22,7 @@ import torch
 from lopt.config import SFTConfig, save_config
 from lopt.data.collate import collate, tokenize_sft
 from lopt.data.order import batches_from, batches_per_epoch
-from lopt.data.presets import load_records
+from lopt.data.presets import load_records, source_options
 from lopt.errors import LoptError
 from lopt.models.local_learning import LocalLearningLM
 from lopt.output import console, phase
@@ -45,7 +45,7 @@ from lopt.training.metrics import StepMetrics
 from lopt.training.optim import build_optimizer, build_scheduler
 from lopt.training.run import build_model, prepare_output_dir
 from lopt.training.signals import StopRequest
-from lopt.training.step import check_finite, forward_backward
+from lopt.training.step import StepResult, check_finite, forward_backward
 from lopt.training.task_loss import CausalLMLoss, TaskLoss
 from lopt.training.trackers import tracker_callbacks
 
@@ -172,11 +172,7 @@ def _records(config: SFTConfig) -> list[dict]:
     # The default preset yields to a file or hub dataset silently; an explicit one is reported as ignored.
     explicit_source = config.train_file or config.dataset_name
     preset = config.dataset_preset if "dataset_preset" in config.explicit or not explicit_source else None
-    return load_records(
-        preset=preset, dataset_name=config.dataset_name, dataset_config=config.dataset_config,
-        train_file=config.train_file, split=config.split, max_samples=config.max_samples, seed=config.seed,
-        select_samples=config.select_samples,
-    )  # fmt: skip
+    return load_records(preset=preset, **source_options(config))
 
 
 def _restore(run: _Run, state: dict) -> None:
@@ -245,7 +241,16 @@ def _train(run: _Run, start: float) -> None:
             run.callbacks.on_train_end(step)
 
 
-def _step_metrics(run: _Run, step, result, rates, grad_norm, meter, throughput) -> StepMetrics:
+def _step_metrics(
+    run: _Run,
+    step: int,
+    result: StepResult,
+    rates: list[float],
+    grad_norm: float,
+    meter: SavedTensorMeter,
+    throughput: _Throughput,
+) -> StepMetrics:
+    """The logged step as the metrics contract's record; `rates` are the learning rates the step used."""
     epoch, index = run.position
     return StepMetrics(
         step=step, epoch=round(epoch + index / run.batches_per_epoch, 4), task_loss=result.task_loss,
