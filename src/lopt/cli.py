@@ -123,6 +123,7 @@ def _bench(argv: list[str]) -> None:
     bench_main(argv)
 
 
+LOADS_MODELS = {"sft", "grpo", "dpo", "eval", "demo", "bench"}
 COMMANDS = {
     "sft": _sft, "grpo": _grpo, "dpo": _dpo, "eval": _eval, "report": _report, "demo": _demo, "bench": _bench,
     "watch": _watch,
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None, *, reference: bool = False) -> int:
     if reference and command not in REFERENCE_SCRIPTS:
         raise ValueError(f"no reference script runs `lopt {command}`; only {' and '.join(REFERENCE_SCRIPTS)} have one")
     name = REFERENCE_SCRIPTS[command] if reference else f"lopt {command}"
-    quiet_libraries(log_level_from(rest))
+    if command in LOADS_MODELS:  # the others import no model library, so start at once
+        quiet_libraries(log_level_from(rest))
     try:
         if reference:
             COMMANDS[command](rest, reference=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -44,29 +45,49 @@ def log_level_from(argv: list[str]) -> str:
     return os.environ.get("LOPT_LOG_LEVEL", "info")
 
 
+# The libraries' own switches, read when they are first imported (and inherited by the processes lopt starts);
+# a value the user set is kept.
+_QUIET_ENVIRONMENT = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DATASETS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' own bars (loading weights, writing shards) follow it
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+}
+
+
 def quiet_libraries(level: str = "info") -> None:
-    """Keep library bars and logs off the terminal unless `level` is debug; silence ranks other than 0."""
+    """Keep library bars and logs off the terminal unless `level` is debug; silence ranks other than 0.
+
+    Called before the libraries are imported (the CLI does), it only sets their switches; libraries a
+    caller imported already are quieted through their own functions.
+    """
     if os.environ.get("RANK", "0") != "0":
         console.quiet = True  # only the main process speaks
     logging.getLogger("lopt").setLevel(logging.WARNING if level == "warning" else logging.INFO)
     if level == "debug":
         return
-    import datasets
-    import huggingface_hub
-    import torch
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    huggingface_hub.utils.disable_progress_bars()
-    if not torch.cuda.is_available():
+    for name, value in _QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.set_verbosity_error()
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].utils.logging.set_verbosity_error()
+        sys.modules["datasets"].disable_progress_bars()
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if not _cuda_available():
         # DeepSpeed (imported by transformers when it saves a model) warns on every import that it found
         # no GPU; naming the CPU accelerator is what it would pick anyway.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for category, message in _NOISE:
         warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def _cuda_available() -> bool:
+    import torch  # the commands that need quieting load it anyway
+
+    return torch.cuda.is_available()
 
 
 class Phase:
