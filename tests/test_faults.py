@@ -181,6 +181,22 @@ def test_signal_finishes_the_step_saves_and_says_how_to_resume(model_dir, train_
     assert_signal_finishes_the_step_and_saves(process, out, signum, code)
 
 
+def assert_a_stop_before_the_first_logging_step_is_logged(process: subprocess.Popen, out: Path) -> None:
+    """SIGTERM a run whose --logging_steps is far away as soon as it trains: the stopped step is logged and saved."""
+    wait_for(out / "metrics.jsonl", process)  # the metrics file is opened when training begins
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged and find_checkpoint(out, "latest").name == f"checkpoint-{logged[-1]}"
+
+
+def test_a_run_stopped_before_its_first_logging_step_logs_the_step_it_stopped_at(model_dir, train_file, tmp_path):
+    out = tmp_path / "run"
+    flags = args(model_dir, train_file, out, "--max_steps", "400", "--save_steps", "0", "--logging_steps", "1000")
+    assert_a_stop_before_the_first_logging_step_is_logged(cli_process(flags), out)
+
+
 def assert_signal_finishes_the_step_and_saves(process: subprocess.Popen, out: Path, signum: int, code: int) -> None:
     """Signal a run once it has logged a step: it must exit with `code` after saving the step in flight."""
     wait_for(out / "metrics.jsonl", process)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
+from lopt.output import QUIET_ENVIRONMENT
 from lopt.training.callbacks import progress_line
 from lopt.training.metrics import StepMetrics
 from test_dpo import dpo_flags
@@ -15,9 +17,15 @@ NOISE = ("Loading weights", "Writing model shards", "it/s]", "Setting accelerato
 
 
 def _run_to_file(args: list[str], log) -> str:
-    """`lopt ARGS` in a subprocess with stdout and stderr redirected to a file, as a Slurm or nohup log is."""
+    """`lopt ARGS` in a subprocess with stdout and stderr redirected to a file, as a Slurm or nohup log is.
+
+    Its environment lacks the libraries' quiet switches, which a `main()` called in this test process sets
+    here: the subprocess starts as one from a user's shell does.
+    """
+    env = {name: value for name, value in os.environ.items() if name not in QUIET_ENVIRONMENT}
     with log.open("w") as fh:
-        code = subprocess.run([sys.executable, "-m", "lopt.cli", *args], stdout=fh, stderr=subprocess.STDOUT).returncode
+        command = [sys.executable, "-m", "lopt.cli", *args]
+        code = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
     text = log.read_text()
     assert code == 0, text
     return text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,10 @@ def test_lopt_sft_writes_metrics_checkpoints_and_a_plain_model(model_dir, train_
     assert not list(out.glob(".tmp-*"))
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.tie_word_embeddings is False
+    umask = os.umask(0)
+    os.umask(umask)
+    for saved in (out / "model.safetensors", out / "checkpoint-2" / "model.safetensors"):
+        assert saved.stat().st_mode & 0o777 == 0o666 & ~umask  # as readable as the files beside it
     state = torch.load(out / "checkpoint-2" / "training_state.pt", weights_only=False)
     assert state["step"] == 2 and "aux_heads" in state and "optimizer" in state
 
@@ -182,6 +187,19 @@ def test_bad_yaml_is_named_with_file_and_fix(tmp_path, yaml_text, message):
     path.write_text(yaml_text)
     with pytest.raises(LoptError, match=message):
         parse_config(["--config", str(path), "--output_dir", "out"])
+
+
+def test_a_bad_schedule_and_zero_epochs_are_refused_before_anything_loads():
+    with pytest.raises(LoptError, match=r"unknown --lr_scheduler_type 'cosin'\. Did you mean 'cosine'\?"):
+        parse_config(["--output_dir", "o", "--lr_scheduler_type", "cosin"])
+    with pytest.raises(LoptError, match=r"--num_train_epochs 0.0 trains nothing"):
+        parse_config(["--output_dir", "o", "--num_train_epochs", "0"])
+    parse_config(["--output_dir", "o", "--num_train_epochs", "0", "--max_steps", "3"])  # max_steps decides
+
+
+def test_lopt_without_a_command_lists_them_and_fails(capsys):
+    assert main([]) == 2
+    assert "name a command" in capsys.readouterr().err
 
 
 def test_unknown_flag_suggests_the_closest(capsys):

@@ -14,7 +14,13 @@ from lopt.cli import main
 from lopt.errors import LoptError
 from lopt.recipes.grpo import run_grpo
 from lopt.training.checkpoint import TRAINING_STATE, find_checkpoint, load_training_state
-from test_faults import assert_signal_finishes_the_step_and_saves, cli_process, wait_for, weights
+from test_faults import (
+    assert_a_stop_before_the_first_logging_step_is_logged,
+    assert_signal_finishes_the_step_and_saves,
+    cli_process,
+    wait_for,
+    weights,
+)
 from test_grpo import grpo_config
 from tiny_models import tiny_model_dir
 
@@ -141,6 +147,12 @@ def test_a_signal_finishes_the_dpo_step_saves_and_says_how_to_resume(model_dir, 
     out = tmp_path / "run"
     process = cli_process(dpo_args(model_dir, out, "--max_steps", "400", "--save_steps", "0"))
     assert_signal_finishes_the_step_and_saves(process, out, signum, code)
+
+
+def test_a_dpo_run_stopped_before_its_first_logging_step_logs_the_step_it_stopped_at(model_dir, tmp_path):
+    out = tmp_path / "run"
+    flags = dpo_args(model_dir, out, "--max_steps", "400", "--save_steps", "0", "--logging_steps", "1000")
+    assert_a_stop_before_the_first_logging_step_is_logged(cli_process(flags), out)
 
 
 def test_a_nan_loss_stops_the_dpo_run_before_its_optimizer_step(model_dir, tmp_path, monkeypatch, capsys):

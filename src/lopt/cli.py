@@ -134,7 +134,10 @@ def main(argv: list[str] | None = None, *, reference: bool = False) -> int:
     """Run `lopt <command> [flags]`; `reference`: run sft or grpo as the reference implementation's script
     (train_sft.py, train_grpo.py), with the reference's defaults."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:  # a command is required: say which there are, and fail as argparse does
+        print(f"lopt: name a command\n\n{USAGE}", file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]

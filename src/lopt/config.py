@@ -308,6 +308,15 @@ def validate(config) -> None:
         choices = f.metadata.get("choices")
         if choices and getattr(config, f.name) not in choices:
             raise unknown_choice(f"--{f.name}", getattr(config, f.name), choices)
+    from transformers import SchedulerType  # here: importing transformers takes seconds, --help needs none of it
+
+    schedules = [kind.value for kind in SchedulerType]
+    if config.lr_scheduler_type not in schedules:
+        raise unknown_choice("--lr_scheduler_type", config.lr_scheduler_type, schedules)
+    if config.max_steps <= 0 and config.num_train_epochs <= 0:
+        raise LoptError(
+            f"--num_train_epochs {config.num_train_epochs} trains nothing; pass a number above 0, or --max_steps N."
+        )
     if config.canonical_method == "e2e":
         for name in ("num_blocks", "lr_k1", "backward", "early_blocks"):
             if name in config.explicit:

@@ -47,7 +47,7 @@ def log_level_from(argv: list[str]) -> str:
 
 # The libraries' own switches, read when they are first imported (and inherited by the processes lopt starts);
 # a value the user set is kept.
-_QUIET_ENVIRONMENT = {
+QUIET_ENVIRONMENT = {
     "TRANSFORMERS_VERBOSITY": "error",
     "DATASETS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' own bars (loading weights, writing shards) follow it
@@ -66,7 +66,7 @@ def quiet_libraries(level: str = "info") -> None:
     logging.getLogger("lopt").setLevel(logging.WARNING if level == "warning" else logging.INFO)
     if level == "debug":
         return
-    for name, value in _QUIET_ENVIRONMENT.items():
+    for name, value in QUIET_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
     if "transformers" in sys.modules:
         sys.modules["transformers"].utils.logging.set_verbosity_error()

@@ -229,9 +229,9 @@ def _train(run: _Run, start: float) -> None:
                 run.peak_activation = max(run.peak_activation, meter.peak_bytes)
                 throughput.add(distributed.all_reduce_sum(result.input_tokens, backend.device))
                 run.callbacks.on_step_end(step, result.task_loss)
-                if run.main_process and (step % config.logging_steps == 0 or step == run.total_steps):
-                    run.callbacks.on_log(_step_metrics(run, step, result, rates, grad_norm, meter, throughput))
                 stopping = distributed.any_process(stop.requested, backend.device)
+                if run.main_process and (step % config.logging_steps == 0 or step == run.total_steps or stopping):
+                    run.callbacks.on_log(_step_metrics(run, step, result, rates, grad_norm, meter, throughput))
                 periodic = config.save_steps > 0 and step % config.save_steps == 0
                 if (periodic or stopping) and step < run.total_steps:
                     last_saved = _save_checkpoint(run, step)

@@ -43,6 +43,16 @@ def _fsync_tree(folder: Path) -> None:
     _fsync_dir(folder)
 
 
+def _usual_permissions(folder: Path) -> None:
+    """Give every file the mode the user's umask gives new files: a library that writes through a private
+    temporary file (transformers' model.safetensors) leaves it 0600, unreadable to the user's group."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
 def new_temp_folder(parent: Path) -> Path:
     """A fresh hidden folder in `parent` to build something in before renaming it into place."""
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
@@ -54,6 +64,7 @@ def _build_in_temp(parent: Path, write: Callable[[Path], None], tmp: Path | None
     tmp = tmp or new_temp_folder(parent)
     try:
         write(tmp)
+        _usual_permissions(tmp)
         _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -87,6 +98,7 @@ def mark_complete(folder: Path, training_state: dict) -> None:
     The state goes to a temporary name first and is renamed, so a kill while writing it leaves no
     truncated `training_state.pt` that would pass for a complete checkpoint.
     """
+    _usual_permissions(folder)
     _fsync_tree(folder)
     tmp = folder / f".{TRAINING_STATE}.tmp"
     torch.save(training_state, tmp)

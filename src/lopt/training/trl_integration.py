@@ -119,7 +119,8 @@ class _StopOnSignal(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if distributed.any_process(self.stop.requested, self.device) and state.global_step < state.max_steps:
-            control.should_save = control.should_training_stop = self.stopped = True
+            # the step in flight is logged and saved whatever --logging_steps / --save_steps say
+            control.should_log = control.should_save = control.should_training_stop = self.stopped = True
 
 
 class _ContractClock(TrainerCallback):
