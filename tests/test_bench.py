@@ -67,6 +67,35 @@ def test_bench_writes_json_with_ratios_and_a_plot(tmp_path):
     assert pair["step_time_ratio"] == lopt["step_s"] / ckpt["step_s"]
 
 
+def test_bench_rows_of_the_baselines_count_trainable_parameters_and_optimizer_state(tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "model", layers=4)
+    flags = ["--model_name_or_path", str(model_dir), "--batch", "2", "--seq", "32", "--blocks", "2", "--steps", "1"]
+    main(
+        [
+            *flags,
+            "--methods",
+            "e2e,lora,lopt,lopt+lora,e2e+kl",
+            "--warmup",
+            "0",
+            "--rounds",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    rows = {r["method"]: r for r in json.loads((tmp_path / "bench.json").read_text())["records"]}
+    assert [rows[m]["k"] for m in ("lora", "lopt+lora", "e2e+kl")] == [1, 2, 1]
+    e2e, lora, lopt_lora, kl = rows["e2e"], rows["lora"], rows["lopt+lora"], rows["e2e+kl"]
+    # AdamW keeps two float32 moments per trained parameter (and a step count per tensor)
+    for row in rows.values():
+        assert 8 * row["trainable_params"] <= row["optimizer_state_bytes"] < 8 * row["trainable_params"] + 4096
+    assert lora["trainable_params"] < 0.7 * e2e["trainable_params"]  # r=16 on a 64-wide model: large adapters
+    assert kl["trainable_params"] == e2e["trainable_params"] and kl["activation_bytes"] >= e2e["activation_bytes"]
+    # LoPT+LoRA trains the adapters and the full-rank reconstruction head, and keeps less for backward
+    assert lopt_lora["trainable_params"] > lora["trainable_params"]
+    assert lopt_lora["activation_bytes"] < 0.8 * lora["activation_bytes"]
+
+
 def test_bench_liger_on_cpu_says_why_before_running(tmp_path, capsys):
     with pytest.raises(LoptError, match="--liger needs a CUDA GPU"):
         main(["--liger", "--device", "cpu", "--out", str(tmp_path / "bench")])

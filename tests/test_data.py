@@ -191,6 +191,7 @@ def test_chatml_labels_only_the_answer_and_its_eos(chatml, caplog):
     assert example["labels"][-1] == IGNORE_INDEX  # ChatML's "\n" after <|im_end|> is not trained
     assert stats == {
         "examples": 1,
+        "truncated": 0,
         "skipped_truncated": 0,
         "tokens": len(example["input_ids"]),
         "trained_tokens": sum(label != IGNORE_INDEX for label in example["labels"]),
@@ -258,8 +259,11 @@ def test_truncation_skips_examples_without_trained_tokens(chatml):
     prompt_length = len(chatml(build_prompt(chatml, to_messages(qa())), add_special_tokens=False)["input_ids"])
     examples, stats = tokenize_sft(records, chatml, max_seq_length=prompt_length + 2)
     assert stats["examples"] == 1 and stats["skipped_truncated"] == 1
+    assert stats["truncated"] == 1  # the kept example lost the end of its answer; the skipped one is not counted
     assert len(examples[0]["input_ids"]) == prompt_length + 2
     assert stats["trained_tokens"] == 2 and stats["tokens"] == prompt_length + 2
+    _, untruncated = tokenize_sft(records[:1], chatml, max_seq_length=4096)
+    assert untruncated["truncated"] == 0 and untruncated["skipped_truncated"] == 0
 
 
 def test_all_examples_truncated_is_an_error(chatml):
@@ -388,6 +392,69 @@ def test_parquet(tmp_path):
     assert load_records(train_file=path) == RECORDS
 
 
+def test_csv_rows_are_text_records(tmp_path):
+    path = tmp_path / "train.csv"
+    # a BOM as spreadsheet programs write it, a quoted cell with a comma and a line break, a number, a blank line
+    path.write_text('\ufeffquestion,answer\n"Add 2, then 2?","Step 1\n#### 4"\n\nq2,42\n', encoding="utf-8", newline="")
+    assert load_records(train_file=path) == [qa("Add 2, then 2?", "Step 1\n#### 4"), qa("q2", "42")]
+    assert load_records(train_file=path, max_samples=1) == [qa("Add 2, then 2?", "Step 1\n#### 4")]
+    (tmp_path / "pairs.csv").write_text("prompt,chosen,rejected\np,c,r\n")
+    assert dpo_records(train_file=tmp_path / "pairs.csv") == [{"prompt": "p", "chosen": "c", "rejected": "r"}]
+
+
+def test_csv_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("question,answer\nq1,a1\nq2,a2,extra\n")
+    with pytest.raises(LoptError, match=rf"{path}:3: 3 cells, but the header has 2 columns; quote cells"):
+        load_records(train_file=path)
+    path.write_text("question,answer\nq1\n")
+    with pytest.raises(LoptError, match=rf"{path}:2: 1 cells, but the header has 2 columns"):
+        load_records(train_file=path)
+    path.write_text("question,answer,question\nq,a,q\n")
+    with pytest.raises(LoptError, match=rf"{path}:1: column 'question' appears more than once"):
+        load_records(train_file=path)
+    for empty in ("", "question,answer\n"):
+        path.write_text(empty)
+        with pytest.raises(LoptError, match=rf"--train_file {path} gave no records; check that it holds data"):
+            load_records(train_file=path)
+    path.write_text("text,label\nhello,1\n")  # columns of no accepted shape: formats.py names them
+    with pytest.raises(LoptError, match="cannot tell the record shape from the columns found: label, text"):
+        detect_format(load_records(train_file=path)[0])
+
+
+def test_csv_conversations_are_refused_with_a_hint(tmp_path):
+    path = tmp_path / "chat.csv"
+    path.write_text('messages\n"[{""role"": ""user"", ""content"": ""hi""}]"\n')
+    (record,) = load_records(train_file=path)
+    with pytest.raises(LoptError, match="got str; a CSV cell holds only text: keep conversations in .jsonl"):
+        to_messages(record, where="record 0")
+
+
+def test_saved_dataset_folders_and_the_split_of_a_dataset_dict(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(RECORDS).save_to_disk(tmp_path / "saved")
+    assert load_records(train_file=tmp_path / "saved") == RECORDS
+    assert load_records(train_file=str(tmp_path / "saved"), max_samples=2) == RECORDS[:2]
+    splits = {"train": datasets.Dataset.from_list(RECORDS[:2]), "test": datasets.Dataset.from_list(RECORDS[2:])}
+    datasets.DatasetDict(splits).save_to_disk(tmp_path / "dict")
+    assert load_records(train_file=tmp_path / "dict") == RECORDS[:2]  # --split's default: train
+    assert load_records(train_file=tmp_path / "dict", split="test") == RECORDS[2:]
+    with pytest.raises(LoptError, match=r"unknown --split of .*dict 'tests'\. Did you mean 'test'\?.*train, test"):
+        load_records(train_file=tmp_path / "dict", split="tests")
+
+
+def test_folders_that_are_not_saved_datasets(tmp_path):
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(LoptError, match=r"is a directory without a saved dataset \(no state.json or dataset_dict.json"):
+        load_records(train_file=tmp_path / "plain")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "state.json").write_text("{not json")
+    with pytest.raises(LoptError, match=rf"--train_file {broken}: not a readable saved dataset"):
+        load_records(train_file=broken)
+
+
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps(RECORDS[0]) + "\n\n{oops\n")
@@ -407,9 +474,13 @@ def test_file_errors(tmp_path, monkeypatch):
         load_records(train_file=tmp_path / "missing.jsonl")
     with pytest.raises(LoptError, match="is a directory"):
         load_records(train_file=tmp_path)
-    (tmp_path / "train.csv").write_text("question,answer\n")
-    with pytest.raises(LoptError, match=r"unsupported file type '.csv'; supported: .json, .jsonl, .parquet"):
-        load_records(train_file=tmp_path / "train.csv")
+    (tmp_path / "train.txt").write_text("question,answer\n")
+    with pytest.raises(
+        LoptError,
+        match=r"unsupported file type '.txt'; supported: .json, .jsonl, .parquet, .csv or a folder saved with "
+        r"Dataset.save_to_disk",
+    ):
+        load_records(train_file=tmp_path / "train.txt")
     (tmp_path / "locked.jsonl").write_text("{}")
 
     def denied(*args, **kwargs):

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,27 +16,34 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lopt.models.local_learning import LocalLearningLM
+from lopt.models.lora import add_lora
 from lopt.parallel.distributed import all_reduce_gradients
 from lopt.training.step import forward_backward
 from tiny_models import tiny_batch, tiny_model, tiny_model_dir
 
 WORLD = 2
+LORA = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules="all-linear")
 
 
 def _halves(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     return [{k: v[i::WORLD] for k, v in batch.items()} for i in range(WORLD)]
 
 
-def _wrapped(backward_blocks: int) -> LocalLearningLM:
+def _wrapped(backward_blocks: int, lora: bool = False) -> LocalLearningLM:
     base = tiny_model("llama", layers=4)
     torch.manual_seed(123)
+    if lora:  # adapters with a nonzero B, so that every adapter matrix has a gradient
+        base = add_lora(copy.deepcopy(base), LORA)
+        for name, param in base.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02)
     return LocalLearningLM(copy.deepcopy(base), num_blocks=backward_blocks).train()
 
 
-def _worker(rank: int, init_file: str, out_dir: str, backward: str, num_blocks: int) -> None:
+def _worker(rank: int, init_file: str, out_dir: str, backward: str, num_blocks: int, lora: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        model = _wrapped(num_blocks)
+        model = _wrapped(num_blocks, lora)
         batch = tiny_batch(batch=4, seed=5)
         forward_backward(model, [_halves(batch)[rank]], backward=backward)
         all_reduce_gradients([p for p in model.parameters() if p.requires_grad])
@@ -45,11 +53,16 @@ def _worker(rank: int, init_file: str, out_dir: str, backward: str, num_blocks: 
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(("backward", "num_blocks"), [("local", 2), ("joint", 2), ("local", 1)])
-def test_two_processes_match_one_process_on_the_global_batch(tmp_path, backward, num_blocks):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), backward, num_blocks), nprocs=WORLD, join=True)
+@pytest.mark.parametrize(
+    ("backward", "num_blocks", "lora"),
+    [("local", 2, False), ("joint", 2, False), ("local", 1, False), ("local", 2, True)],
+    ids=["local-k2", "joint-k2", "e2e", "local-k2-lora"],
+)
+def test_two_processes_match_one_process_on_the_global_batch(tmp_path, backward, num_blocks, lora):
+    args = (str(tmp_path / "init"), str(tmp_path), backward, num_blocks, lora)
+    mp.spawn(_worker, args=args, nprocs=WORLD, join=True)
     # One process, the same global batch as two micro-batches (the per-process halves).
-    model = _wrapped(num_blocks)
+    model = _wrapped(num_blocks, lora)
     forward_backward(model, _halves(tiny_batch(batch=4, seed=5)), backward=backward)
     expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     for rank in range(WORLD):
@@ -59,7 +72,8 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path, backward,
             torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-5)
 
 
-def test_lopt_sft_under_torchrun_writes_from_the_main_process_only(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--use_peft", "--lora_r", "4")], ids=["full", "lora"])
+def test_lopt_sft_under_torchrun_writes_from_the_main_process_only(tmp_path, extra):
     model_dir = tiny_model_dir(tmp_path / "model")
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": f"{i}"}) + "\n" for i in range(12)))
@@ -88,6 +102,7 @@ def test_lopt_sft_under_torchrun_writes_from_the_main_process_only(tmp_path):
         "1",
         "--save_steps",
         "1",
+        *extra,
     ]
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
@@ -96,7 +111,8 @@ def test_lopt_sft_under_torchrun_writes_from_the_main_process_only(tmp_path):
     assert "2 processes = 4 sequences" in done.stderr.replace("\n", " ")
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]  # one writer
-    assert (out / "checkpoint-1").is_dir() and (out / "config.json").exists()
+    assert (out / "checkpoint-1").is_dir()
+    assert (out / ("adapter_config.json" if extra else "config.json")).exists()
 
 
 @pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])

@@ -145,3 +145,30 @@ def test_lopt_eval_writes_eval_json_with_retention_against_the_starting_model(ba
 def test_lopt_eval_rejects_bad_flags(base_dir, capsys):
     assert main(["eval", str(base_dir), "--eval_samples", "-1"]) == 2
     assert "--eval_samples must be >= 0" in capsys.readouterr().err
+
+
+def test_lopt_eval_of_an_adapter_folder_loads_base_plus_adapter(base_dir, tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from lopt.models.lora import add_lora, saved_parameters
+
+    adapter = tmp_path / "adapter"
+    lora = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules="all-linear")
+    model = add_lora(AutoModelForCausalLM.from_pretrained(base_dir), lora)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)  # "training" moved the adapter away from zero
+    model.save_pretrained(adapter)  # peft names the base folder in adapter_config.json
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(adapter)
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("COLUMNS", "200")  # the table's model cell unwrapped
+    flags = ["--eval_samples", "0", "--retention_window", "16", "--retention_windows", "2"]
+    harness = ["--harness", "lopt_tiny_arith", "--harness_include", "tests/data/lm_eval_tasks"]
+    assert main(["eval", str(adapter), *flags, *harness]) == 0, capsys.readouterr().err
+    result = json.loads((adapter / "eval.json").read_text())
+    assert result["base_model"] == str(base_dir)
+    assert result["adapter_parameters"] == saved_parameters(adapter) > 0
+    assert result["perplexity"] != result["base_perplexity"]  # the adapter was applied
+    assert result["harness"]["lopt_tiny_arith"]["acc,none"] in {0.0, 0.25, 0.5, 0.75, 1.0}  # lm-eval with peft=
+    assert f"(LoRA adapter, {result['adapter_parameters']:,} trained parameters)" in capsys.readouterr().err

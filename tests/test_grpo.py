@@ -175,19 +175,97 @@ def test_flags_trl_does_not_know_are_reported_once(model_dir, tmp_path, caplog):
 
 
 def test_trl_rejections_become_lopt_errors(model_dir, tmp_path):
-    # 3 completions per prompt cannot be split evenly into a generation batch of 2
+    from trl import GRPOConfig as TRLGRPOConfig
+
+    # a generation batch of 3 cannot be split into micro-batches of 2 (a TRL setting lopt does not expose)
     with pytest.raises(LoptError, match="TRL rejected"):
-        run_grpo(grpo_config(model_dir, tmp_path / "bad", "--num_generations", "3"))
+        trl_arguments(TRLGRPOConfig, grpo_config(model_dir, tmp_path / "bad"), generation_batch_size=3)
 
 
-def test_prompts_longer_than_max_prompt_length_are_skipped(model_dir):
+def test_a_group_size_that_does_not_divide_the_generation_batch_names_lopt_flags(model_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(LoptError) as error:
+        grpo_config(model_dir, tmp_path, "--num_generations", "3", "--per_device_train_batch_size", "4")
+    message = str(error.value)
+    assert "generation_batch_size" not in message  # TRL's name, which the user never set
+    assert "4 completions sampled at a time" in message and "--gradient_accumulation_steps 1 x 1 process)" in message
+    assert (
+        "Use --per_device_train_batch_size 3 or 6, --gradient_accumulation_steps 3, or --num_generations 2 or 4."
+        in message
+    )
+    for fix in (
+        ("--per_device_train_batch_size", "3"),
+        ("--per_device_train_batch_size", "6"),
+        ("--gradient_accumulation_steps", "3"),
+        ("--num_generations", "2"),
+        ("--num_generations", "4"),
+    ):
+        grpo_config(model_dir, tmp_path, "--num_generations", "3", "--per_device_train_batch_size", "4", *fix)
+    # processes count (torchrun and accelerate set WORLD_SIZE), and --steps_per_generation replaces accumulation
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(LoptError, match=r"--steps_per_generation 1 x 2 processes\); .* --steps_per_generation 3"):
+        grpo_config(model_dir, tmp_path, "--num_generations", "3", "--steps_per_generation", "1")
+    with pytest.raises(LoptError, match="--num_generations must be at least 2"):
+        grpo_config(model_dir, tmp_path, "--num_generations", "1")
+
+
+def test_prompts_longer_than_max_prompt_length_are_skipped_saying_how_to_keep_them(model_dir, caplog):
     from transformers import AutoTokenizer
+
+    from lopt.recipes.grpo import _prompt_length
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     records = grpo_records("gsm-symbolic", max_samples=3, seed=0)
-    assert len(prepare_prompts(records, tokenizer, 10_000)) == 3
-    with pytest.raises(LoptError, match="--max_prompt_length"):
+    lengths = sorted(_prompt_length(tokenizer, r["prompt"]) for r in records)
+    assert len(prepare_prompts(records, tokenizer, lengths[-1])) == 3
+    with caplog.at_level(logging.WARNING, logger="lopt.recipes.grpo"):
+        assert len(prepare_prompts(records, tokenizer, lengths[1])) == 2
+    keep_all = (
+        f"Pass --max_prompt_length {lengths[-1]} to keep them all (lopt skips a long prompt rather than cut it: a cut "
+        "question cannot be answered)."
+    )
+    assert caplog.messages == [
+        f"--max_prompt_length {lengths[1]} skipped 1 of 3 prompts: they are longer than {lengths[1]} tokens (prompt "
+        f"template included), the longest {lengths[-1]}. {keep_all}"
+    ]
+    with pytest.raises(LoptError) as error:
         prepare_prompts(records, tokenizer, 5)
+    assert str(error.value) == (
+        "all 3 prompts are longer than --max_prompt_length 5 tokens (prompt template included): the shortest has "
+        f"{lengths[0]}, the longest {lengths[-1]}. {keep_all}"
+    )
+
+
+def test_train_grpo_py_says_which_limit_dropped_the_prompts(model_dir, tmp_path, capsys):
+    argv = ["--model_name_or_path", str(model_dir), "--max_samples", "2", "--max_prompt_length", "5"]
+    code = main(["grpo", *argv, "--num_generations", "2", "--output_dir", str(tmp_path / "run")], reference=True)
+    assert code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("train_grpo.py: error: all 2 prompts are longer than --max_prompt_length 5 tokens")
+    assert "Pass --max_prompt_length " in error
+
+
+def test_custom_reward_funcs_are_scored_weighted_and_logged(model_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--max_steps", "2", "--save_steps", "2", "--format_reward_weight", "0.25"]
+    custom = ["--reward_funcs", "custom_rewards:completion_chars", "--reward_weights", "1,0.5"]
+    run_grpo(grpo_config(model_dir, out, *argv, *custom))
+    completions = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in completions] == [1, 1, 2, 2]  # 1 prompt x 2 completions a step
+    for row in completions:
+        assert set(row["rewards"]) == {"gsm_symbolic_score", "format_hash", "completion_chars"}
+        assert row["rewards"]["completion_chars"] == len(row["completion"])
+        # TRL's weights: the task's 1 and the custom function's 0.5 from --reward_weights, the format reward's 0.25
+        scores = row["rewards"]
+        expected = scores["gsm_symbolic_score"] + 0.25 * scores["format_hash"] + 0.5 * scores["completion_chars"]
+        assert row["reward"] == pytest.approx(expected)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step1 = [row["reward"] for row in completions if row["step"] == 1]
+    assert metrics[0]["reward"] == pytest.approx(sum(step1) / len(step1), rel=1e-5)
+    # TRL's own metrics (trackers, trainer_state.json) carry each function's mean score under its name
+    logs = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    chars = [row["rewards"]["completion_chars"] for row in completions if row["step"] == 2]
+    assert logs[1]["rewards/completion_chars/mean"] == pytest.approx(sum(chars) / len(chars), rel=1e-5)
 
 
 def test_grpo_records_from_hub_tasks_use_the_real_load_dataset(monkeypatch):

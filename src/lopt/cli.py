@@ -10,14 +10,19 @@ from lopt.output import log_level_from, quiet_libraries
 USAGE = """usage: lopt <command> [flags]
 
 commands:
-  sft     supervised fine-tuning, --method lopt (local learning, default) or e2e
-  grpo    GRPO with verifiable math rewards on TRL's GRPOTrainer, --method lopt or e2e
-  dpo     DPO on preference pairs on TRL's DPOTrainer, --method lopt or e2e
-  eval    task accuracy, retention (perplexity vs the starting model) and lm-eval benchmarks of saved models
-  report  tables and plots comparing runs, from their training_args.json, metrics.jsonl and eval.json
-  demo    the E2E-vs-LoPT study on the embedded SmolLM2-135M: train, evaluate, report
-  bench   activation memory and step time of E2E vs LoPT (local and joint backward)
-  watch   the live dashboard of runs from their folders (metrics.jsonl, completions.jsonl), side by side
+  sft       supervised fine-tuning, --method lopt (local learning, default) or e2e
+  grpo      GRPO with verifiable math rewards on TRL's GRPOTrainer, --method lopt or e2e
+  dpo       DPO on preference pairs on TRL's DPOTrainer, --method lopt or e2e
+  eval      task accuracy, retention (perplexity vs the starting model) and lm-eval benchmarks of saved models
+  report    tables and plots comparing runs, from their training_args.json, metrics.jsonl and eval.json
+  demo      the E2E-vs-LoPT study on the embedded SmolLM2-135M: train, evaluate, report
+  bench     activation memory and step time of E2E vs LoPT (local and joint backward)
+  watch     the live dashboard of runs from their folders (metrics.jsonl, completions.jsonl), side by side
+  generate  completions of a model for prompts (flags or a file), one JSON object per prompt
+  chat      talk to a model in the terminal, its answers streamed as they are generated
+  merge     fold a LoRA adapter folder into its base model and save a plain checkpoint
+  push      upload a model folder (full model or LoRA adapter) to the Hugging Face hub, with lopt's model card
+  data      `lopt data preview`: a run's first examples as the model sees them, and counts over its data
 
 `lopt <command> --help` lists a command's flags."""
 
@@ -42,53 +47,58 @@ def _loss(value: float | None) -> str:
 
 def _sft(argv: list[str], reference: bool = False) -> None:
     from lopt.config import ReferenceSFTConfig, SFTConfig, parse_config
-    from lopt.output import console
-    from lopt.parallel.distributed import is_main_process
-    from lopt.recipes.sft import run_sft
 
     cls, prog = (ReferenceSFTConfig, REFERENCE_SCRIPTS["sft"]) if reference else (SFTConfig, "lopt sft")
     description = f"Supervised fine-tuning (E2E or LoPT){REFERENCE_DEFAULTS if reference else ''}."
     config = parse_config(argv, cls, prog=prog, description=description)
+    # Imported once the flags are parsed: the recipe imports torch and transformers (seconds), which --help
+    # and a wrong flag do without.
+    from lopt.output import console, plural
+    from lopt.parallel.distributed import is_main_process
+    from lopt.recipes.sft import run_sft
+
     result = run_sft(config, callbacks=_listeners(config))
     if is_main_process():
         console.print(
-            f"done: {result.steps} steps in {result.elapsed_s:.1f} s, task loss {_loss(result.first_loss)} -> "
-            f"{_loss(result.last_loss)}; model saved to {result.output_dir}"
+            f"done: {plural(result.steps, 'step')} in {result.elapsed_s:.1f} s, task loss "
+            f"{_loss(result.first_loss)} -> {_loss(result.last_loss)}; model saved to {result.output_dir}"
         )
 
 
 def _grpo(argv: list[str], reference: bool = False) -> None:
     from lopt.config import GRPOConfig, ReferenceGRPOConfig, parse_config
-    from lopt.output import console
-    from lopt.parallel.distributed import is_main_process
-    from lopt.recipes.grpo import run_grpo
 
     cls, prog = (ReferenceGRPOConfig, REFERENCE_SCRIPTS["grpo"]) if reference else (GRPOConfig, "lopt grpo")
     description = f"GRPO with verifiable rewards (E2E or LoPT){REFERENCE_DEFAULTS if reference else ''}."
     config = parse_config(argv, cls, prog=prog, description=description)
+    from lopt.output import console, plural  # after parsing, as in _sft
+    from lopt.parallel.distributed import is_main_process
+    from lopt.recipes.grpo import run_grpo
+
     result = run_grpo(config, callbacks=_listeners(config))
     if not is_main_process():
         return
     rewards = " -> ".join(f"{m['reward']:.3f}" for m in result.metrics)
     console.print(
-        f"done: {result.steps} steps in {result.elapsed_s:.1f} s, mean reward per logged step {rewards}; "
+        f"done: {plural(result.steps, 'step')} in {result.elapsed_s:.1f} s, mean reward per logged step {rewards}; "
         f"model saved to {result.output_dir}"
     )
 
 
 def _dpo(argv: list[str]) -> None:
     from lopt.config import DPOConfig, parse_config
-    from lopt.output import console
+
+    config = parse_config(argv, DPOConfig, prog="lopt dpo", description="DPO on preference pairs (E2E or LoPT).")
+    from lopt.output import console, plural  # after parsing, as in _sft
     from lopt.parallel.distributed import is_main_process
     from lopt.recipes.dpo import run_dpo
 
-    config = parse_config(argv, DPOConfig, prog="lopt dpo", description="DPO on preference pairs (E2E or LoPT).")
     result = run_dpo(config, callbacks=_listeners(config))
     if not is_main_process():
         return
     losses = [m["task_loss"] for m in result.metrics]
     console.print(
-        f"done: {result.steps} steps in {result.elapsed_s:.1f} s, DPO loss {losses[0]:.4f} -> "
+        f"done: {plural(result.steps, 'step')} in {result.elapsed_s:.1f} s, DPO loss {losses[0]:.4f} -> "
         f"{losses[-1]:.4f}; model saved to {result.output_dir}"
     )
 
@@ -123,10 +133,40 @@ def _bench(argv: list[str]) -> None:
     bench_main(argv)
 
 
-LOADS_MODELS = {"sft", "grpo", "dpo", "eval", "demo", "bench"}
+def _generate(argv: list[str]) -> None:
+    from lopt.tools.generate import generate_main
+
+    generate_main(argv)
+
+
+def _merge(argv: list[str]) -> None:
+    from lopt.tools.merge import main as merge_main
+
+    merge_main(argv)
+
+
+def _push(argv: list[str]) -> None:
+    from lopt.tools.publish import main as push_main
+
+    push_main(argv)
+
+
+def _data(argv: list[str]) -> None:
+    from lopt.tools.preview import main as data_main
+
+    data_main(argv)
+
+
+def _chat(argv: list[str]) -> None:
+    from lopt.tools.generate import chat_main
+
+    chat_main(argv)
+
+
+LOADS_MODELS = {"sft", "grpo", "dpo", "eval", "demo", "bench", "generate", "chat", "merge", "data"}
 COMMANDS = {
     "sft": _sft, "grpo": _grpo, "dpo": _dpo, "eval": _eval, "report": _report, "demo": _demo, "bench": _bench,
-    "watch": _watch,
+    "watch": _watch, "generate": _generate, "chat": _chat, "merge": _merge, "push": _push, "data": _data,
 }  # fmt: skip
 
 
@@ -147,7 +187,8 @@ def main(argv: list[str] | None = None, *, reference: bool = False) -> int:
     if reference and command not in REFERENCE_SCRIPTS:
         raise ValueError(f"no reference script runs `lopt {command}`; only {' and '.join(REFERENCE_SCRIPTS)} have one")
     name = REFERENCE_SCRIPTS[command] if reference else f"lopt {command}"
-    if command in LOADS_MODELS:  # the others import no model library, so start at once
+    # The others import no model library, so start at once; nor does --help, and quieting imports torch.
+    if command in LOADS_MODELS and not {"-h", "--help"} & set(rest):
         quiet_libraries(log_level_from(rest))
     try:
         if reference:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,11 +40,17 @@ class RunConfig:
         "per_device_train_batch_size",
         "gradient_accumulation_steps",
         "logging_steps",
+        "per_device_eval_batch_size",
     )
+    # --metric_for_best_model: the metrics.jsonl columns a recipe accepts, each with whether greater is better
+    BEST_MODEL_METRICS: ClassVar[dict[str, bool]] = {"eval_task_loss": False}
 
     # model
     model_name_or_path: str = _opt("smollm2-135m", "alias (smollm2-135m, qwen3-4b, ...), local folder or hub id")
-    trust_remote_code: bool = _opt(False, "allow the model's own code from the hub (off: it runs remote code)")
+    trust_remote_code: bool = _opt(
+        False,
+        "run the Python code the model's repository ships (custom architectures); only for repositories you trust",
+    )
     # method
     method: str = _opt(
         "lopt", "lopt (alias ll): local learning in k blocks; e2e: the end-to-end baseline", choices=sorted(METHODS)
@@ -63,11 +71,32 @@ class RunConfig:
         "LoPT: local (block by block, frees activations) or joint (one backward, as the reference)",
         choices=["local", "joint"],
     )
+    # adapters (LoRA / QLoRA, through peft; models/lora.py)
+    use_peft: bool = _opt(
+        False,
+        "train LoRA adapters instead of the weights (base model frozen, embeddings and LM head included); with "
+        "--method lopt every block's adapters learn from that block's objective",
+    )
+    lora_r: int = _opt(16, "LoRA rank")
+    lora_alpha: int = _opt(32, "LoRA scaling alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = _opt(0.05, "dropout on the adapters' input")
+    lora_target_modules: str = _opt(
+        "all-linear",
+        "modules that get adapters: all-linear (every linear layer of attention and MLP, not the LM head) or "
+        "comma-separated names, e.g. q_proj,v_proj",
+    )
+    load_in_4bit: bool = _opt(False, "QLoRA: load the frozen base in 4-bit NF4 with bitsandbytes (CUDA only)")
+    load_in_8bit: bool = _opt(False, "load the frozen base in 8-bit with bitsandbytes (CUDA only)")
+    merge_lora: bool = _opt(
+        False, "save the final model with the adapters merged in (a plain checkpoint) instead of the adapter folder"
+    )
     # data
     dataset_name: str | None = _opt(None, "hub dataset id (overrides --dataset_preset / --task's own data)")
     dataset_config: str | None = _opt(None, "hub dataset config name")
     train_file: str | None = _opt(
-        None, "local .json / .jsonl / .parquet file (overrides --dataset_name and the preset)"
+        None,
+        "local .json / .jsonl / .parquet / .csv file, or a folder saved with datasets' save_to_disk (overrides "
+        "--dataset_name and the preset)",
     )
     split: str = _opt("train", "dataset split")
     max_samples: int | None = _opt(None, "keep N records, picked as --select_samples says")
@@ -76,6 +105,27 @@ class RunConfig:
         "how --max_samples picks records: first (the first N) or random (N drawn after a shuffle seeded by "
         "--seed); the generated gsm-symbolic data is exactly N random problems from --seed either way",
         choices=list(SELECT_SAMPLES),
+    )
+    # validation (the held-out records: at most one of --eval_file, --eval_split, --eval_ratio)
+    eval_file: str | None = _opt(
+        None, "validate on the records of this file or saved dataset folder (the formats of --train_file)"
+    )
+    eval_split: str | None = _opt(
+        None, "validate on this split (validation, test, ...) of the training data's hub dataset or saved DatasetDict"
+    )
+    eval_ratio: float | None = _opt(
+        None, "validate on this fraction of the training records, held out before training (drawn with --seed)"
+    )
+    eval_steps: int | None = _opt(None, "validate every N steps and after the last one (default: --logging_steps)")
+    per_device_eval_batch_size: int = _opt(8, "validation batch size per process")
+    load_best_model_at_end: bool = _opt(
+        False, "save the weights of the best validation as the final model, not the last ones (--metric_for_best_model)"
+    )
+    metric_for_best_model: str = _opt(
+        "eval_task_loss", "validation metric that decides the best model: eval_task_loss (lower is better)"
+    )
+    early_stopping_patience: int | None = _opt(
+        None, "stop when --metric_for_best_model has not improved for N validations in a row"
     )
     # optimization
     per_device_train_batch_size: int = _opt(4, "micro-batch size per process")
@@ -115,6 +165,24 @@ class RunConfig:
     resume_from_checkpoint: str | None = _opt(
         None, "continue a run: a checkpoint-N folder, or 'latest' in --output_dir"
     )
+    # publishing (tools/publish.py)
+    push_to_hub: bool = _opt(
+        False,
+        "upload the final model folder, with lopt's model card, to the Hugging Face hub when the run succeeds; needs "
+        "--hub_model_id",
+    )
+    hub_model_id: str | None = _opt(None, "hub repository to create or update: ORG/NAME, or NAME under your account")
+    hub_private_repo: bool = _opt(
+        False,
+        "create the repository private (default: the hub's default, public unless the organization says otherwise; "
+        "an existing repository keeps its visibility)",
+    )
+    hub_token: str | None = _opt(
+        None,
+        "token with write access (default: HF_TOKEN, else the one `hf auth login` saved); never written to the run's "
+        "files",
+        secret=True,
+    )
     config: str | None = _opt(None, "YAML file with any of these flags as keys (the command line wins)")
 
     # which fields the user set (YAML or CLI); not a flag
@@ -125,7 +193,9 @@ class RunConfig:
         return METHODS[self.method]
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("internal")}
+        """The flags' values, as training_args.json and the trackers record them; secrets (the hub token) left out."""
+        kept = [f for f in dataclasses.fields(self) if not (f.metadata.get("internal") or f.metadata.get("secret"))]
+        return {f.name: getattr(self, f.name) for f in kept}
 
 
 @dataclass
@@ -145,6 +215,11 @@ class SFTConfig(RunConfig):
     liger: bool = _opt(
         False, "LM-head loss with Liger Kernel's fused linear cross entropy (CUDA; pip install liger-kernel)"
     )
+    kl_beta: float = _opt(
+        0.0,
+        "add kl_beta x KL(model || starting model) per trained token to the task loss (0: off); the starting model "
+        "is a frozen second copy of the weights, or with --use_peft the base with the adapters disabled",
+    )
 
 
 @dataclass
@@ -158,13 +233,31 @@ class GRPOConfig(RunConfig):
         "num_iterations",
     )
 
+    BEST_MODEL_METRICS: ClassVar[dict[str, bool]] = {"eval_reward": True, "eval_task_loss": False}
+
     learning_rate: float = _opt(1e-6, "learning rate of the final block, final norm and LM head (all of E2E)")
+    metric_for_best_model: str = _opt(
+        "eval_reward",
+        "validation metric that decides the best model: eval_reward (mean total reward of the completions sampled "
+        "for the validation prompts, higher is better) or eval_task_loss (TRL's loss on them, lower is better)",
+    )
     task: str = _opt(
         "gsm-symbolic",
         "gsm-symbolic (offline), gsm8k (openai/gsm8k), numinamath (AI-MO/NuminaMath-CoT)",
         choices=sorted(TASKS),
     )
     format_reward_weight: float = _opt(0.0, "weight of a reward for writing the answer in the task's format (0: off)")
+    reward_funcs: str | None = _opt(
+        None,
+        "your own reward functions beside the task's, comma-separated: MODULE:FUNCTION (importable: installed or on "
+        "PYTHONPATH) or PATH.py:FUNCTION; each def f(prompts, completions, **kwargs) -> list[float], the data's "
+        "columns (answer, ...) in kwargs",
+    )
+    reward_weights: str | None = _opt(
+        None,
+        "comma-separated weights: the task's correctness reward's, then each --reward_funcs function's in order "
+        "(default: 1 each; the format reward's weight is --format_reward_weight)",
+    )
     num_generations: int = _opt(4, "completions sampled per prompt (a group)")
     max_prompt_length: int = _opt(512, "prompts longer than this many tokens are skipped")
     max_completion_length: int = _opt(256, "tokens generated per completion at most")
@@ -208,8 +301,16 @@ class DPOConfig(RunConfig):
     """DPO with TRL's DPOTrainer; the reference model is the frozen starting model."""
 
     AT_LEAST_ONE: ClassVar[tuple[str, ...]] = RunConfig.AT_LEAST_ONE + ("max_seq_length",)
+    BEST_MODEL_METRICS: ClassVar[dict[str, bool]] = {
+        "eval_task_loss": False, "eval_reward_accuracy": True, "eval_reward_margin": True,
+    }  # fmt: skip
 
     learning_rate: float = _opt(1e-6, "learning rate of the final block, final norm and LM head (all of E2E)")
+    metric_for_best_model: str = _opt(
+        "eval_task_loss",
+        "validation metric that decides the best model: eval_task_loss (the DPO loss, lower is better), "
+        "eval_reward_accuracy or eval_reward_margin (higher is better)",
+    )
     dataset_preset: str = _opt("gsm-symbolic-pairs", "preference preset: gsm-symbolic-pairs (synthetic, offline)")
     max_seq_length: int = _opt(1024, "truncate prompt + answer to this many tokens")
     beta: float = _opt(0.1, "DPO temperature: how far the policy may move from the reference model")
@@ -228,18 +329,72 @@ def _value_type(f: dataclasses.Field):
     return str
 
 
+# The sections of `--help`, in order, and the flags in each (a flag named nowhere is listed under "options", with
+# --help and --config). A recipe shows the sections it has flags in.
+FLAG_GROUPS: dict[str, tuple[str, ...]] = {
+    "model": ("model_name_or_path", "trust_remote_code"),
+    "data": (
+        "dataset_preset", "task", "dataset_name", "dataset_config", "train_file", "split", "max_samples",
+        "select_samples", "max_seq_length", "prompt_format",
+    ),
+    "generation": (
+        "num_generations", "max_prompt_length", "max_completion_length", "temperature", "top_p",
+        "steps_per_generation", "use_vllm",
+    ),
+    "rewards": ("reward_funcs", "reward_weights", "format_reward_weight"),
+    "method and LoPT": ("method", "num_blocks", "early_blocks", "aux_loss", "lambda_aux", "lr_k1", "backward"),
+    "LoRA / adapters": (
+        "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit", "load_in_8bit",
+        "merge_lora",
+    ),
+    "optimization": (
+        "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "learning_rate",
+        "weight_decay", "warmup_ratio", "lr_scheduler_type", "max_grad_norm", "gradient_checkpointing", "bf16", "fp16",
+        "seed", "liger", "kl_beta", "beta", "loss_type", "num_iterations",
+    ),
+    "validation": (
+        "eval_file", "eval_split", "eval_ratio", "eval_steps", "per_device_eval_batch_size", "load_best_model_at_end",
+        "metric_for_best_model", "early_stopping_patience",
+    ),
+    "output and logging": (
+        "output_dir", "overwrite_output_dir", "logging_steps", "save_steps", "save_total_limit",
+        "resume_from_checkpoint", "log_level", "tui", "report_to",
+    ),
+    "hub": ("push_to_hub", "hub_model_id", "hub_private_repo", "hub_token"),
+}  # fmt: skip
+# No flag sets up several processes: the launcher does, and this section of --help says how.
+DISTRIBUTED_HELP = (
+    "no flags: run the same command under `torchrun --nproc_per_node N -m lopt.cli <command> ...` (data parallel) "
+    "or `accelerate launch --config_file configs/accelerate_<setup>.yaml -m lopt.cli <command> ...` (multi-GPU, "
+    "multi-node, FSDP2, DeepSpeed ZeRO); the launch's settings pick the backend."
+)
+
+
 def build_parser(cls=SFTConfig, prog: str = "lopt sft", description: str = "") -> argparse.ArgumentParser:
-    """An argparse parser with one flag per config field; unset flags stay absent (not defaulted)."""
+    """An argparse parser with one flag per config field, in the sections of FLAG_GROUPS; unset flags stay absent
+    (not defaulted)."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False
     )
-    for f in _flag_fields(cls):
+    fields = _flag_fields(cls)
+    names = {f.name for f in fields}
+    groups = {}
+    for title, members in FLAG_GROUPS.items():
+        if names & set(members):
+            group = parser.add_argument_group(title)
+            groups.update(dict.fromkeys(members, group))
+    parser.add_argument_group("distributed", DISTRIBUTED_HELP)
+    listed = [name for members in FLAG_GROUPS.values() for name in members]
+    for f in sorted(fields, key=lambda f: listed.index(f.name) if f.name in listed else -1):  # as FLAG_GROUPS lists
         kind = _value_type(f)
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f.metadata["help"]
+        if "(default:" not in help_text:  # a help that explains its default says it once
+            help_text += f" (default: {f.default})"
+        section = groups.get(f.name, parser)
         if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
+            section.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(f"--{f.name}", type=kind, choices=f.metadata.get("choices"), help=help_text)
+            section.add_argument(f"--{f.name}", type=kind, choices=f.metadata.get("choices"), help=help_text)
     return parser
 
 
@@ -337,9 +492,156 @@ def validate(config) -> None:
         raise LoptError(f"--save_total_limit must be at least 1, got {config.save_total_limit}.")
     if config.max_samples is not None and config.max_samples < 1:
         raise LoptError(f"--max_samples must be at least 1, got {config.max_samples}.")
+    _validate_adapters(config)
+    _validate_validation(config)
+    if getattr(config, "kl_beta", 0.0) < 0:
+        raise LoptError(f"--kl_beta must be >= 0 (0 turns the KL term off), got {config.kl_beta}.")
+    if getattr(config, "kl_beta", 0.0) > 0 and config.liger:
+        raise LoptError("--kl_beta computes the LM head chunk by chunk itself; drop --liger to use it.")
+    if isinstance(config, GRPOConfig):
+        _validate_grpo(config)
     parse_report_to(config.report_to)  # named and installed, before anything loads
+    from lopt.tools.publish import check_push_flags  # here: it imports huggingface_hub
+
+    check_push_flags(config)  # the repository id, offline mode and a token, before hours of training
     if not config.output_dir:
         raise LoptError("--output_dir is required: the folder where the run writes its model, metrics and checkpoints.")
+
+
+ADAPTER_FLAGS = (
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "load_in_4bit",
+    "load_in_8bit",
+    "merge_lora",
+)
+
+
+def _validate_adapters(config) -> None:
+    if not config.use_peft:
+        given = [f"--{name}" for name in ADAPTER_FLAGS if name in config.explicit and getattr(config, name)]
+        if given:
+            raise LoptError(f"{', '.join(given)} configure LoRA adapters; add --use_peft, or drop them.")
+        return
+    from lopt.models.lora import target_modules
+
+    if config.lora_r < 1 or config.lora_alpha <= 0:
+        raise LoptError(
+            f"--lora_r must be at least 1 and --lora_alpha above 0, got {config.lora_r} and {config.lora_alpha}."
+        )
+    if not 0 <= config.lora_dropout < 1:
+        raise LoptError(f"--lora_dropout must be in [0, 1), got {config.lora_dropout}.")
+    if config.load_in_4bit and config.load_in_8bit:
+        raise LoptError("--load_in_4bit and --load_in_8bit are exclusive; pass one.")
+    target_modules(config.lora_target_modules)
+
+
+EVAL_SOURCES = ("eval_file", "eval_split", "eval_ratio")
+EVAL_OPTIONS = (
+    "eval_steps",
+    "per_device_eval_batch_size",
+    "load_best_model_at_end",
+    "metric_for_best_model",
+    "early_stopping_patience",
+)
+
+
+def validates(config) -> bool:
+    """Whether the run has validation records (--eval_file, --eval_split or --eval_ratio)."""
+    return any(getattr(config, name) is not None for name in EVAL_SOURCES)
+
+
+def eval_steps(config) -> int:
+    """Steps between validations: --eval_steps, else --logging_steps (as transformers' TrainingArguments)."""
+    return config.eval_steps if config.eval_steps is not None else config.logging_steps
+
+
+def _validate_validation(config) -> None:
+    sources = [f"--{name}" for name in EVAL_SOURCES if getattr(config, name) is not None]
+    if len(sources) > 1:
+        raise LoptError(
+            f"{' and '.join(sources)} each name the validation records; pass only one of --eval_file, --eval_split "
+            "and --eval_ratio."
+        )
+    if not sources:
+        given = [f"--{name}" for name in EVAL_OPTIONS if name in config.explicit and getattr(config, name)]
+        if given:
+            raise LoptError(
+                f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} validation records; add --eval_file "
+                "FILE, --eval_split NAME or --eval_ratio R (a held-out fraction of the training records), or drop "
+                f"{'it' if len(given) == 1 else 'them'}."
+            )
+        return
+    if config.eval_ratio is not None and not 0 < config.eval_ratio < 1:
+        raise LoptError(
+            f"--eval_ratio is the fraction of the training records held out for validation: pass a number between 0 "
+            f"and 1 (e.g. 0.05), got {config.eval_ratio}."
+        )
+    for name in ("eval_steps", "early_stopping_patience"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise LoptError(f"--{name} must be at least 1, got {getattr(config, name)}.")
+    metrics = config.BEST_MODEL_METRICS
+    if config.metric_for_best_model not in metrics:
+        raise unknown_choice(
+            "--metric_for_best_model",
+            config.metric_for_best_model,
+            {name: "higher is better" if greater else "lower is better" for name, greater in metrics.items()},
+        )
+    if config.load_best_model_at_end and not isinstance(config, SFTConfig):
+        # TRL's Trainer (transformers) restores the best of the checkpoints it saved at validation steps only.
+        every = eval_steps(config)
+        if config.save_steps == 0 or config.save_steps % every:
+            raise LoptError(
+                f"--load_best_model_at_end restores the best checkpoint, so checkpoints must be saved at validation "
+                f"steps: --save_steps {config.save_steps} is not a multiple of --eval_steps {every}. Pass --save_steps "
+                f"{max(config.save_steps // every, 1) * every}, or an --eval_steps that divides --save_steps."
+            )
+
+
+def _validate_grpo(config: GRPOConfig) -> None:
+    if config.num_generations < 2:
+        raise LoptError(
+            f"--num_generations must be at least 2 (GRPO compares the completions of each prompt with each other), "
+            f"got {config.num_generations}."
+        )
+    if config.steps_per_generation is not None and config.steps_per_generation < 1:
+        raise LoptError(f"--steps_per_generation must be at least 1, got {config.steps_per_generation}.")
+    # TRL samples per_device_train_batch_size x steps_per_generation x processes completions at a time (its
+    # generation_batch_size, which lopt sets through these flags) and needs whole groups of num_generations in it;
+    # checked here, so that the error names the flags the user has.
+    steps_flag = "steps_per_generation" if config.steps_per_generation is not None else "gradient_accumulation_steps"
+    batch, steps, groups = config.per_device_train_batch_size, getattr(config, steps_flag), config.num_generations
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and accelerate launch
+    total = batch * steps * processes
+    if total % groups:
+        batch_unit = groups // math.gcd(groups, steps * processes)  # the batch sizes that work are its multiples
+        smaller = batch // batch_unit * batch_unit
+        batches = f"{smaller} or {smaller + batch_unit}" if smaller else f"{batch_unit}"
+        steps_unit = groups // math.gcd(groups, batch * processes)
+        divisors = [n for n in range(2, total + 1) if total % n == 0]
+        closest = sorted(divisors, key=lambda n: abs(n - groups))[:2]
+        generations = f", or --num_generations {' or '.join(map(str, sorted(closest)))}" if closest else ""
+        raise LoptError(
+            f"--num_generations {groups} does not divide the {total} completions sampled at a time "
+            f"(--per_device_train_batch_size {batch} x --{steps_flag} {steps} x {processes} "
+            f"process{'es' if processes > 1 else ''}); each prompt's {groups} completions must be sampled together. "
+            f"Use --per_device_train_batch_size {batches}, --{steps_flag} {-(-steps // steps_unit) * steps_unit}"
+            f"{generations}."
+        )
+    if validates(config) and config.per_device_eval_batch_size * processes % groups:
+        # TRL samples num_generations completions for each validation prompt too, within one validation batch
+        unit = groups // math.gcd(groups, processes)
+        raise LoptError(
+            f"--num_generations {groups} does not divide the {config.per_device_eval_batch_size * processes} "
+            f"completions validated at a time (--per_device_eval_batch_size {config.per_device_eval_batch_size} x "
+            f"{processes} process{'es' if processes > 1 else ''}); use --per_device_eval_batch_size "
+            f"{-(-config.per_device_eval_batch_size // unit) * unit}."
+        )
+    from lopt.tasks import grpo_rewards  # here: it imports the user's reward modules
+
+    grpo_rewards(config)  # --reward_funcs importable and --reward_weights one per function, before anything loads
 
 
 def save_config(config, path: Path) -> None:

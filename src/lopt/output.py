@@ -84,6 +84,11 @@ def quiet_libraries(level: str = "info") -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
 
 
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    """The count and the noun that agrees with it: "1 step", "2 steps", "1 process" / "2 processes" (`nouns`)."""
+    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
+
+
 def _cuda_available() -> bool:
     import torch  # the commands that need quieting load it anyway
 

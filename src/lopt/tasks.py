@@ -1,22 +1,34 @@
 """One registry of tasks: where a task's problems come from, how its prompt asks for the answer, how a
 completion is rewarded, and which problems are held out to evaluate it.
 
-GRPO prompts (data/presets.py), the rewards a GRPO run trains on (recipes/grpo.py) and `lopt eval`
-(evaluation/) all read `TASKS`, so a task added here is trained, rewarded and evaluated the same way
-everywhere. To add one: a `Task` with its source (a hub dataset, or a generator), its answer style
-(answers.py), its correctness reward (rewards.py) and, if it can be evaluated, a held-out loader.
+GRPO prompts (data/presets.py), the rewards a GRPO run trains on (`grpo_rewards` below: the task's, the
+user's --reward_funcs, the format reward, with their weights) and `lopt eval` (evaluation/) all read
+`TASKS`, so a task added here is trained, rewarded and evaluated the same way everywhere. To add one: a
+`Task` with its source (a hub dataset, or a generator), its answer style (answers.py), its correctness
+reward (rewards.py) and, if it can be evaluated, a held-out loader.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from lopt.answers import with_answer_instruction
 from lopt.data.generated import DEFAULT_GSM_SAMPLES, gsm_symbolic_records
 from lopt.data.sources import check_select_samples, load_hub
 from lopt.errors import LoptError, unknown_choice
-from lopt.rewards import RewardFunc, boxed_accuracy, gsm8k_accuracy, gsm_symbolic_score
+from lopt.rewards import (
+    RewardFunc,
+    boxed_accuracy,
+    format_reward,
+    gsm8k_accuracy,
+    gsm_symbolic_score,
+    load_reward_func,
+    reward_name,
+    split_list,
+)
 
 # gsm-symbolic problems for evaluation are generated from this seed; any that also appears in the
 # training set is dropped (reasoning-gym's seeds are not disjoint, see `heldout_gsm_symbolic`).
@@ -94,3 +106,59 @@ def get_task(name: str, evaluable: bool = False) -> Task:
     if name not in names:
         raise unknown_choice("--task", name, {n: TASKS[n].description for n in names})
     return TASKS[name]
+
+
+class Reward(NamedTuple):
+    func: RewardFunc
+    weight: float
+    source: str  # the flag that adds it, for messages: --task NAME, --format_reward_weight, --reward_funcs SPEC
+
+
+def grpo_rewards(config) -> list[Reward]:
+    """A run's reward functions, in the order TRL gets them, with their weights.
+
+    The task's correctness reward, then each of --reward_funcs, weighted by --reward_weights (one weight each,
+    in that order; 1 each without it); and the format reward, weighted by --format_reward_weight, when that is
+    not 0. Each function's scores go under its name (TRL's metrics rewards/<name>/mean, completions.jsonl), so
+    names must differ.
+    """
+    task = get_task(config.task)
+    weighted = [(task.reward, f"--task {config.task}")] + [
+        (load_reward_func(spec), f"--reward_funcs {spec}") for spec in split_list(config.reward_funcs)
+    ]
+    weights = _reward_weights(config.reward_weights, [(reward_name(func), source) for func, source in weighted])
+    rewards = [Reward(func, weight, source) for (func, source), weight in zip(weighted, weights, strict=True)]
+    if config.format_reward_weight:
+        rewards.insert(1, Reward(format_reward(task.style), config.format_reward_weight, "--format_reward_weight"))
+    seen: dict[str, str] = {}
+    for reward in rewards:
+        name = reward_name(reward.func)
+        if name in seen:
+            raise LoptError(
+                f"two reward functions are named {name!r} ({seen[name]} and {reward.source}); each function's "
+                "scores are logged under its name, so they would mix. Rename one (or wrap it in a function of "
+                "another name)."
+            )
+        seen[name] = reward.source
+    return rewards
+
+
+def _reward_weights(value: str | None, names: list[tuple[str, str]]) -> list[float]:
+    """--reward_weights for the functions `names` ((name, flag that adds it) each), 1 each when it is not given."""
+    if value is None:
+        return [1.0] * len(names)
+    order = ", ".join(f"{name} ({source})" for name, source in names)
+    try:
+        weights = [float(item) for item in split_list(value)]
+    except ValueError as error:
+        raise LoptError(
+            f"--reward_weights {value}: expected comma-separated numbers, one per reward function: {order}."
+        ) from error
+    if len(weights) != len(names):
+        raise LoptError(
+            f"--reward_weights {value} gives {len(weights)} weight(s) for {len(names)} reward function(s); pass one "
+            f"per function, in this order: {order}. (The format reward's weight is --format_reward_weight.)"
+        )
+    if not all(math.isfinite(w) for w in weights):
+        raise LoptError(f"--reward_weights {value}: every weight must be a finite number.")
+    return weights

@@ -264,6 +264,8 @@ def training_panel(state: DashboardState) -> Panel:
     _series_row(grid, "task loss" if k == 1 else f"task loss · block {k}", state.task_loss)
     for i, series in enumerate(state.aux_losses):
         _series_row(grid, f"recon loss · block {i + 1}", series)
+    if state.eval_task_loss.values():
+        _series_row(grid, "eval task loss", state.eval_task_loss)
     metrics = state.metrics
     if metrics is not None:
         grid.add_row("lr", f"{metrics.lr:.2e}", f"lr_k1 {metrics.lr_k1:.2e}" if k > 1 else "")

@@ -101,6 +101,7 @@ class DashboardState:
     metrics: StepMetrics | None = None  # the last logged step
     task_loss: Series = field(default_factory=Series)
     aux_losses: list[Series] = field(default_factory=list)  # one per non-final block
+    eval_task_loss: Series = field(default_factory=Series)  # the validations' (--eval_*), at the steps they ran
     recipe_series: dict[str, Series] = field(default_factory=dict)  # RL_SERIES columns the recipe logs
     completions: deque[Completion] = field(default_factory=lambda: deque(maxlen=COMPLETIONS_KEPT))
     events: deque[Event] = field(default_factory=lambda: deque(maxlen=EVENTS_KEPT))
@@ -158,6 +159,8 @@ class DashboardState:
         for series, value in zip(self.aux_losses, metrics.aux_loss, strict=False):
             if _finite(value):
                 series.put(metrics.step, value)
+        if _finite(metrics.eval_task_loss):
+            self.eval_task_loss.put(metrics.step, metrics.eval_task_loss)
         for name in RL_SERIES:
             if _finite(metrics.recipe.get(name)):
                 self.recipe_series.setdefault(name, Series()).put(metrics.step, metrics.recipe[name])
@@ -165,7 +168,7 @@ class DashboardState:
         self.peak_activation_bytes = max(self.peak_activation_bytes, metrics.activation_peak_bytes)
 
     def _rewind(self, step: int) -> None:
-        for series in (self.task_loss, *self.aux_losses, *self.recipe_series.values()):
+        for series in (self.task_loss, *self.aux_losses, self.eval_task_loss, *self.recipe_series.values()):
             series.rewind(step)
         self.step = step
 

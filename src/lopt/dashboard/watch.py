@@ -26,7 +26,7 @@ from lopt.dashboard.panels import ComparisonView, DashboardView
 from lopt.dashboard.state import DashboardState
 from lopt.errors import LoptError
 from lopt.training.callbacks import RunInfo
-from lopt.training.metrics import FIELDS, RECIPE_COLUMNS, StepMetrics
+from lopt.training.metrics import EVAL_FIELDS, FIELDS, RECIPE_COLUMNS, StepMetrics
 
 RECIPE_CONFIGS = {"sft": SFTConfig, "grpo": GRPOConfig, "dpo": DPOConfig}
 # A checkpoint is complete once this file is in it: training/checkpoint.py writes it last.
@@ -44,8 +44,9 @@ def step_metrics(row: dict) -> StepMetrics | None:
         return None
     if not isinstance(row["aux_loss"], list) or not all(isinstance(row[name], int | float) for name in NUMBER_FIELDS):
         return None
-    recipe = {name: value for name, value in row.items() if name not in FIELDS}
-    return StepMetrics(**{name: row[name] for name in FIELDS}, recipe=recipe)
+    recipe = {name: value for name, value in row.items() if name not in FIELDS and name not in EVAL_FIELDS}
+    validation = {name: row.get(name) for name in EVAL_FIELDS}  # absent from files older than validation
+    return StepMetrics(**{name: row[name] for name in FIELDS}, **validation, recipe=recipe)
 
 
 def recipe_of(args: dict, row: dict | None) -> str:

@@ -42,10 +42,11 @@ def tokenize_sft(
     ``prompt_format`` is ``"chat"`` (every record through the chat template) or ``"reference"``
     (Alpaca and text prompt/completion records as the reference implementation's plain text).
 
-    Returns ``(examples, stats)`` with ``stats = {"examples", "skipped_truncated", "tokens",
-    "trained_tokens"}``. Sequences longer than ``max_seq_length`` are cut at the end; an example
-    with no trained token left is skipped and counted in ``skipped_truncated``. Records are named
-    ``record <i>`` (0-based index into ``records``) in error messages.
+    Returns ``(examples, stats)`` with ``stats = {"examples", "truncated", "skipped_truncated", "tokens",
+    "trained_tokens"}``. Sequences longer than ``max_seq_length`` are cut at the end: a kept example
+    that was cut counts in ``truncated``, one with no trained token left is skipped and counted in
+    ``skipped_truncated``. Records are named ``record <i>`` (0-based index into ``records``) in error
+    messages.
     """
     if prompt_format not in PROMPT_FORMATS:
         raise unknown_choice("--prompt_format", prompt_format, PROMPT_FORMATS)
@@ -54,7 +55,7 @@ def tokenize_sft(
     if tokenizer.eos_token_id is None:
         raise LoptError("the tokenizer has no eos_token; set one so the model learns where an answer ends")
     fmt = detect_format(records[0])
-    examples, skipped, tokens, trained, fallbacks, chat = [], 0, 0, 0, 0, 0
+    examples, truncated, skipped, tokens, trained, fallbacks, chat = [], 0, 0, 0, 0, 0, 0
     for index, record in enumerate(records):
         where = f"record {index}"
         plain = to_reference_text(record, where=where, fmt=fmt) if prompt_format == "reference" else None
@@ -68,12 +69,14 @@ def tokenize_sft(
                 fallbacks += 1
                 segments = _final_turn_segments(tokenizer, messages)
         input_ids, labels = _ids_and_labels(tokenizer, segments)
+        cut = len(input_ids) > max_seq_length
         input_ids, labels = input_ids[:max_seq_length], labels[:max_seq_length]
         n_trained = sum(label != IGNORE_INDEX for label in labels)
         if n_trained == 0:
             skipped += 1
             continue
         examples.append({"input_ids": input_ids, "labels": labels})
+        truncated += cut
         tokens += len(input_ids)
         trained += n_trained
     if prompt_format == "reference" and chat:
@@ -96,7 +99,10 @@ def tokenize_sft(
             f"all {len(records)} examples were truncated away: no answer token fits in "
             f"--max_seq_length {max_seq_length}; raise --max_seq_length"
         )
-    stats = {"examples": len(examples), "skipped_truncated": skipped, "tokens": tokens, "trained_tokens": trained}
+    stats = {
+        "examples": len(examples), "truncated": truncated, "skipped_truncated": skipped, "tokens": tokens,
+        "trained_tokens": trained,
+    }  # fmt: skip
     return examples, stats
 
 

@@ -186,8 +186,12 @@ def _text(value: Any, where: str, field: str) -> str:
 def _message_list(value: Any, where: str, field: str) -> list[dict]:
     """Validate a list of {role, content} dicts; returns clean copies without extra keys."""
     if not isinstance(value, list):
+        # CSV cells are always text, so a conversation column read from a .csv file lands here.
+        csv_hint = (
+            "; a CSV cell holds only text: keep conversations in .jsonl or .parquet" if isinstance(value, str) else ""
+        )
         raise LoptError(
-            f"{where}: field {field!r} must be a list of {{role, content}} messages, got {_type_name(value)}"
+            f"{where}: field {field!r} must be a list of {{role, content}} messages, got {_type_name(value)}{csv_hint}"
         )
     messages = []
     for i, message in enumerate(value):

@@ -4,6 +4,8 @@ Epoch e visits the examples in a permutation drawn from `seed + e`, cut into glo
 `per_device * world_size` examples; process r takes its slice of each global batch. So one process
 with batch 4 sees, per step, exactly the examples that two processes with batch 2 see together, and
 a position (epoch, batch index) is all a resumed run needs to continue where it stopped.
+
+Validation visits every example once, in order, each process its share (`eval_batches`).
 """
 
 from __future__ import annotations
@@ -49,3 +51,13 @@ def batches_per_epoch(n_examples: int, per_device: int, world_size: int) -> int:
     if world_size > 1:
         return n_examples // (per_device * world_size)
     return -(-n_examples // per_device)
+
+
+def eval_batches(n_examples: int, per_device: int, world_size: int, rank: int) -> list[tuple[list[int], bool]]:
+    """This process's validation batches as (example indices, counted): every `world_size`-th example from `rank`
+    on, `per_device` at a time, so the processes see every example once between them. Every process gets as many
+    batches (a sharded model's forward is a collective); one whose share runs out first repeats its first example
+    (or the first one) in a batch that is not counted."""
+    mine = list(range(rank, n_examples, world_size))
+    share = -(-n_examples // world_size)  # the largest process's share
+    return [(mine[i : i + per_device] or mine[:1] or [0], i < len(mine)) for i in range(0, share, per_device)]

@@ -9,6 +9,9 @@ task is (its source, answer style, reward) is in lopt/tasks.py.
 from __future__ import annotations
 
 import logging
+import math
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +61,8 @@ def load_records(
     max_samples: int | None = None,
     seed: int = 0,
     select_samples: str = "first",
+    file_flag: str = "--train_file",
+    split_flag: str = "--split",
 ) -> list[dict]:
     """Load SFT records from one source.
 
@@ -66,13 +71,15 @@ def load_records(
     ``max_samples`` keeps N records: the first N (``select_samples="first"``) or N drawn after a
     shuffle seeded by ``seed`` (``"random"``); either way runs are reproducible. The generated
     ``gsm-symbolic`` preset makes exactly N random problems from ``seed`` whatever ``select_samples``
-    says. ``split`` and ``dataset_config`` only matter for hub datasets.
+    says. ``split`` picks the split of a hub dataset or of a saved DatasetDict folder; ``dataset_config`` only
+    matters for hub datasets. ``file_flag`` and ``split_flag`` name the flags that gave ``train_file`` and ``split``
+    in messages (--eval_file, --eval_split for the validation records).
     """
     if max_samples is not None and max_samples < 0:
         raise LoptError(f"--max_samples must be 0 or more (got {max_samples}); leave it out to keep every record")
     if train_file is not None:
-        _warn_ignored("--train_file", {"--dataset_name": dataset_name, "--dataset_preset": preset})
-        records, source = read_file(Path(train_file)), f"--train_file {train_file}"
+        _warn_ignored(file_flag, {"--dataset_name": dataset_name, "--dataset_preset": preset})
+        records, source = read_file(Path(train_file), split, file_flag, split_flag), f"{file_flag} {train_file}"
         records = select_records(records, max_samples, select_samples, seed)
     elif dataset_name is not None:
         _warn_ignored("--dataset_name", {"--dataset_preset": preset})
@@ -111,6 +118,70 @@ def _warn_ignored(chosen: str, others: dict[str, str | None]) -> None:
 _QUESTION_ANSWER_COLUMNS = (("question", "answer"), ("problem", "solution"), ("prompt", "answer"))
 
 
+def sft_records(config, **overrides) -> list[dict]:
+    """The records `lopt sft` trains on, from an SFT config's data flags (also what `lopt data preview` shows);
+    `overrides` replace arguments of `load_records` (`with_validation` reads the validation records so)."""
+    # The default preset yields to a file or hub dataset silently; an explicit one is reported as ignored. The
+    # validation file is read alone: the preset still gives the training records.
+    explicit_source = config.train_file or config.dataset_name
+    explicit_preset = "dataset_preset" in config.explicit and "train_file" not in overrides
+    preset = config.dataset_preset if explicit_preset or not explicit_source else None
+    return load_records(**{"preset": preset, **source_options(config), **overrides})
+
+
+def sft_data_is_generated(config) -> bool:
+    """Whether `lopt sft` trains on data generated offline (which has no splits to validate on)."""
+    preset = PRESETS.get(config.dataset_preset)
+    return not (config.train_file or config.dataset_name) and preset is not None and preset.hub_id is None
+
+
+# ---- validation records (--eval_file, --eval_split, --eval_ratio) -----------------------------------
+
+
+def hold_out(records: list[dict], ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(training, validation) records: ceil(ratio x N) of them (as datasets' train_test_split counts), drawn after a
+    shuffle seeded by `seed`, are held out; each record is in exactly one of the two, the training ones in order."""
+    count = math.ceil(ratio * len(records))
+    if count >= len(records):
+        raise LoptError(
+            f"--eval_ratio {ratio} holds out {count} of the {len(records)} training records and leaves none to train "
+            "on; lower it, add records (--max_samples), or validate on --eval_file."
+        )
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:count])
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def with_validation(config, load: Callable[..., list[dict]], generated: bool) -> tuple[list[dict], list[dict] | None]:
+    """(training records, validation records, None without --eval_file / --eval_split / --eval_ratio) of a run.
+
+    `load(**overrides)` reads the run's records with some of `load_records`' arguments replaced; `generated` says
+    that they are generated offline, where there is no other split to read. Validation files and splits are read
+    whole: --max_samples picks training records only (--eval_ratio holds out a fraction of those).
+    """
+    records = load()
+    if config.eval_ratio is not None:
+        return hold_out(records, config.eval_ratio, config.seed)
+    if config.eval_file is not None:
+        whole_file = {"train_file": config.eval_file, "dataset_name": None, "max_samples": None}
+        return records, load(**whole_file, file_flag="--eval_file")
+    if config.eval_split is not None:
+        if config.train_file is not None and not (Path(config.train_file) / "dataset_dict.json").is_file():
+            raise LoptError(
+                f"--eval_split {config.eval_split}: --train_file {config.train_file} holds one set of records, without "
+                "splits (a folder saved from a DatasetDict has them). Validate on --eval_file FILE or --eval_ratio R."
+            )
+        if generated:
+            raise LoptError(
+                f"--eval_split {config.eval_split}: the training data is generated offline and has no splits (another "
+                "split would be the same records). Validate on --eval_ratio R (held-out training records) or "
+                "--eval_file FILE, or train on --dataset_name / --train_file data that has this split."
+            )
+        return records, load(split=config.eval_split, max_samples=None, split_flag="--eval_split")
+    return records, None
+
+
 def grpo_records(
     task: str,
     *,
@@ -121,6 +192,8 @@ def grpo_records(
     max_samples: int | None = None,
     seed: int = 0,
     select_samples: str = "first",
+    file_flag: str = "--train_file",
+    split_flag: str = "--split",
 ) -> list[dict]:
     """GRPO prompts as ``{"prompt": [user message], "answer": gold final answer}`` records.
 
@@ -140,6 +213,8 @@ def grpo_records(
             max_samples=max_samples,
             seed=seed,
             select_samples=select_samples,
+            file_flag=file_flag,
+            split_flag=split_flag,
         )
     else:
         raw = spec.records(split, max_samples, seed, select_samples)
@@ -194,6 +269,8 @@ def dpo_records(
     max_samples: int | None = None,
     seed: int = 0,
     select_samples: str = "first",
+    file_flag: str = "--train_file",
+    split_flag: str = "--split",
 ) -> list[dict]:
     """Preference records with ``chosen`` and ``rejected`` (strings or conversations) and usually ``prompt``.
 
@@ -210,6 +287,8 @@ def dpo_records(
             max_samples=max_samples,
             seed=seed,
             select_samples=select_samples,
+            file_flag=file_flag,
+            split_flag=split_flag,
         )
         missing = {"chosen", "rejected"} - set(records[0])
         if missing:

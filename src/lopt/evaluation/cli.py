@@ -3,6 +3,9 @@
 Each evaluated folder gets an `eval.json` (the schema `evaluate_model` returns) that `lopt report`
 reads next to the run's training_args.json and metrics.jsonl. The starting model, for the retention
 baseline, is the one the run's training_args.json names (or `--base_model`).
+
+torch and the model code are imported by the functions that use them: `lopt eval --help` and a wrong flag
+need neither, and importing them takes seconds.
 """
 
 from __future__ import annotations
@@ -12,17 +15,18 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from rich.table import Table
 
 from lopt.errors import LoptError
-from lopt.evaluation.retention import DEFAULT_SOURCE, perplexity, relative_change, retention_text, token_windows
-from lopt.evaluation.task import load_task, task_accuracy, training_questions
 from lopt.keep_previous import keep_previous
-from lopt.models.registry import load_model_and_tokenizer
-from lopt.output import LOG_LEVELS, console, phase
+from lopt.models.lora import adapter_base_model, is_adapter_folder, saved_parameters
+from lopt.output import LOG_LEVELS, console, phase, plural
 from lopt.tasks import EVALUABLE_TASKS, get_task
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -47,16 +51,24 @@ def base_model_of(model: str, options: EvalOptions) -> str:
     args_file = Path(model) / "training_args.json"
     if args_file.is_file():
         return json.loads(args_file.read_text())["model_name_or_path"]
+    if is_adapter_folder(model):
+        return adapter_base_model(model)
     return model
 
 
 def _device() -> torch.device:
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _perplexity_of(name: str, options: EvalOptions, text: str) -> float:
+    from lopt.evaluation.retention import token_windows
+    from lopt.models.registry import load_model_and_tokenizer
+
     try:
-        model, tokenizer = load_model_and_tokenizer(name, device=_device())
+        what = "--base_model" if options.base_model else "the starting model"
+        model, tokenizer = load_model_and_tokenizer(name, device=_device(), what=what)
     except LoptError as error:  # e.g. a training_args.json written on another machine names a path not here
         raise LoptError(
             f"cannot load the starting model {name!r} for the retention baseline: {error}\n"
@@ -67,6 +79,8 @@ def _perplexity_of(name: str, options: EvalOptions, text: str) -> float:
 
 
 def _measured_perplexity(model, windows: torch.Tensor, batch_size: int, whose: str) -> float:
+    from lopt.evaluation.retention import perplexity
+
     with phase(f"perplexity of {whose} on {windows.numel():,} tokens of general text") as measuring:
         value = perplexity(model, windows, batch_size=batch_size)
         measuring.result = f"{value:.2f}"
@@ -86,18 +100,24 @@ def evaluate_model(
     `base_perplexities` caches the starting models' perplexities across calls (several runs usually
     share one starting model, and its perplexity is the costliest part of retention).
     """
+    from lopt.evaluation.retention import DEFAULT_SOURCE, relative_change, retention_text, token_windows
+    from lopt.evaluation.task import load_task, task_accuracy, training_questions
+    from lopt.models.registry import load_model_and_tokenizer
+
     if options.harness and not Path(model).is_dir():
         raise LoptError(f"--harness runs on a saved model folder; {model!r} is not one.")
     base_perplexities = {} if base_perplexities is None else base_perplexities
     start = time.perf_counter()
     base = base_model_of(model, options)
     result: dict = {"model": str(model), "base_model": base}
-    net, tokenizer = load_model_and_tokenizer(model, device=_device())
+    if is_adapter_folder(model):
+        result["adapter_parameters"] = saved_parameters(Path(model))
+    net, tokenizer = load_model_and_tokenizer(model, device=_device(), what="MODEL_DIR")
     if options.eval_samples > 0:
         run = Path(heldout_from or model)
         exclude = training_questions(run) if run.is_dir() else set()
         records = load_task(options.task, options.eval_samples, exclude)
-        with phase(f"answering {len(records)} held-out {options.task} problems") as answering:
+        with phase(f"answering {plural(len(records), 'held-out ' + options.task + ' problem')}") as answering:
             scores = task_accuracy(
                 net, tokenizer, records, batch_size=options.batch_size, max_new_tokens=options.max_new_tokens,
                 style=get_task(options.task).style,
@@ -163,6 +183,8 @@ def results_table(rows: list[tuple[str, dict]], title: str = "lopt eval") -> Tab
         accuracy = f"{r['accuracy']:.1%} ({r['correct']}/{r['n']})" if "accuracy" in r else "-"
         ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "-"
         harness = [f"{r.get('harness', {}).get(t, {}).get(m, float('nan')):.3f}" for t, m in harness_cols]
+        if "adapter_parameters" in r:  # a LoRA folder: what it trained is what it holds
+            name = f"{name} (LoRA adapter, {r['adapter_parameters']:,} trained parameters)"
         table.add_row(name, accuracy, ppl, _percent(r.get("retention_change")), *harness)
     return table
 
@@ -175,20 +197,32 @@ def main(argv: list[str] | None = None) -> None:
         "--task",
         default=defaults.task,
         choices=EVALUABLE_TASKS,
-        help="gsm-symbolic: generated offline, minus the run's training questions; gsm8k: test split (hub)",
+        help="gsm-symbolic: generated offline, minus the run's training questions; gsm8k: test split (hub) "
+        "(default: %(default)s)",
     )
-    parser.add_argument("--eval_samples", type=int, default=defaults.eval_samples, help="problems to solve (0: skip)")
-    parser.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens, help="answer length limit")
-    parser.add_argument("--batch_size", type=int, default=defaults.batch_size, help="sequences per forward")
+    parser.add_argument(
+        "--eval_samples", type=int, default=defaults.eval_samples,
+        help="problems to solve (0: skip task accuracy) (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max_new_tokens", type=int, default=defaults.max_new_tokens,
+        help="answer length limit, in tokens (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch_size", type=int, default=defaults.batch_size, help="sequences per forward (default: %(default)s)"
+    )
     parser.add_argument(
         "--retention_file", help="UTF-8 text for perplexity (default: reasoning-gym's Gutenberg novella)"
     )
-    parser.add_argument("--retention_window", type=int, default=defaults.retention_window, help="tokens per window")
+    parser.add_argument(
+        "--retention_window", type=int, default=defaults.retention_window,
+        help="tokens per window (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument(
         "--retention_windows",
         type=int,
         default=defaults.retention_windows,
-        help="number of windows (0: skip retention)",
+        help="number of windows (0: skip retention) (default: %(default)s)",
     )
     parser.add_argument(
         "--base_model", help="starting model for the retention baseline (default: training_args.json's)"
@@ -196,10 +230,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--harness",
         default="",
-        help="comma-separated lm-eval tasks, e.g. mmlu,arc_challenge,hellaswag,winogrande,truthfulqa_mc2,gsm8k,ifeval",
+        help="comma-separated lm-eval tasks, e.g. mmlu,arc_challenge,hellaswag,winogrande,truthfulqa_mc2,gsm8k,ifeval "
+        "(default: none)",
     )
-    parser.add_argument("--harness_include", help="folder of extra lm-eval task YAMLs")
-    parser.add_argument("--harness_limit", type=int, help="at most N documents per harness task")
+    parser.add_argument("--harness_include", help="folder of extra lm-eval task YAMLs (default: none)")
+    parser.add_argument("--harness_limit", type=int, help="at most N documents per harness task (default: all)")
     parser.add_argument(
         "--log_level", default="info", choices=LOG_LEVELS,
         help="info: lopt's phases, libraries quiet; debug: also every library's bars and logs (default: info)",

@@ -55,7 +55,7 @@ def run_harness(
     results = simple_evaluate(
         # float32 on CPU (bf16 matmuls are slow there); on a GPU the dtype the checkpoint was saved in.
         model="hf",
-        model_args={"pretrained": str(model_dir), "dtype": "float32" if device == "cpu" else "auto"},
+        model_args=_model_args(model_dir, device),
         tasks=tasks,
         task_manager=_task_manager(tasks, include_path),
         limit=limit,
@@ -71,3 +71,14 @@ def run_harness(
         }
         for task, scores in results["results"].items()
     }
+
+
+def _model_args(model_dir, device: str) -> dict:
+    """lm-eval's HF model arguments; a LoRA adapter folder goes in as `peft` on the base it names."""
+    from lopt.models.lora import adapter_base_model, is_adapter_folder
+    from lopt.models.registry import resolve_model
+
+    args = {"pretrained": str(model_dir), "dtype": "float32" if device == "cpu" else "auto"}
+    if is_adapter_folder(model_dir):
+        args.update(pretrained=resolve_model(adapter_base_model(model_dir)), peft=str(model_dir))
+    return args

@@ -9,6 +9,8 @@ With local backward the second hook also runs the block's backward on the spot, 
 activations are freed before the next block runs: peak activation memory is that of one block.
 
 `num_blocks=1` is end-to-end training: no boundary, no head, the model as it is.
+The model may carry LoRA adapters (a peft `PeftModel`, models/lora.py): the hooks sit on the same
+decoder layers, so each block's adapters learn from that block's objective.
 `early_blocks="frozen"` is the ablation that separates local reconstruction from merely freezing
 the bottom of the model: the boundaries stay, the non-final blocks and embeddings are not trained.
 """
@@ -26,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lopt.errors import LoptError, unknown_choice
 from lopt.models.adapters import model_parts
+from lopt.models.lora import merged
 
 BackwardFn = Callable[[torch.Tensor], None]
 EARLY_BLOCK_MODES = ("recon", "frozen")
@@ -76,6 +79,7 @@ class _BoundaryStep:
     backward: BackwardFn | None  # local backward: run each block's backward on the spot; None: joint
     aux_weight: float  # weight of one block's local loss in the step objective
     token_mask: torch.Tensor | None  # [batch, seq], 1 for real tokens: padding takes no part in the local loss
+    measure: bool = False  # validation: compute the local losses without gradients too
     losses: list[torch.Tensor] = field(default_factory=list)
     block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -102,8 +106,8 @@ class LocalLearningLM(nn.Module):
         super().__init__()
         if early_blocks not in EARLY_BLOCK_MODES:
             raise unknown_choice("--early_blocks", early_blocks, EARLY_BLOCK_MODES)
-        self.model = model
-        self.parts = model_parts(model)
+        self.model = model  # a transformers causal LM, or a PeftModel around one
+        self.parts = model_parts(self.base_model)
         self.blocks = split_blocks(len(self.parts.layers), num_blocks)
         self.lambda_aux = lambda_aux
         self.early_blocks = early_blocks
@@ -128,8 +132,17 @@ class LocalLearningLM(nn.Module):
         return len(self.blocks)
 
     @property
+    def base_model(self) -> nn.Module:
+        """The transformers model: `model` itself, or the one its LoRA adapters were added to."""
+        return self.model.get_base_model() if self.uses_adapters else self.model
+
+    @property
+    def uses_adapters(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+    @property
     def config(self):
-        return self.model.config
+        return self.base_model.config
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """'final': what the task loss trains (final block, final norm, LM head); 'early': the rest.
@@ -148,15 +161,17 @@ class LocalLearningLM(nn.Module):
 
     def _untie_embeddings(self) -> None:
         # With tied weights the LM head (trained by the task loss) would also be the input embedding
-        # (trained locally by block 1), so the task gradient would cross the first boundary.
-        text_config = (
-            self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
-        )
+        # (trained locally by block 1), so the task gradient would cross the first boundary. A frozen
+        # tied matrix (LoRA freezes both) gets no gradient at all: untying it would only add a copy.
         head, embed = self.parts.lm_head, self.parts.embeddings[0]
+        if not (head.weight.requires_grad or embed.weight.requires_grad):
+            return
+        config = self.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         if head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr():
             head.weight = nn.Parameter(embed.weight.detach().clone())
         text_config.tie_word_embeddings = False
-        self.model.config.tie_word_embeddings = False
+        config.tie_word_embeddings = False
 
     def _freeze_early_blocks(self) -> None:
         early = list(self.parts.embeddings) + [self.parts.layers[i] for b in self.blocks[:-1] for i in b]
@@ -164,16 +179,23 @@ class LocalLearningLM(nn.Module):
             module.requires_grad_(False)
 
     # ---- hooks -----------------------------------------------------------------------------------
+    def _active_step(self) -> _BoundaryStep | None:
+        """The step a forward belongs to; forwards without gradients inside a training step (a reference model's,
+        a generation's) take no part in it, unless the step measures (validation)."""
+        step = self._step
+        return step if step is not None and (step.measure or torch.is_grad_enabled()) else None
+
     def _record_block_input(self, block: int, module, args, kwargs):
-        if self._step is not None and self.aux_heads and torch.is_grad_enabled():
-            self._step.block_inputs[block] = _first_hidden(args, kwargs)
+        step = self._active_step()
+        if step is not None and self.aux_heads:
+            step.block_inputs[block] = _first_hidden(args, kwargs)
         return None
 
     def _close_block(self, block: int, module, args, output):
-        if not torch.is_grad_enabled():
+        step = self._active_step()
+        if step is None and not torch.is_grad_enabled():
             return None
         hidden = _hidden_of(output)
-        step = self._step
         if step is not None and self.aux_heads:
             target = step.block_inputs.pop(block).detach()
             loss = self._reconstruction_loss(block, hidden, target, step.token_mask)
@@ -199,16 +221,21 @@ class LocalLearningLM(nn.Module):
 
     @contextlib.contextmanager
     def boundary_step(
-        self, backward: BackwardFn | None, aux_weight: float, token_mask: torch.Tensor | None = None
+        self,
+        backward: BackwardFn | None,
+        aux_weight: float,
+        token_mask: torch.Tensor | None = None,
+        measure: bool = False,
     ) -> Iterator[list[torch.Tensor]]:
         """Within this context a forward computes the local losses, yielded as a list (one per block).
 
         With `backward` given (local mode) each block's weighted loss is back-propagated as soon as the
         block has run and the list holds detached values; with None (joint mode) the losses keep their
         graphs and the caller adds them to the task loss. `token_mask` (the attention mask) keeps
-        padding out of the local losses.
+        padding out of the local losses. `measure` (validation, under torch.no_grad) computes the local losses
+        of forwards without gradients too, with no backward.
         """
-        self._step = _BoundaryStep(backward=backward, aux_weight=aux_weight, token_mask=token_mask)
+        self._step = _BoundaryStep(backward=backward, aux_weight=aux_weight, token_mask=token_mask, measure=measure)
         try:
             yield self._step.losses
         finally:
@@ -238,8 +265,19 @@ class LocalLearningLM(nn.Module):
             if not isinstance(layer.forward, functools.partial):
                 layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
+    def merge_adapters(self) -> None:
+        """Fold the LoRA adapters into the base weights, so the model saves as a plain checkpoint (--merge_lora).
+        For the end of training: the adapters are gone afterwards."""
+        if self.uses_adapters:
+            self.model = merged(self.model)
+
     def save_pretrained(self, output_dir, tokenizer=None) -> None:
-        """A plain Hugging Face checkpoint: the wrapped model only, never the reconstruction heads."""
-        self.model.save_pretrained(output_dir, safe_serialization=True)
+        """A plain Hugging Face checkpoint (with adapters: peft's adapter folder): the wrapped model only,
+        never the reconstruction heads. Only the trained adapter is saved: TRL's DPO adds a frozen copy
+        of it as the reference, which is no part of the result."""
+        if self.uses_adapters:
+            self.model.save_pretrained(output_dir, selected_adapters=[self.model.active_adapter])
+        else:
+            self.model.save_pretrained(output_dir, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lopt.errors import LoptError, did_you_mean
+from lopt.models.lora import is_adapter_folder
 from lopt.output import phase
 
 if TYPE_CHECKING:
@@ -189,18 +190,26 @@ def _hub_reachable(repo_id: str) -> bool:
     return True
 
 
-def resolve_model(name_or_path: str) -> str:
-    """What `from_pretrained` should get for `--model_name_or_path`.
+def _known_models() -> str:
+    """How to name a model lopt can load, said after every "cannot find that model" error."""
+    return (
+        f"Pass a local model folder, a hub id you can reach (org/name), or an alias lopt knows: {', '.join(ALIASES)}; "
+        f"offline, '{DEFAULT_MODEL}' always works."
+    )
+
+
+def resolve_model(name_or_path: str, what: str = "--model_name_or_path") -> str:
+    """What `from_pretrained` should get for `--model_name_or_path`; `what` names the argument in errors.
 
     In order: an existing local path (must be a model folder); an alias (case-insensitive); the hub id
     of the embedded model, which falls back to the embedded copy when it is not in the local hub cache
-    and the hub cannot be reached; any other string containing "/" as a hub id.
+    and the hub cannot be reached; any other string containing "/" that is a valid hub id.
     """
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise LoptError(
-                f"--model_name_or_path {name_or_path!r} exists but is not a model folder: expected a "
+                f"{what} {name_or_path!r} exists but is not a model folder: expected a "
                 "directory with config.json and the weights (a Hugging Face checkpoint, such as a lopt "
                 "output_dir or one of its checkpoint-N folders)."
             )
@@ -229,10 +238,19 @@ def resolve_model(name_or_path: str) -> str:
         return str(embedded)
 
     if "/" in name_or_path:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(name_or_path)
+        except HFValidationError:  # a path that is not there (./nope, a/b/c): huggingface_hub's id rules say nothing
+            raise LoptError(
+                f"{what} {name_or_path!r}: no such folder, and not a Hugging Face hub id either (a hub id is "
+                f"org/name, of letters, digits, '-', '_' and '.'). {_known_models()}"
+            ) from None
         return name_or_path
 
     raise LoptError(
-        f"Unknown model alias {name_or_path!r} for --model_name_or_path; choose one of: "
+        f"Unknown model alias {name_or_path!r} for {what} (and no such folder); choose one of: "
         f"{', '.join(ALIASES)}, or pass a local path or a Hugging Face hub id (org/name)."
         f"{did_you_mean(name_or_path.lower(), ALIASES)}"
     )
@@ -248,48 +266,91 @@ def load_model_and_tokenizer(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
+    quantization=None,
+    what: str = "--model_name_or_path",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Resolve `name_or_path` and load `(model, tokenizer)`; the model is a causal LM in eval mode."""
-    resolved = resolve_model(name_or_path)
-    described = _describe(name_or_path, resolved)
-    with phase(f"loading {described}") as loading:
-        model, tokenizer = _load(resolved, described, dtype, trust_remote_code)
-        parameters = sum(p.numel() for p in model.parameters())
-        count = f"{parameters / 1e6:,.0f}M" if parameters >= 1e6 else f"{parameters:,}"
-        loading.result = f"{model.config.model_type}, {count} parameters, {str(dtype).removeprefix('torch.')}"
-    if device is not None:
+    """Resolve `name_or_path` and load `(model, tokenizer)`; the model is a causal LM in eval mode.
+
+    A LoRA adapter folder (peft's adapter_config.json) loads its base model, named in that file, with
+    the adapter merged in: a plain model, for evaluation and generation. `quantization` is a
+    transformers quantization config (QLoRA's BitsAndBytesConfig). `what` names the argument that gave
+    `name_or_path` in errors (a flag, or a positional such as eval's MODEL_DIR).
+    """
+    if is_adapter_folder(name_or_path):
+        return _load_adapter_folder(Path(name_or_path).expanduser(), dtype, trust_remote_code, device)
+    resolved = resolve_model(name_or_path, what)
+    described = f"{what} {_describe(name_or_path, resolved)}"
+    with phase(f"loading {_describe(name_or_path, resolved)}") as loading:
+        model, tokenizer = _load(resolved, described, dtype, trust_remote_code, quantization)
+        loading.result = f"{model.config.model_type}, {_count(model)} parameters, {str(dtype).removeprefix('torch.')}"
+    if device is not None and quantization is None:  # bitsandbytes places quantized weights itself
         model.to(device)
     model.eval()
     return model, tokenizer
 
 
-def _load(resolved: str, described: str, dtype: torch.dtype, trust_remote_code: bool):
+def _count(model) -> str:
+    parameters = sum(p.numel() for p in model.parameters())
+    return f"{parameters / 1e6:,.0f}M" if parameters >= 1e6 else f"{parameters:,}"
+
+
+def _load_adapter_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, device):
+    """Base model + the LoRA adapter in `folder`, merged; the folder's own tokenizer when it has one."""
+    from transformers import AutoTokenizer
+
+    from lopt.models.lora import adapter_base_model, adapter_parameters, load_adapter, merged
+
+    base, tokenizer = load_model_and_tokenizer(
+        adapter_base_model(folder), dtype=dtype, trust_remote_code=trust_remote_code, device=device,
+        what=f"the base model of the adapter {folder} (adapter_config.json's base_model_name_or_path)",
+    )  # fmt: skip
+    with phase(f"adding the LoRA adapter {folder}") as loading:
+        adapted = load_adapter(base, folder, trainable=False)
+        loading.result = f"{adapter_parameters(adapted):,} adapter parameters, merged into the base"
+        model = merged(adapted)
+    if (folder / "tokenizer_config.json").is_file():
+        tokenizer = _with_pad_token(AutoTokenizer.from_pretrained(folder), str(folder))
+    model.eval()
+    return model, tokenizer
+
+
+def _load(resolved: str, described: str, dtype: torch.dtype, trust_remote_code: bool, quantization=None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     except OSError as err:  # not on the hub, gated, or the hub is unreachable and it is not cached
+        if Path(resolved).exists():  # a local folder with a config.json transformers cannot read
+            raise LoptError(f"Cannot load the model config of {described}: {err}") from err
+        why = (
+            "the hub is offline (HF_HUB_OFFLINE is set) and it is not in the local Hugging Face cache"
+            if _hub_offline()
+            else f"not found, or the hub cannot be reached: {err}"
+        )
         raise LoptError(
-            f"Cannot load the model config for --model_name_or_path {described}: {err}\n"
-            f"Pass a local model folder, a hub id you can reach, or an alias ({', '.join(ALIASES)}); "
-            f"offline, '{DEFAULT_MODEL}' always works."
+            f"{described}: no such folder, and not a hub id that can be reached ({why}).\n{_known_models()}"
         ) from err
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            resolved, config=config, dtype=dtype, trust_remote_code=trust_remote_code
+            resolved, config=config, dtype=dtype, trust_remote_code=trust_remote_code, quantization_config=quantization
         )
     except ValueError as err:
         if "Unrecognized configuration class" not in str(err):
             raise
         architectures = ", ".join(getattr(config, "architectures", None) or []) or "none listed"
         raise LoptError(
-            f"--model_name_or_path {described} is not a causal language model: "
+            f"{described} is not a causal language model: "
             f"model_type '{config.model_type}', architectures: {architectures}. lopt needs a decoder-only "
             "causal LM (Llama, Qwen2, Qwen3, Mistral, GPT-2)."
         ) from None
 
     tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    return model, _with_pad_token(tokenizer, resolved)
+
+
+def _with_pad_token(tokenizer, resolved: str):
+    """`tokenizer`, padding with its eos token when it has no pad token (said once, on stderr)."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise LoptError(
@@ -302,4 +363,4 @@ def _load(resolved: str, described: str, dtype: torch.dtype, trust_remote_code: 
             f"{tokenizer.eos_token!r} for padding",
             file=sys.stderr,
         )
-    return model, tokenizer
+    return tokenizer

@@ -7,6 +7,7 @@ methods below, in this order, and never names a backend:
 
     prepare_model -> (optimizer built) -> prepare_optimizer -> [load_state on resume]
     per step: autocast { forward_backward(backward=..., lm_head_context=...) } -> step
+    per validation: autocast { evaluate(lm_head_context=...) } -> end_evaluation
     per checkpoint: full_state, save_state, state_dict        at the end: full_state
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from lopt.errors import LoptError
 from lopt.models.local_learning import LocalLearningLM
 
 # check(grad_norm, step_taken=...): raises before (or, with step_taken, right after) a step on non-finite values
@@ -51,6 +53,9 @@ class ParallelBackend:
         """Entered around the task loss and its backward (ZeRO-3 gathers the LM head there)."""
         return nullcontext()
 
+    def end_evaluation(self, model: LocalLearningLM) -> None:
+        """After a validation's forwards, which run no backward (FSDP2 reshards what they left gathered)."""
+
     def step(self, model: LocalLearningLM, optimizer: torch.optim.Optimizer, check: FiniteCheck) -> float:
         """Reduce the window's gradients over processes, clip, `check`, apply, zero; return the norm before clipping."""
         raise NotImplementedError
@@ -75,6 +80,27 @@ class ParallelBackend:
     ) -> None:
         """Resume: refuse a checkpoint this launch cannot restore, then restore the optimizer (and scaler)."""
         raise NotImplementedError
+
+
+def adapters_sharded_error(backend_name: str) -> LoptError:
+    return LoptError(
+        f"--use_peft under {backend_name}: lopt's adapter checkpoints are not shard-aware, and sharding a frozen base "
+        "with small adapters saves little; launch with torchrun (data parallel, configs/accelerate_multi_gpu.yaml), "
+        "or train without --use_peft under this config."
+    )
+
+
+def refuse_unsharded_extras(config, backend_name: str) -> None:
+    """What the sharded backends (FSDP2, ZeRO) refuse at construction: LoRA adapters and the KL reference model
+    are data-parallel only (the replicated backend, torchrun)."""
+    if config.use_peft:
+        raise adapters_sharded_error(backend_name)
+    if getattr(config, "kl_beta", 0.0) > 0:
+        raise LoptError(
+            f"--kl_beta under {backend_name}: the frozen starting model would be a full unsharded copy on every "
+            "process, which defeats the sharding; launch with torchrun (data parallel), where --use_peft makes the "
+            "reference the base model with the adapters disabled, at no extra weights."
+        )
 
 
 class GatheredModel:

@@ -35,7 +35,7 @@ from lopt.config import SFTConfig
 from lopt.errors import LoptError, unsupported_setting
 from lopt.models.local_learning import LocalLearningLM
 from lopt.parallel import distributed
-from lopt.parallel.backend import FiniteCheck, FullState, ParallelBackend, split_full_weights
+from lopt.parallel.backend import FiniteCheck, FullState, ParallelBackend, refuse_unsharded_extras, split_full_weights
 
 ZERO_CONFIGS = "configs/accelerate_deepspeed_zero2.yaml or configs/accelerate_deepspeed_zero3.yaml"
 ENGINE_FOLDER = "deepspeed"  # inside checkpoint-N/: DeepSpeed's partitioned optimizer state
@@ -181,6 +181,7 @@ class DeepSpeedBackend(ParallelBackend):
         super().__init__(device)
         self.settings, self.config, self.extra_config = settings, config, extra_config or {}
         self.name = f"DeepSpeed ZeRO-{settings.stage}"
+        refuse_unsharded_extras(config, self.name)
         self.engine = self.model = None
 
     def prepare_optimizer(self, model: LocalLearningLM, optimizer: torch.optim.Optimizer) -> None:

@@ -17,6 +17,9 @@ Why these FSDP units, with local backward running one `backward()` per block *in
 Losses are already normalized by the global token count (step.py), so gradients are summed across
 processes, not averaged: every unit reduces with a divide factor of 1.
 
+A validation runs the same forward without a backward, so the units it leaves gathered (the final norm
+and LM head) are resharded after it (`reshard`): the optimizer and saving expect every parameter sharded.
+
 Saving gathers full tensors to the main process (plain Hugging Face folders, as without FSDP), and
 checkpoints hold the full optimizer state keyed by parameter name, so a run can resume on any number
 of processes, sharded or not.
@@ -44,7 +47,7 @@ from lopt.config import SFTConfig
 from lopt.errors import LoptError, unsupported_setting
 from lopt.models.local_learning import LocalLearningLM
 from lopt.parallel import distributed
-from lopt.parallel.backend import FullState, split_full_weights
+from lopt.parallel.backend import FullState, refuse_unsharded_extras, split_full_weights
 from lopt.parallel.replicated import ReplicatedBackend
 
 FSDP2_CONFIG = "configs/accelerate_fsdp2.yaml"
@@ -182,6 +185,13 @@ def shard_model(model: LocalLearningLM, settings: FSDPSettings, device: torch.de
             module.set_force_sum_reduction_for_comms(True)  # a plain sum, which every backend (gloo too) has
 
 
+def reshard(model: nn.Module) -> None:
+    """Free every unit's gathered parameters and register the shards again, as the end of a backward does."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def local_parameters(model: nn.Module) -> list[torch.Tensor]:
     """This process's parameter tensors: the shards under FSDP.
 
@@ -202,6 +212,7 @@ class FSDPBackend(ReplicatedBackend):
 
     def __init__(self, device: torch.device, config: SFTConfig, settings: FSDPSettings):
         super().__init__(device, config)
+        refuse_unsharded_extras(config, self.name)
         self.settings = settings
 
     def prepare_model(self, model: LocalLearningLM) -> None:
@@ -209,6 +220,9 @@ class FSDPBackend(ReplicatedBackend):
 
     def reduce_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
         pass  # FSDP has already summed the gradients into each shard
+
+    def end_evaluation(self, model: LocalLearningLM) -> None:
+        reshard(model)
 
     def local_parameters(self, model: LocalLearningLM) -> list[torch.Tensor]:
         return local_parameters(model)

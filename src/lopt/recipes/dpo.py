@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lopt.config import DPOConfig
-from lopt.data.presets import dpo_records, source_options
+from lopt.data.presets import dpo_records, source_options, with_validation
 from lopt.errors import LoptError
+from lopt.output import plural
 from lopt.training.callbacks import Callback
 from lopt.training.run import build_model
 from lopt.training.trl_integration import (
@@ -22,6 +23,7 @@ from lopt.training.trl_integration import (
     add_lopt_callbacks,
     run_trl_recipe,
     trl_arguments,
+    validation_arguments,
 )
 
 # metrics.jsonl columns that DPO adds to the contract (training/metrics.py), and the TRL log keys they come from
@@ -47,12 +49,18 @@ def build_dpo_trainer(config: DPOConfig, out: Path, callbacks: Sequence[Callback
     class LoptDPOTrainer(LoptTrainerMixin, DPOTrainer):
         pass
 
+    # before the model: a wrong --train_file, --eval_file or dataset fails without the load's wait
+    def load(**overrides):
+        return dpo_records(config.dataset_preset, **{**source_options(config), **overrides})
+
+    # the presets are generated offline: only a --train_file or --dataset_name has other splits
+    records, eval_records = with_validation(config, load, generated=not (config.train_file or config.dataset_name))
     set_seed(config.seed)  # before the heads are initialized
     args = trl_arguments(
-        TRLDPOConfig, config, beta=config.beta, loss_type=config.loss_type, max_length=config.max_seq_length
-    )
+        TRLDPOConfig, config, beta=config.beta, loss_type=config.loss_type, max_length=config.max_seq_length,
+        **validation_arguments(config, DPO_METRICS),
+    )  # fmt: skip
     wrapper, tokenizer = build_model(config, args.device)  # accelerate's device: this process's GPU, else CPU
-    records = dpo_records(config.dataset_preset, **source_options(config))
     if _is_conversation(records[0]["chosen"]) and not tokenizer.chat_template:
         raise LoptError(
             f"the DPO data is in chat format but the tokenizer of {config.model_name_or_path} has no chat template; "
@@ -63,6 +71,7 @@ def build_dpo_trainer(config: DPOConfig, out: Path, callbacks: Sequence[Callback
             model=wrapper.model,
             args=args,
             train_dataset=datasets.Dataset.from_list(records),
+            eval_dataset=datasets.Dataset.from_list(eval_records) if eval_records is not None else None,
             processing_class=tokenizer,
             lopt=wrapper,
             backward=config.backward,
@@ -71,11 +80,12 @@ def build_dpo_trainer(config: DPOConfig, out: Path, callbacks: Sequence[Callback
         )
     except (ValueError, ImportError) as error:  # TRL's checks of the settings and the data
         raise LoptError(f"TRL's DPOTrainer rejected these settings or data: {error}") from error
-    if len(trainer.train_dataset) == 0:  # TRL drops pairs whose prompt alone fills max_length
-        raise LoptError(
-            f"every prompt is at least --max_seq_length {config.max_seq_length} tokens long, so no answer token is "
-            "left to train on; raise --max_seq_length."
-        )
+    for data, what in ((trainer.train_dataset, "train on"), (trainer.eval_dataset, "validate on")):
+        if data is not None and len(data) == 0:  # TRL drops pairs whose prompt alone fills max_length
+            raise LoptError(
+                f"every prompt is at least --max_seq_length {config.max_seq_length} tokens long, so no answer token "
+                f"is left to {what}; raise --max_seq_length."
+            )
     add_lopt_callbacks(trainer, "dpo", DPO_METRICS, config.resume_from_checkpoint is not None, callbacks)
     return trainer
 
@@ -85,5 +95,5 @@ def run_dpo(config: DPOConfig, callbacks: Sequence[Callback] = ()) -> TRLRunResu
         "dpo",
         config,
         functools.partial(build_dpo_trainer, callbacks=callbacks),
-        lambda trainer: f"{len(trainer.train_dataset)} pairs | beta {config.beta}, loss {config.loss_type}",
+        lambda trainer: f"{plural(len(trainer.train_dataset), 'pair')} | beta {config.beta}, loss {config.loss_type}",
     )

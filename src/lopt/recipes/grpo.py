@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from lopt.config import GRPOConfig
 from lopt.data.collate import build_prompt
-from lopt.data.presets import grpo_records, source_options
+from lopt.data.presets import grpo_records, source_options, with_validation
 from lopt.errors import LoptError
-from lopt.output import console
-from lopt.rewards import completion_text, format_reward
-from lopt.tasks import get_task
+from lopt.rewards import check_reward_arguments, completion_text
+from lopt.tasks import get_task, grpo_rewards
 from lopt.training.callbacks import Callback
 from lopt.training.run import build_model
 from lopt.training.trl_integration import (
@@ -27,7 +28,10 @@ from lopt.training.trl_integration import (
     add_lopt_callbacks,
     run_trl_recipe,
     trl_arguments,
+    validation_arguments,
 )
+
+logger = logging.getLogger(__name__)
 
 # metrics.jsonl columns that GRPO adds to the contract (training/metrics.py), and the TRL log keys they come from
 GRPO_METRICS = {
@@ -48,20 +52,24 @@ def _make_trainer_class():
 
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-            if self.completions_path is not None and self.accelerator.is_main_process:
+            # the training completions only: validation samples its own, which no step trains on
+            if self.completions_path is not None and self.accelerator.is_main_process and self.model.training:
                 # the rewards are gathered over processes; this process's rows come at its offset
                 mine = rewards[self.accelerator.process_index * len(prompts) :][: len(prompts)].tolist()
                 weights = self.reward_weights.tolist()
                 with self.completions_path.open("a") as fh:
                     for prompt, completion, row in zip(prompts, completions, mine, strict=True):
+                        # a reward function returns None where it does not apply: TRL makes it NaN and leaves
+                        # it out of the weighted sum; JSON has no NaN, so it is written as null
+                        scores = [None if math.isnan(r) else r for r in row]
                         fh.write(
                             json.dumps(
                                 {
                                     "step": self.state.global_step + 1,  # the first step that trains on them
                                     "prompt": completion_text(prompt),
                                     "completion": completion_text(completion),
-                                    "rewards": dict(zip(self.reward_func_names, row, strict=True)),
-                                    "reward": sum(w * r for w, r in zip(weights, row, strict=True)),
+                                    "rewards": dict(zip(self.reward_func_names, scores, strict=True)),
+                                    "reward": sum(w * r for w, r in zip(weights, scores, strict=True) if r is not None),
                                 }
                             )
                             + "\n"
@@ -79,16 +87,25 @@ def _prompt_length(tokenizer, prompt) -> int:
 def prepare_prompts(records: list[dict], tokenizer, max_prompt_length: int) -> list[dict]:
     """Drop prompts longer than `max_prompt_length` tokens (a cut question cannot be answered), and
     render them as text when the tokenizer has no chat template (TRL renders conversations itself)."""
-    kept = [r for r in records if _prompt_length(tokenizer, r["prompt"]) <= max_prompt_length]
+    lengths = [_prompt_length(tokenizer, r["prompt"]) for r in records]
+    kept = [r for r, length in zip(records, lengths, strict=True) if length <= max_prompt_length]
+    longest = max(lengths)
+    keep_all = (
+        f"Pass --max_prompt_length {longest} to keep them all (lopt skips a long prompt rather than cut it: a cut "
+        "question cannot be answered)."
+    )
+    # counted as the model sees them: the chat template's system prompt can be most of a short question
     if not kept:
         raise LoptError(
-            f"every prompt is longer than --max_prompt_length {max_prompt_length} tokens; raise --max_prompt_length"
+            f"all {len(records)} prompts are longer than --max_prompt_length {max_prompt_length} tokens (prompt "
+            f"template included): the shortest has {min(lengths)}, the longest {longest}. {keep_all}"
         )
     if len(kept) < len(records):
-        console.print(
-            f"skipped {len(records) - len(kept)} of {len(records)} prompts longer than "
-            f"--max_prompt_length {max_prompt_length}"
-        )
+        logger.warning(
+            "--max_prompt_length %d skipped %d of %d prompts: they are longer than %d tokens (prompt template "
+            "included), the longest %d. %s",
+            max_prompt_length, len(records) - len(kept), len(records), max_prompt_length, longest, keep_all,
+        )  # fmt: skip
     if not tokenizer.chat_template:
         kept = [{**r, "prompt": build_prompt(tokenizer, r["prompt"])} for r in kept]
     return kept
@@ -102,11 +119,7 @@ def build_grpo_trainer(config: GRPOConfig, out: Path, callbacks: Sequence[Callba
     from trl import GRPOConfig as TRLGRPOConfig
 
     set_seed(config.seed)  # before the heads are initialized
-    task = get_task(config.task)
-    reward_funcs, reward_weights = [task.reward], [1.0]
-    if config.format_reward_weight:
-        reward_funcs.append(format_reward(task.style))
-        reward_weights.append(config.format_reward_weight)
+    rewards = grpo_rewards(config)
     args = trl_arguments(
         TRLGRPOConfig,
         config,
@@ -119,18 +132,30 @@ def build_grpo_trainer(config: GRPOConfig, out: Path, callbacks: Sequence[Callba
         num_iterations=config.num_iterations,
         steps_per_generation=config.steps_per_generation,
         use_vllm=config.use_vllm,
-        reward_weights=reward_weights,
+        reward_weights=[reward.weight for reward in rewards],
+        **validation_arguments(config, GRPO_METRICS),
         **trl_settings,
     )
+
+    def load(**overrides):
+        return grpo_records(config.task, **{**source_options(config), **overrides})
+
+    generated = not (config.train_file or config.dataset_name) and get_task(config.task).hub_id is None
+    records, eval_records = with_validation(config, load, generated)
+    # before the model loads: a reward function TRL could not call would fail only at the first step
+    check_reward_arguments({reward.source: reward.func for reward in rewards}, [c for c in records[0] if c != "prompt"])
     wrapper, tokenizer = build_model(config, args.device)  # accelerate's device: this process's GPU, else CPU
-    records = grpo_records(config.task, **source_options(config))
     dataset = datasets.Dataset.from_list(prepare_prompts(records, tokenizer, config.max_prompt_length))
+    eval_dataset = None
+    if eval_records is not None:  # the validation prompts go through the same length filter and rendering
+        eval_dataset = datasets.Dataset.from_list(prepare_prompts(eval_records, tokenizer, config.max_prompt_length))
     try:
         trainer = _make_trainer_class()(
             model=wrapper.model,
-            reward_funcs=reward_funcs,
+            reward_funcs=[reward.func for reward in rewards],
             args=args,
             train_dataset=dataset,
+            eval_dataset=eval_dataset,
             processing_class=tokenizer,
             lopt=wrapper,
             backward=config.backward,
@@ -154,6 +179,10 @@ def run_grpo(config: GRPOConfig, callbacks: Sequence[Callback] = ()) -> TRLRunRe
         functools.partial(build_grpo_trainer, callbacks=callbacks),
         lambda trainer: (
             f"task {config.task} ({get_task(config.task).description}), {len(trainer.train_dataset)} "
-            f"prompts | {config.num_generations} completions per prompt"
+            f"prompts | {config.num_generations} completions per prompt | rewards "
+            + ", ".join(
+                f"{name} x{weight:g}"
+                for name, weight in zip(trainer.reward_func_names, trainer.reward_weights.tolist(), strict=True)
+            )
         ),
     )

@@ -6,31 +6,43 @@ optimizer step is `forward_backward` (training/step.py: local or joint backward 
 with the task loss the caller plugs in) followed by `backend.step` (parallel/: reduce, clip,
 check, apply), then the schedule. The loop names no backend and no listener: the progress bar,
 metrics.jsonl and anything passed as `callbacks` hear it through training/callbacks.py.
+
+With validation records (--eval_file, --eval_split, --eval_ratio) the loop validates every --eval_steps
+and after the last step (`evaluate` in training/step.py: training's forward without gradients), logs
+the validation losses in that step's metrics.jsonl row, keeps the best validation's checkpoint for
+--load_best_model_at_end and stops after --early_stopping_patience validations without improvement.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lopt.config import SFTConfig, save_config
+from lopt.config import SFTConfig, eval_steps, save_config
 from lopt.data.collate import collate, tokenize_sft
-from lopt.data.order import batches_from, batches_per_epoch
-from lopt.data.presets import load_records, source_options
+from lopt.data.order import batches_from, batches_per_epoch, eval_batches
+from lopt.data.presets import sft_data_is_generated, sft_records, with_validation
 from lopt.errors import LoptError
 from lopt.models.local_learning import LocalLearningLM
-from lopt.output import console, phase
+from lopt.models.lora import is_adapter_folder
+from lopt.models.registry import load_model_and_tokenizer
+from lopt.output import console, phase, plural
 from lopt.parallel import distributed
 from lopt.parallel.backend import ParallelBackend
 from lopt.parallel.launch import backend_from_environment
+from lopt.tools.publish import publish_run
 from lopt.training.callbacks import Callback, Callbacks, MetricsFile, ProgressBar, RunInfo
 from lopt.training.checkpoint import (
+    TRAINING_STATE,
     check_writable,
     find_checkpoint,
     load_training_state,
@@ -43,11 +55,25 @@ from lopt.training.loss import liger_linear_cross_entropy
 from lopt.training.memory import SavedTensorMeter, device_peak_bytes
 from lopt.training.metrics import StepMetrics
 from lopt.training.optim import build_optimizer, build_scheduler
-from lopt.training.run import build_model, prepare_output_dir
+from lopt.training.run import (
+    adapter_summary,
+    build_model,
+    prepare_output_dir,
+    validation_summary,
+    weights_dtype,
+)
 from lopt.training.signals import StopRequest
-from lopt.training.step import StepResult, check_finite, forward_backward
-from lopt.training.task_loss import CausalLMLoss, TaskLoss
+from lopt.training.step import EvalResult, StepResult, check_finite, evaluate, forward_backward
+from lopt.training.task_loss import (
+    AdaptersDisabled,
+    CausalLMLoss,
+    FrozenStartingModel,
+    KLRegularizedLoss,
+    TaskLoss,
+)
 from lopt.training.trackers import tracker_callbacks
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +86,25 @@ class SFTResult:
     peak_mem_bytes: int
     activation_peak_bytes: int
     skipped_truncated: int
+
+
+@dataclass
+class _Best:
+    """The best validation so far by --metric_for_best_model, and the validations since it (early stopping)."""
+
+    metric: float | None = None
+    step: int | None = None
+    since: int = 0
+    checkpoint: str | None = None  # the best step's checkpoint once written (a resumed run's may be elsewhere)
+
+    def update(self, value: float, step: int, greater_is_better: bool) -> bool:
+        """Count validation `value` at `step`; True when it is a new best (strictly better, as transformers')."""
+        better = self.metric is None or (value > self.metric if greater_is_better else value < self.metric)
+        if better:
+            self.metric, self.step, self.since, self.checkpoint = value, step, 0, None
+        else:
+            self.since += 1
+        return better
 
 
 @dataclass
@@ -84,6 +129,16 @@ class _Run:
     position: tuple[int, int] = (0, 0)  # (epoch, batch index) of the next batch
     losses: list[float] = field(default_factory=list)
     peak_activation: int = 0
+    eval_examples: list[dict] | None = None  # None: no validation records
+    best: _Best = field(default_factory=_Best)
+    last_step: int = 0  # the step training ended at (before total_steps when it stopped early)
+
+    @property
+    def best_checkpoint(self) -> Path | None:
+        """The checkpoint --load_best_model_at_end restores, once there is one (never pruned)."""
+        if not self.config.load_best_model_at_end or self.best.checkpoint is None:
+            return None
+        return Path(self.best.checkpoint)
 
     @property
     def main_process(self) -> bool:
@@ -94,12 +149,12 @@ def run_sft(config: SFTConfig, task_loss: TaskLoss | None = None, callbacks: lis
     """Train `config`'s run. `task_loss` replaces the final block's objective (default: causal-LM cross
     entropy, training/task_loss.py); `callbacks` listen next to the progress bar and metrics.jsonl."""
     start = time.perf_counter()
-    run = _set_up(config, task_loss or CausalLMLoss(liger=config.liger), list(callbacks))
+    run = _set_up(config, task_loss, list(callbacks))
     _train(run, start)
     _finish(run)
     return SFTResult(
         output_dir=run.out,
-        steps=run.total_steps,
+        steps=run.last_step,
         first_loss=run.losses[0] if run.losses else None,
         last_loss=run.losses[-1] if run.losses else None,
         elapsed_s=time.perf_counter() - start,
@@ -109,7 +164,7 @@ def run_sft(config: SFTConfig, task_loss: TaskLoss | None = None, callbacks: lis
     )
 
 
-def _set_up(config: SFTConfig, task_loss: TaskLoss, listeners: list[Callback]) -> _Run:
+def _set_up(config: SFTConfig, task_loss: TaskLoss | None, listeners: list[Callback]) -> _Run:
     """Processes and backend, output folder, model (with resumed weights and heads), data, optimizer."""
     backend = backend_from_environment(config)
     if config.liger:
@@ -118,21 +173,26 @@ def _set_up(config: SFTConfig, task_loss: TaskLoss, listeners: list[Callback]) -
     out = prepare_output_dir(config) if main_process else Path(config.output_dir)
     distributed.barrier()
     resume_dir = find_checkpoint(out, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
+    # before the model: a wrong --train_file, --eval_file or dataset fails without the load's wait
+    load = functools.partial(sft_records, config)
+    records, eval_records = with_validation(config, load, sft_data_is_generated(config))
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     model, tokenizer = build_model(config, backend.device, weights=str(resume_dir) if resume_dir else None)
     state = load_training_state(resume_dir) if resume_dir else None
     if state is not None:
         model.aux_heads.load_state_dict(state["aux_heads"])  # full tensors: before sharding
+    task_loss = task_loss or _task_loss(config, model, backend.device)
     backend.prepare_model(model)
     if main_process:
         check_writable(out, model)
     with phase("tokenizing the training data") as tokenizing:
-        examples, data_stats = tokenize_sft(_records(config), tokenizer, config.max_seq_length, config.prompt_format)
+        examples, data_stats = tokenize_sft(records, tokenizer, config.max_seq_length, config.prompt_format)
         tokenizing.result = (
-            f"{data_stats['examples']:,} examples, {data_stats['trained_tokens']:,} trained tokens of "
+            f"{plural(data_stats['examples'], 'example')}, {data_stats['trained_tokens']:,} trained tokens of "
             f"{data_stats['tokens']:,}, {data_stats['skipped_truncated']} skipped (answer truncated away)"
         )
+    eval_examples = _tokenize_validation(config, eval_records, tokenizer) if eval_records is not None else None
     per_epoch = batches_per_epoch(len(examples), config.per_device_train_batch_size, world)
     if per_epoch == 0:
         raise LoptError(
@@ -148,7 +208,7 @@ def _set_up(config: SFTConfig, task_loss: TaskLoss, listeners: list[Callback]) -
         config=config, backend=backend, out=out, model=model, tokenizer=tokenizer, examples=examples,
         data_stats=data_stats, optimizer=optimizer, scheduler=scheduler, task_loss=task_loss,
         callbacks=_listeners(config, resume_dir is not None, listeners),
-        batches_per_epoch=per_epoch, total_steps=total_steps, resume_dir=resume_dir,
+        batches_per_epoch=per_epoch, total_steps=total_steps, resume_dir=resume_dir, eval_examples=eval_examples,
     )  # fmt: skip
     if state is not None:
         _restore(run, state)
@@ -156,6 +216,20 @@ def _set_up(config: SFTConfig, task_loss: TaskLoss, listeners: list[Callback]) -
         save_config(config, out / "training_args.json")
         console.print(_start_line(run))
     return run
+
+
+def _task_loss(config: SFTConfig, model: LocalLearningLM, device: torch.device) -> TaskLoss:
+    """Cross entropy, plus --kl_beta x KL to the starting model: the base with its adapters disabled under
+    --use_peft, else a frozen copy loaded from --model_name_or_path (the starting model on resume too)."""
+    if config.kl_beta <= 0:
+        return CausalLMLoss(liger=config.liger)
+    if model.uses_adapters:
+        return KLRegularizedLoss(beta=config.kl_beta, reference=AdaptersDisabled())
+    starting, _ = load_model_and_tokenizer(
+        config.model_name_or_path, dtype=weights_dtype(config, device), trust_remote_code=config.trust_remote_code,
+        device=device,
+    )  # fmt: skip
+    return KLRegularizedLoss(beta=config.kl_beta, reference=FrozenStartingModel(starting))
 
 
 def _listeners(config: SFTConfig, resuming: bool, extra: list[Callback]) -> Callbacks:
@@ -168,19 +242,13 @@ def _listeners(config: SFTConfig, resuming: bool, extra: list[Callback]) -> Call
     return Callbacks(own + extra)
 
 
-def _records(config: SFTConfig) -> list[dict]:
-    # The default preset yields to a file or hub dataset silently; an explicit one is reported as ignored.
-    explicit_source = config.train_file or config.dataset_name
-    preset = config.dataset_preset if "dataset_preset" in config.explicit or not explicit_source else None
-    return load_records(preset=preset, **source_options(config))
-
-
 def _restore(run: _Run, state: dict) -> None:
     """Resume: the optimizer (through the backend), the schedule, this process's RNG, the data position."""
     run.backend.load_state(run.resume_dir, state, run.model, run.optimizer)
     run.scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"][distributed.rank()])
     run.start_step, run.position = state["step"], tuple(state["position"])
+    run.best = _Best(**state.get("best", {}))  # checkpoints from before validation have none
 
 
 def _start_line(run: _Run) -> str:
@@ -194,10 +262,18 @@ def _start_line(run: _Run) -> str:
             if model.num_blocks > 1
             else ""
         )
-        + f" | {run.data_stats['examples']} examples ({run.data_stats['skipped_truncated']} skipped: response "
-        f"truncated away) | effective batch {config.per_device_train_batch_size} x "
-        f"{config.gradient_accumulation_steps} accumulation x {world} processes = {sequences} sequences"
-        + f" | {run.total_steps} steps | device {run.backend.device}"
+        + adapter_summary(config, model)
+        + (f" | KL to the starting model, beta {config.kl_beta}" if config.kl_beta > 0 else "")
+        + f" | {plural(run.data_stats['examples'], 'example')} ({run.data_stats['skipped_truncated']} skipped: "
+        f"response truncated away) | effective batch {config.per_device_train_batch_size} x "
+        f"{config.gradient_accumulation_steps} accumulation x {plural(world, 'process', 'processes')} = "
+        f"{plural(sequences, 'sequence')}"
+        + f" | {plural(run.total_steps, 'step')} | device {run.backend.device}"
+        + (
+            f" | validating on {plural(len(run.eval_examples), 'example')} every {plural(eval_steps(config), 'step')}"
+            if run.eval_examples is not None
+            else ""
+        )
         + (f" | {run.backend.name} across {world} processes" if run.backend.name != "replicated" else "")
         + (f" | resumed from {run.resume_dir} at step {run.start_step}" if run.resume_dir else "")
     )
@@ -211,7 +287,7 @@ def _train(run: _Run, start: float) -> None:
     )  # fmt: skip
     meter = SavedTensorMeter(backend.local_parameters(model))
     throughput = _Throughput(start)
-    last_saved, step = None, run.start_step
+    last_saved, step, early_stop = None, run.start_step, False
     run.callbacks.on_train_begin(_run_info(run))
     with StopRequest() as stop:
         try:
@@ -230,15 +306,70 @@ def _train(run: _Run, start: float) -> None:
                 throughput.add(distributed.all_reduce_sum(result.input_tokens, backend.device))
                 run.callbacks.on_step_end(step, result.task_loss)
                 stopping = distributed.any_process(stop.requested, backend.device)
-                if run.main_process and (step % config.logging_steps == 0 or step == run.total_steps or stopping):
-                    run.callbacks.on_log(_step_metrics(run, step, result, rates, grad_norm, meter, throughput))
+                validation, improved = None, False
+                if run.eval_examples is not None and (step % eval_steps(config) == 0 or step == run.total_steps):
+                    validation, seconds = _validate(run, step)
+                    throughput.exclude(seconds)
+                    metric = {"eval_task_loss": validation.task_loss}[config.metric_for_best_model]  # SFT's choices
+                    improved = run.best.update(metric, step, config.BEST_MODEL_METRICS[config.metric_for_best_model])
+                    early_stop = run.best.since >= (config.early_stopping_patience or math.inf)
+                logged = step % config.logging_steps == 0 or step == run.total_steps or stopping
+                if run.main_process and (logged or validation is not None):
+                    run.callbacks.on_log(
+                        _step_metrics(run, step, result, rates, grad_norm, meter, throughput, validation)
+                    )
                 periodic = config.save_steps > 0 and step % config.save_steps == 0
-                if (periodic or stopping) and step < run.total_steps:
+                # --load_best_model_at_end restores the best validation's weights: they must be on disk
+                keep_best = improved and config.load_best_model_at_end
+                if (periodic or stopping or keep_best) and step < run.total_steps:
                     last_saved = _save_checkpoint(run, step)
                 if stopping and step < run.total_steps:
                     stop.exit_after_save(last_saved, step)
+                if early_stop:
+                    break
         finally:
+            run.last_step = step
             run.callbacks.on_train_end(step)
+    if run.main_process and run.best.step is not None:
+        restored = run.best_checkpoint.name if run.best_checkpoint and run.best.step != step else None
+        console.print(
+            validation_summary(config, run.best.step, run.best.metric, step, run.total_steps, restored),
+            highlight=False,
+        )
+
+
+def _tokenize_validation(config: SFTConfig, records: list[dict], tokenizer) -> list[dict]:
+    with phase("tokenizing the validation data") as tokenizing:
+        examples, stats = tokenize_sft(records, tokenizer, config.max_seq_length, config.prompt_format)
+        tokenizing.result = (
+            f"{plural(stats['examples'], 'example')}, {stats['trained_tokens']:,} trained tokens, "
+            f"{stats['skipped_truncated']} skipped (answer truncated away)"
+        )
+    return examples
+
+
+def _validate(run: _Run, step: int) -> tuple[EvalResult, float]:
+    """The validation losses after `step` (every process takes part), and the seconds they took."""
+    start = time.perf_counter()
+    with run.backend.autocast():
+        result = evaluate(run.model, _eval_batches(run), run.task_loss, run.backend.lm_head_context)
+    run.backend.end_evaluation(run.model)
+    losses = [result.task_loss, *result.aux_losses]
+    if not all(math.isfinite(v) for v in losses):
+        raise LoptError(
+            f"The validation losses after step {step} are not finite ({', '.join(map(str, losses))}): the weights "
+            "give NaN or infinite outputs on the validation records. Lower --learning_rate / --lr_k1, or use --bf16 "
+            "instead of --fp16; the last checkpoint is kept."
+        )
+    return result, time.perf_counter() - start
+
+
+def _eval_batches(run: _Run):
+    """This process's validation batches (`eval_batches`), collated on its device, with whether each counts."""
+    config, world, rank = run.config, distributed.world_size(), distributed.rank()
+    for indices, counted in eval_batches(len(run.eval_examples), config.per_device_eval_batch_size, world, rank):
+        batch = collate([run.eval_examples[i] for i in indices], run.tokenizer.pad_token_id)
+        yield {k: v.to(run.backend.device) for k, v in batch.items()}, counted
 
 
 def _step_metrics(
@@ -249,14 +380,18 @@ def _step_metrics(
     grad_norm: float,
     meter: SavedTensorMeter,
     throughput: _Throughput,
+    validation: EvalResult | None = None,
 ) -> StepMetrics:
-    """The logged step as the metrics contract's record; `rates` are the learning rates the step used."""
+    """The logged step as the metrics contract's record; `rates` are the learning rates the step used, `validation`
+    the losses of a validation after it."""
     epoch, index = run.position
     return StepMetrics(
         step=step, epoch=round(epoch + index / run.batches_per_epoch, 4), task_loss=result.task_loss,
         aux_loss=result.aux_losses, lr=rates[-1], lr_k1=rates[0], grad_norm=grad_norm,
         tokens_per_s=throughput.rate(), peak_mem_bytes=device_peak_bytes(run.backend.device),
         activation_peak_bytes=meter.peak_bytes, elapsed_s=throughput.elapsed(),
+        eval_task_loss=validation.task_loss if validation else None,
+        eval_aux_loss=validation.aux_losses if validation else None, recipe={"kl": result.terms.get("kl")},
     )  # fmt: skip
 
 
@@ -280,6 +415,10 @@ class _Throughput:
     def add(self, tokens: float) -> None:
         self.tokens += tokens
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (a validation's) out of the window: the rate is training's."""
+        self.window_start += seconds
+
     def rate(self) -> float:
         now = time.perf_counter()
         rate = self.tokens / (now - self.window_start)
@@ -302,6 +441,8 @@ def _save_checkpoint(run: _Run, step: int) -> Path | None:
     """Write checkpoint-`step`/ (every process takes part: gathering is a collective under FSDP and
     ZeRO-3, and under DeepSpeed each process writes its optimizer partition into the folder)."""
     rng = _gather_rng_states(run.backend.device)
+    if run.best.step == step:
+        run.best.checkpoint = str(run.out / f"checkpoint-{step}")
     full = run.backend.full_state(run.model, run.optimizer)
     folder = distributed.broadcast_from_main(new_temp_folder(run.out) if run.main_process else None)
     run.backend.save_state(folder)
@@ -309,22 +450,65 @@ def _save_checkpoint(run: _Run, step: int) -> Path | None:
     if run.main_process:
         state = {
             "step": step, "position": run.position, "aux_heads": full.aux_heads, "optimizer": full.optimizer,
-            "scheduler": run.scheduler.state_dict(), "rng": rng, **run.backend.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "rng": rng, "best": dataclasses.asdict(run.best),
+            **run.backend.state_dict(),
         }  # fmt: skip
         saved = save_checkpoint(run.out, step, full.model, run.tokenizer, state, folder)
-        prune_checkpoints(run.out, run.config.save_total_limit)
+        prune_checkpoints(run.out, run.config.save_total_limit, run.best_checkpoint)
         run.callbacks.on_save(saved)
     distributed.barrier()
     return saved
 
 
 def _finish(run: _Run) -> None:
-    """The final model, a plain Hugging Face folder in --output_dir (gathered where sharded)."""
-    final = run.backend.full_state(run.model)
+    """The final model, a plain Hugging Face folder in --output_dir (gathered where sharded), with lopt's model
+    card; uploaded with --push_to_hub."""
+    best = _best_to_restore(run)
+    if run.config.merge_lora and best is None:
+        run.model.merge_adapters()
+    final = _CheckpointModel(best, run.config, run.backend.device) if best else run.backend.full_state(run.model).model
     if run.main_process:
-        with phase(f"saving the model to {run.out}"):
-            save_final_model(run.out, final.model, run.tokenizer)
+        with phase(f"saving the model to {run.out}" + (f" (the best validation's, {best.name})" if best else "")):
+            save_final_model(run.out, final, run.tokenizer)
     distributed.barrier()
+    if run.main_process:
+        publish_run(run.config, run.out)
+
+
+def _best_to_restore(run: _Run) -> Path | None:
+    """The checkpoint whose weights --load_best_model_at_end makes the final model; None: the weights in memory
+    (the last validation was the best, or there is none). The main process decides for all: gathering the weights
+    in memory instead is a collective."""
+    best = run.best_checkpoint if run.best.step != run.last_step else None
+    if best is not None and run.main_process and not (best / TRAINING_STATE).is_file():
+        logger.warning(
+            "--load_best_model_at_end: the best validation's checkpoint %s is gone; the final model is the last "
+            "weights (step %d) instead",
+            best, run.last_step,
+        )  # fmt: skip
+        best = None
+    return distributed.broadcast_from_main(best)
+
+
+class _CheckpointModel:
+    """A checkpoint's model saved as the final one (--load_best_model_at_end): its files as they are, or with
+    --merge_lora an adapter checkpoint merged into its base model."""
+
+    def __init__(self, folder: Path, config: SFTConfig, device: torch.device):
+        self.folder, self.config, self.dtype = folder, config, weights_dtype(config, device)
+
+    def save_pretrained(self, output_dir: Path, tokenizer=None) -> None:
+        if self.config.merge_lora and is_adapter_folder(self.folder):
+            # loads the base model the adapter names and merges the adapter in (on the CPU: the run is over)
+            model, _ = load_model_and_tokenizer(
+                str(self.folder), dtype=self.dtype, trust_remote_code=self.config.trust_remote_code
+            )
+            model.save_pretrained(output_dir, safe_serialization=True)
+            tokenizer.save_pretrained(output_dir)
+            return
+        for path in self.folder.iterdir():  # the model and tokenizer files; not the optimizer's (subfolders)
+            if path.is_file() and path.name != TRAINING_STATE:
+                shutil.copy2(path, output_dir / path.name)
 
 
 def _rng_state() -> dict:

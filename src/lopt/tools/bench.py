@@ -11,6 +11,11 @@ figure is also given as a ratio to `e2e` at the same batch shape. A second table
 saved bytes of lopt's chunked LM-head cross entropy against full float32 logits. A third pairs
 LoPT local backward without checkpointing against E2E with checkpointing: does the memory LoPT saves
 let it skip recomputation within E2E+ckpt's memory, and what does that buy in step time?
+
+The baselines users compare LoPT with are rows too: `lora` (E2E with LoRA adapters, peft's defaults as
+`lopt sft --use_peft` sets them), `lopt+lora` (LoPT with adapters in every block) and `e2e+kl` (E2E SFT
+with --kl_beta 0.1, whose reference is a frozen second copy of the model); for every row the trainable
+parameters and the bytes of AdamW state after the step are counted, which is where LoRA saves.
 """
 
 from __future__ import annotations
@@ -21,28 +26,34 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from lopt.config import RunConfig
 from lopt.data.collate import IGNORE_INDEX
 from lopt.errors import LoptError
 from lopt.keep_previous import keep_previous
 from lopt.models.local_learning import LocalLearningLM
+from lopt.models.lora import add_lora
 from lopt.models.registry import DEFAULT_MODEL, load_model_and_tokenizer
 from lopt.training.loss import causal_lm_loss_sum, liger_linear_cross_entropy
 from lopt.training.memory import SavedTensorMeter, device_peak_bytes
 from lopt.training.optim import build_optimizer
 from lopt.training.step import forward_backward
-from lopt.training.task_loss import CausalLMLoss
+from lopt.training.task_loss import CausalLMLoss, FrozenStartingModel, KLRegularizedLoss
 
 # Wide enough for the whole table when printed to a file or a CI log (rich assumes 80 columns there).
 console = Console(width=None if sys.stdout.isatty() else 150)
-METHODS = ("e2e", "e2e+ckpt", "lopt-joint", "lopt", "lopt+ckpt")
+METHODS = ("e2e", "e2e+ckpt", "lopt-joint", "lopt", "lopt+ckpt", "lora", "lopt+lora", "e2e+kl")
+# The --lora_* defaults of `lopt sft --use_peft`, so the lora rows measure what a user runs.
+LORA_DEFAULTS = SimpleNamespace(**{f.name: f.default for f in fields(RunConfig) if f.name.startswith("lora_")})
+KL_BETA = 0.1
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,14 @@ class Configuration:
     @property
     def checkpointing(self) -> bool:
         return self.method.endswith("+ckpt")
+
+    @property
+    def lora(self) -> bool:
+        return self.method in ("lora", "lopt+lora")
+
+    @property
+    def kl(self) -> bool:
+        return self.method == "e2e+kl"
 
     @property
     def label(self) -> str:
@@ -76,6 +95,8 @@ class Record:
     device_peak_kind: str  # "cuda_max_allocated" or "process_peak_rss"
     step_s: float
     tokens_per_s: float
+    trainable_params: int = 0
+    optimizer_state_bytes: int = 0
     step_times: list[float] = field(default_factory=list)
     activation_ratio: float | None = None
     device_peak_ratio: float | None = None
@@ -83,7 +104,7 @@ class Record:
 
 
 def configurations(methods: list[str], blocks: list[int]) -> list[Configuration]:
-    return [Configuration(m, k) for m in methods for k in ([1] if m.startswith("e2e") else blocks)]
+    return [Configuration(m, k) for m in methods for k in ([1] if m.startswith("e2e") or m == "lora" else blocks)]
 
 
 def synthetic_batch(batch: int, seq: int, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -99,11 +120,21 @@ def synthetic_batch(batch: int, seq: int, vocab: int, device: torch.device) -> d
     }
 
 
-def measure(base, config: Configuration, batch: int, seq: int, steps: int, warmup: int, liger: bool = False) -> Record:
-    """Train `base` (wrapped as `config`) for warmup + steps steps on one synthetic batch."""
+def measure(
+    base, config: Configuration, batch: int, seq: int, steps: int, warmup: int, liger: bool = False, reference=None
+) -> Record:
+    """Train `base` (wrapped as `config`) for warmup + steps steps on one synthetic batch; `reference` is the
+    frozen starting model of `e2e+kl`."""
     device = base.device
     torch.manual_seed(0)
+    if config.lora:
+        base = add_lora(base, LORA_DEFAULTS)
     model = LocalLearningLM(base, num_blocks=config.num_blocks).train()
+    task_loss = (
+        KLRegularizedLoss(beta=KL_BETA, reference=FrozenStartingModel(reference))
+        if config.kl
+        else CausalLMLoss(liger=liger)
+    )
     if config.checkpointing:
         model.enable_gradient_checkpointing()
     optimizer = build_optimizer(model, 1e-5, None, 0.0)
@@ -114,13 +145,14 @@ def measure(base, config: Configuration, batch: int, seq: int, steps: int, warmu
         _sync(device)
         start = time.perf_counter()
         with meter.active():
-            forward_backward(model, [data], config.backward, task_loss=CausalLMLoss(liger=liger))
+            forward_backward(model, [data], config.backward, task_loss=task_loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
+    state = [t for per_param in optimizer.state.values() for t in per_param.values() if torch.is_tensor(t)]
     return Record(
         config.method,
         config.num_blocks,
@@ -133,6 +165,8 @@ def measure(base, config: Configuration, batch: int, seq: int, steps: int, warmu
         "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
         step_s,
         batch * seq / step_s,
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
+        sum(t.numel() * t.element_size() for t in state),
         times,
     )
 
@@ -166,14 +200,17 @@ def _measure_in_subprocess(
 
 def _child(job: dict) -> None:
     model, _ = load_model_and_tokenizer(job["model"], device=job["device"])
+    configuration = Configuration(job["method"], job["k"])
+    reference = load_model_and_tokenizer(job["model"], device=job["device"])[0] if configuration.kl else None
     record = measure(
         model,
-        Configuration(job["method"], job["k"]),
+        configuration,
         job["batch"],
         job["seq"],
         job["steps"],
         job["warmup"],
         job["liger"],
+        reference,
     )
     print(json.dumps(asdict(record)))
 
@@ -290,6 +327,8 @@ def print_tables(records: list[Record], losses: list[dict], pairs: list[dict]) -
         "step s",
         "x e2e",
         "tokens/s",
+        "trainable M",
+        "AdamW state MiB",
     ):
         table.add_column(column, justify="right")
     for r in records:
@@ -304,6 +343,8 @@ def print_tables(records: list[Record], losses: list[dict], pairs: list[dict]) -
             f"{r.step_s:.3f}",
             _ratio(r.step_time_ratio),
             f"{r.tokens_per_s:.0f}",
+            f"{r.trainable_params / 1e6:.2f}",
+            f"{r.optimizer_state_bytes / 2**20:.1f}",
         )
     console.print(table)
     loss_table = Table(title="the loss alone: saved-for-backward bytes")

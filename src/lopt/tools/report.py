@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lopt.config import METHODS
 from lopt.errors import LoptError
+from lopt.models.lora import saved_parameters
 
 RUN_FILES = ("training_args.json", "metrics.jsonl", "eval.json")
 MiB = 2**20
@@ -28,13 +29,15 @@ class Run:
     args: dict = field(default_factory=dict)
     metrics: list[dict] = field(default_factory=list)
     evaluation: dict = field(default_factory=dict)
+    trained_parameters: int | None = None  # the adapter's (LoRA), or the saved model's (full training)
 
     @property
     def method(self) -> str:
         if not self.args:
             return "base"
         method = METHODS.get(self.args.get("method", ""), self.args.get("method", "?"))
-        return "lopt-frozen" if method == "lopt" and self.args.get("early_blocks") == "frozen" else method
+        method = "lopt-frozen" if method == "lopt" and self.args.get("early_blocks") == "frozen" else method
+        return method + ("+lora" if self.args.get("use_peft") else "") + ("+kl" if self.args.get("kl_beta") else "")
 
     @property
     def blocks(self) -> int | None:
@@ -83,6 +86,8 @@ def load_run(folder: Path) -> Run:
             raise LoptError(f"{folder / 'metrics.jsonl'}: a line is not valid JSON ({error}).") from None
     if (folder / "eval.json").is_file():
         run.evaluation = _read_json(folder / "eval.json")
+    if run.args and not run.method.startswith("lopt-frozen"):  # the frozen ablation trains part of what it saves
+        run.trained_parameters = saved_parameters(folder) or None
     return run
 
 
@@ -99,6 +104,7 @@ COLUMNS = (
     "method",
     "k",
     "steps",
+    "trained params",
     "tokens/s",
     "peak activation MiB",
     "peak memory MiB",
@@ -121,6 +127,7 @@ def table_rows(runs: list[Run]) -> list[list[str]]:
                 run.method,
                 _number(run.blocks, "d"),
                 _number(run.last("step"), "d"),
+                _number(run.trained_parameters, ","),
                 _number(run.mean("tokens_per_s"), ".0f"),
                 _number(_mib(run.peak("activation_peak_bytes")), ".1f"),
                 _number(_mib(run.peak("peak_mem_bytes")), ".0f"),
@@ -158,10 +165,14 @@ def make_plots(runs: list[Run], out: Path) -> list[tuple[str, str]]:
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for run in trained:
             steps, losses = zip(*run.series("task_loss"), strict=True)
-            ax.plot(steps, losses, marker="o", label=run.name)
+            (line,) = ax.plot(steps, losses, marker="o", label=run.name)
+            if run.series("eval_task_loss"):  # --eval_*: the validations, in the run's colour
+                steps, losses = zip(*run.series("eval_task_loss"), strict=True)
+                ax.plot(steps, losses, "--x", color=line.get_color(), label=f"{run.name} (validation)")
         ax.set(xlabel="step", ylabel="task loss", title="Task loss")
         ax.legend()
-        save(fig, "task_loss.png", "Task loss per logged step")
+        validated = any(run.series("eval_task_loss") for run in trained)
+        save(fig, "task_loss.png", "Task loss per logged step" + (" (dashed: validation)" if validated else ""))
 
     aux = [r for r in runs if any(v for _, v in r.series("aux_loss"))]
     if aux:

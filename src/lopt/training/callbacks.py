@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from lopt.output import plural
 from lopt.training.metrics import MetricsWriter, StepMetrics
 
 
@@ -130,14 +131,15 @@ class ProgressBar(Callback):
             self.task = self.progress.add_task("training", total=run.total_steps, completed=run.start_step)
         else:
             resumed = f", resuming after step {run.start_step}" if run.start_step else ""
-            self.console.print(f"training: {run.total_steps} steps{resumed}", highlight=False)
+            self.console.print(f"training: {plural(run.total_steps, 'step')}{resumed}", highlight=False)
 
     def on_step_end(self, step: int, task_loss: float) -> None:
         if self.task is not None:
             self.progress.update(self.task, completed=step, description=f"training  loss {task_loss:.4f}")
 
     def on_log(self, metrics: StepMetrics) -> None:
-        if self.task is None:
+        # on a terminal the bar shows the training loss; a validation's values are printed above it
+        if self.task is None or metrics.eval_task_loss is not None:
             self.console.print(progress_line(metrics, self.total), highlight=False)
 
     def on_save(self, checkpoint: Path) -> None:
@@ -151,10 +153,15 @@ class ProgressBar(Callback):
 
 
 def progress_line(metrics: StepMetrics, total_steps: int) -> str:
-    """One logged step as a line: step, losses, learning rates, gradient norm, speed, the recipe's columns."""
+    """One logged step as a line: step, losses (validation ones too), learning rates, gradient norm, speed, the
+    recipe's columns."""
     parts = [f"step {metrics.step}/{total_steps}", f"task loss {metrics.task_loss:.4f}"]
     if metrics.aux_loss:
-        parts.append("local " + " ".join("-" if v is None else f"{v:.4f}" for v in metrics.aux_loss))
+        parts.append("local " + _losses(metrics.aux_loss))
+    if metrics.eval_task_loss is not None:
+        parts.append(f"eval task loss {metrics.eval_task_loss:.4f}")
+        if metrics.eval_aux_loss:
+            parts.append("eval local " + _losses(metrics.eval_aux_loss))
     rates = f"lr {metrics.lr:.2e}" + (f" / {metrics.lr_k1:.2e}" if metrics.lr_k1 != metrics.lr else "")
     parts.append(rates)
     if metrics.grad_norm is not None:
@@ -163,6 +170,10 @@ def progress_line(metrics: StepMetrics, total_steps: int) -> str:
     parts += [f"{name} {value:.3f}" for name, value in metrics.recipe.items() if isinstance(value, int | float)]
     parts.append(_clock(metrics.elapsed_s))
     return " | ".join(parts)
+
+
+def _losses(values: list[float | None]) -> str:
+    return " ".join("-" if v is None else f"{v:.4f}" for v in values)
 
 
 def _clock(seconds: float) -> str:

@@ -5,7 +5,9 @@ The SFT loop builds a checkpoint in a temporary sibling folder, fsyncs it, and r
 TRL (GRPO, DPO) writes `checkpoint-N/` in place, file by file; `mark_complete` then fsyncs what is
 there and adds `training_state.pt` atomically, so a folder a kill interrupted has none. The final
 model goes into `--output_dir` itself (the Hugging Face convention), file by file, with
-`config.json` moved last: a folder that has a config has its weights.
+its config (`config.json`, or a LoRA folder's `adapter_config.json`) moved last: a folder that has a
+config has its weights. A second signal between making a save's `.tmp-*` folder and writing into it
+leaves that folder behind; the next run in it removes it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch
 from lopt.errors import LoptError
 
 TRAINING_STATE = "training_state.pt"
+MODEL_CONFIGS = ("config.json", "adapter_config.json")  # a full model's, a LoRA adapter folder's
+TEMP_PREFIX = ".tmp-"  # the folders a save builds in; one a second signal interrupted is left empty
 
 
 def _fsync_file(path: Path) -> None:
@@ -55,7 +59,7 @@ def _usual_permissions(folder: Path) -> None:
 
 def new_temp_folder(parent: Path) -> Path:
     """A fresh hidden folder in `parent` to build something in before renaming it into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint should be readable like any other folder
     return tmp
 
@@ -109,10 +113,24 @@ def mark_complete(folder: Path, training_state: dict) -> None:
 
 def save_final_model(output_dir: Path, model, tokenizer) -> None:
     tmp = _build_in_temp(output_dir, lambda folder: model.save_pretrained(folder, tokenizer))
-    files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")  # config.json last
+    files = sorted(tmp.iterdir(), key=lambda p: p.name in MODEL_CONFIGS)  # the config last
     for path in files:
-        os.replace(path, output_dir / path.name)
+        target = output_dir / path.name
+        if target.is_dir():  # a folder of the same name from the run this one resumed: replaced, as files are
+            shutil.rmtree(target)
+        os.replace(path, target)
     tmp.rmdir()
+
+
+def has_final_model(output_dir: Path) -> bool:
+    """Whether `output_dir` holds a finished run's model (or adapter): its config (moved last) and weights."""
+    weights = [*output_dir.glob("*.safetensors"), *output_dir.glob("pytorch_model*.bin")]
+    return any((output_dir / name).is_file() for name in MODEL_CONFIGS) and bool(weights)
+
+
+def leftover_temp_folders(output_dir: Path) -> list[Path]:
+    """The folders saves were building in when a run was stopped: lopt's, never a user's files."""
+    return sorted(path for path in output_dir.glob(f"{TEMP_PREFIX}*") if path.is_dir())
 
 
 def load_training_state(checkpoint: Path) -> dict:
@@ -135,22 +153,28 @@ def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint in `output_dir`, or None."""
+    found = _checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
 def find_checkpoint(output_dir: Path, spec: str) -> Path:
     """`latest` -> the newest complete checkpoint in `output_dir`; otherwise the given folder."""
     if spec == "latest":
-        found = _checkpoints(output_dir)
-        if not found:
+        latest = latest_checkpoint(output_dir)
+        if latest is None:
             raise LoptError(
                 f"--resume_from_checkpoint latest: no checkpoint-N/ with {TRAINING_STATE} in {output_dir}. "
                 "Start without --resume_from_checkpoint, or pass the folder of a checkpoint."
             )
-        return found[-1][1]
+        return latest
     path = Path(spec)
     if path.is_dir() and _step_of(path) is not None and not (path / TRAINING_STATE).is_file():
-        complete = [p for _, p in _checkpoints(path.parent)]
+        newest = latest_checkpoint(path.parent)
         instead = (
-            f"Pass {complete[-1]} (the newest complete one) or 'latest'"
-            if complete
+            f"Pass {newest} (the newest complete one) or 'latest'"
+            if newest
             else "No complete checkpoint is next to it: start the run again without --resume_from_checkpoint"
         )
         raise LoptError(
@@ -165,12 +189,14 @@ def find_checkpoint(output_dir: Path, spec: str) -> Path:
     return path
 
 
-def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
-    """Delete all but the newest `keep` checkpoints (--save_total_limit)."""
+def prune_checkpoints(output_dir: Path, keep: int | None, best: Path | None = None) -> None:
+    """Delete all but the newest `keep` checkpoints (--save_total_limit), and never `best`: the checkpoint
+    --load_best_model_at_end will restore (as transformers keeps it)."""
     if keep is None:
         return
     for _, path in _checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(path)
+        if best is None or path.resolve() != best.resolve():
+            shutil.rmtree(path)
 
 
 def check_writable(output_dir: Path, model) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from lopt.data.collate import IGNORE_INDEX
 from lopt.errors import LoptError
@@ -116,3 +117,29 @@ def causal_lm_loss_sum(
     else:
         loss = _ChunkedLinearCrossEntropy.apply(trained_hidden, lm_head.weight, trained_labels, chunk_tokens)
     return loss, n_tokens
+
+
+def _kl_rows(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor):
+    """sum over rows of KL(softmax(hidden @ weight.T) || softmax(ref_hidden @ ref_weight.T)), in float32."""
+    log_p = F.log_softmax((hidden @ weight.t()).float(), dim=-1)
+    log_q = F.log_softmax((ref_hidden @ ref_weight.t()).float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum()
+
+
+def chunked_kl_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """Summed KL(model || reference) of the next-token distributions at `hidden`'s rows ([tokens, hidden]).
+
+    Each chunk runs under activation checkpointing: its two [chunk, vocab] logit tensors exist only
+    while the chunk is computed, in forward and again in backward, never for the whole batch at once.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        total = total + checkpoint(_kl_rows, hidden[rows], weight, ref_hidden[rows], ref_weight, use_reentrant=False)
+    return total

@@ -1,8 +1,12 @@
 """The step-metrics contract: one record type, one writer, one description of every field.
 
 Every recipe writes `metrics.jsonl` in its `--output_dir` through `MetricsWriter`: one JSON object
-per logged optimizer step, with the common fields below in this order, then the recipe's own
-columns (`RECIPE_COLUMNS`). Reports, benchmarks, the dashboard and trackers read these files (or the
+per logged optimizer step, with the common fields below in this order, then the validation fields
+(`EVAL_FIELDS`), then the recipe's own columns (`RECIPE_COLUMNS`) and its validation columns
+(`RECIPE_EVAL_COLUMNS`). A step that validates (--eval_*) is always logged, and its row holds the
+validation values; every other row holds null there, so each row has the same columns and a reader
+that knows no validation reads the rows as before (files written before validation existed lack the
+validation columns). Reports, benchmarks, the dashboard and trackers read these files (or the
 `StepMetrics` records the callbacks receive), never a recipe's private state, so a new recipe that
 writes this contract is shown by all of them.
 """
@@ -31,9 +35,19 @@ FIELDS: dict[str, str] = {
     "elapsed_s": "seconds since training started (this process, this launch)",
 }
 
+# The validation fields after the common ones: values in the rows of steps that validated, null in the others.
+EVAL_FIELDS: dict[str, str] = {
+    "eval_task_loss": "the task loss on the validation records, as task_loss is on the training ones (SFT: mean per "
+    "trained token over all of them; GRPO/DPO: TRL's eval_loss)",
+    "eval_aux_loss": "LoPT: each non-final block's local loss on the validation records ([] for E2E; SFT: mean per "
+    "real token over all of them; GRPO/DPO: mean over the validation batches, as TRL averages its metrics)",
+}
+
 # The columns each recipe adds after the common fields.
 RECIPE_COLUMNS: dict[str, dict[str, str]] = {
-    "sft": {},
+    "sft": {
+        "kl": "mean KL(model || starting model) per trained token, the term --kl_beta weighs (null when it is 0)",
+    },
     "grpo": {
         "reward": "mean total reward of the step's completions (weighted sum of the reward functions)",
         "reward_std": "standard deviation of the total reward within a prompt's group, averaged",
@@ -45,6 +59,23 @@ RECIPE_COLUMNS: dict[str, dict[str, str]] = {
         "reward_margin": "mean implicit reward of chosen minus rejected",
         "reward_chosen": "mean implicit reward of the chosen answers",
         "reward_rejected": "mean implicit reward of the rejected answers",
+    },
+}
+
+
+# The validation columns each recipe adds after its own (null but in the rows of steps that validated).
+RECIPE_EVAL_COLUMNS: dict[str, dict[str, str]] = {
+    "sft": {},
+    "grpo": {
+        "eval_reward": "mean total reward of the completions sampled for the validation prompts",
+        "eval_reward_std": "reward_std over the validation prompts' groups",
+        "eval_completion_length": "mean length in tokens of the validation completions",
+    },
+    "dpo": {
+        "eval_reward_accuracy": "reward_accuracy over the validation pairs",
+        "eval_reward_margin": "reward_margin over the validation pairs",
+        "eval_reward_chosen": "reward_chosen over the validation pairs",
+        "eval_reward_rejected": "reward_rejected over the validation pairs",
     },
 }
 
@@ -64,7 +95,9 @@ class StepMetrics:
     peak_mem_bytes: int
     activation_peak_bytes: int
     elapsed_s: float
-    recipe: dict[str, float | None] = field(default_factory=dict)  # the recipe's own columns
+    eval_task_loss: float | None = None  # None but on steps that validated
+    eval_aux_loss: list[float | None] | None = None
+    recipe: dict[str, float | None] = field(default_factory=dict)  # the recipe's own columns, validation ones after
 
     def to_json(self) -> dict:
         row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "recipe"}
@@ -73,7 +106,7 @@ class StepMetrics:
 
 def contract_errors(row: dict, recipe: str) -> list[str]:
     """What in a metrics.jsonl row breaks the contract for `recipe` (empty when it holds)."""
-    expected = [*FIELDS, *RECIPE_COLUMNS[recipe]]
+    expected = [*FIELDS, *EVAL_FIELDS, *RECIPE_COLUMNS[recipe], *RECIPE_EVAL_COLUMNS[recipe]]
     errors = []
     if list(row) != expected:
         errors.append(f"columns {list(row)} differ from the contract's {expected}")
@@ -86,6 +119,17 @@ def contract_errors(row: dict, recipe: str) -> list[str]:
             errors.append(f"{name} must be a finite number, got {value!r}")
     if not isinstance(row.get("aux_loss"), list):
         errors.append(f"aux_loss must be a list (one entry per non-final block), got {row.get('aux_loss')!r}")
+    eval_loss, eval_aux = row.get("eval_task_loss"), row.get("eval_aux_loss")
+    if eval_loss is not None and (not isinstance(eval_loss, int | float) or not math.isfinite(eval_loss)):
+        errors.append(f"eval_task_loss must be a finite number or null, got {eval_loss!r}")
+    if (eval_loss is None) != (eval_aux is None):
+        errors.append(f"eval_task_loss and eval_aux_loss are null together, got {eval_loss!r} and {eval_aux!r}")
+    elif eval_aux is not None and (not isinstance(eval_aux, list) or len(eval_aux) != len(row.get("aux_loss") or [])):
+        errors.append(f"eval_aux_loss must be a list with one entry per non-final block, as aux_loss; got {eval_aux!r}")
+    if eval_loss is None:
+        filled = [name for name in RECIPE_EVAL_COLUMNS[recipe] if row.get(name) is not None]
+        if filled:
+            errors.append(f"{', '.join(filled)} hold values in a row without validation (eval_task_loss null)")
     return errors
 
 

@@ -8,21 +8,23 @@ activations alive until then. Both give the same gradients.
 The model is never wrapped in DistributedDataParallel: DDP expects one backward per forward, and
 local backward runs k of them. Gradients are averaged across processes explicitly after the window
 instead, which gives the same result as one process on the global batch.
+
+`evaluate` runs the same forward on validation records, without gradients, for the validation losses.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lopt.errors import LoptError, unknown_choice
 from lopt.models.local_learning import LocalLearningLM
 from lopt.parallel.distributed import all_reduce_sum, world_size
-from lopt.training.task_loss import CausalLMLoss, TaskLoss
+from lopt.training.task_loss import CausalLMLoss, LossTerms, TaskLoss
 
 BACKWARD_MODES = ("local", "joint")
 
@@ -33,6 +35,7 @@ class StepResult:
     aux_losses: list[float]  # mean local loss per non-final block
     tokens: int  # units the task loss counted in the window (trained tokens), this process
     input_tokens: int  # all non-padding tokens in the window, this process
+    terms: dict[str, float] = field(default_factory=dict)  # a LossTerms task loss's other parts (kl), window means
 
 
 def forward_backward(
@@ -64,18 +67,22 @@ def forward_backward(
     micro_weight = 1.0 / (len(micro_batches) * world_size())
     aux_weight = model.lambda_aux / max(len(model.aux_heads), 1) * micro_weight
 
-    task_sum, aux_sums = 0.0, [0.0] * len(model.aux_heads)
+    task_sum, aux_sums, term_sums = 0.0, [0.0] * len(model.aux_heads), {}
     for batch in micro_batches:
         local = run_backward if backward == "local" else None
         with model.boundary_step(local, aux_weight, batch["attention_mask"]) as aux_losses:
             hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
         with lm_head_context():
-            loss_sum = task_loss(model, hidden, batch)
-            objective = loss_sum / global_units
+            loss = task_loss(model, hidden, batch)
+            terms = loss if isinstance(loss, LossTerms) else LossTerms(loss, {})
+            objective = terms.objective / global_units
             if local is None and aux_losses:
                 objective = objective + aux_weight * torch.stack(aux_losses).sum()
             run_backward(objective)
-        task_sum += float(loss_sum.detach())
+        task_sum += float(terms.logged.get("task_loss", terms.objective).detach())
+        for name, value in terms.logged.items():
+            if name != "task_loss":
+                term_sums[name] = term_sums.get(name, 0.0) + float(value.detach())
         for i, aux in enumerate(aux_losses):
             aux_sums[i] += float(aux.detach()) / len(micro_batches)
     return StepResult(
@@ -83,13 +90,74 @@ def forward_backward(
         aux_losses=[all_reduce_sum(a, device) / world_size() for a in aux_sums],
         tokens=local_units,
         input_tokens=sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
+        terms={name: all_reduce_sum(value, device) / global_units for name, value in term_sums.items()},
+    )
+
+
+@dataclass
+class EvalResult:
+    task_loss: float  # the task loss's mean per unit over the validation records (SFT: per trained token)
+    aux_losses: list[float]  # each non-final block's local loss, mean per real (non-padding) token
+
+
+def evaluate(
+    model: LocalLearningLM,
+    batches: Iterable[tuple[dict[str, torch.Tensor], bool]],
+    task_loss: TaskLoss | None = None,
+    lm_head_context: Callable[[], AbstractContextManager] = nullcontext,
+) -> EvalResult:
+    """The validation losses of `model` over this process's `batches` and every other process's: training's
+    forward (the block boundaries' local losses, the task loss through `lm_head_context`), under torch.no_grad
+    and in eval mode (no dropout), then back in the mode it was in.
+
+    Each process sums over its batches; the sums are added across processes, then divided by the counts (trained
+    tokens for the task loss, real tokens for the local losses), so the result is the mean over all validation
+    records, whatever the batches and processes. A batch flagged False is run but not counted: a sharded model's
+    forward is a collective, so every process runs as many forwards, and one with fewer records repeats one.
+    """
+    task_loss = task_loss or CausalLMLoss()
+    task_sum, units, tokens, aux_sums = 0.0, 0, 0.0, [0.0] * len(model.aux_heads)
+    device = None
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch, counted in batches:
+                device = batch["input_ids"].device
+                # the task loss runs outside the boundary step, as in training: a reference model's forward
+                # through the same layers (the base with adapters disabled) measures no local loss
+                with model.boundary_step(None, 0.0, batch["attention_mask"], measure=True) as aux_losses:
+                    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
+                with lm_head_context():
+                    loss = task_loss(model, hidden, batch)
+                if not counted:
+                    continue
+                terms = loss if isinstance(loss, LossTerms) else LossTerms(loss, {})
+                task_sum += float(terms.logged.get("task_loss", terms.objective))
+                units += task_loss.units(batch)
+                real_tokens = float(batch["attention_mask"].sum())
+                tokens += real_tokens
+                for i, aux in enumerate(aux_losses):
+                    aux_sums[i] += float(aux) * real_tokens  # the loss is a mean over the batch's real tokens
+    finally:
+        model.train(training)
+    units = all_reduce_sum(units, device)
+    if units == 0:
+        raise LoptError(
+            "No trained tokens in the validation records: every example's response was masked or truncated. Raise "
+            "--max_seq_length, or validate on other records."
+        )
+    tokens = all_reduce_sum(tokens, device)
+    return EvalResult(
+        task_loss=all_reduce_sum(task_sum, device) / units,
+        aux_losses=[all_reduce_sum(a, device) / tokens for a in aux_sums],
     )
 
 
 def check_finite(result: StepResult, grad_norm: float, step: int, step_taken: bool = False) -> None:
     """Stop before a poisoned optimizer step (or, with `step_taken`, right after one whose gradient
     norm is only known then); either way the caller keeps the last good checkpoint."""
-    values = {"task loss": result.task_loss, "gradient norm": grad_norm}
+    values = {"task loss": result.task_loss, "gradient norm": grad_norm, **result.terms}
     values.update({f"aux loss (block {i + 1})": v for i, v in enumerate(result.aux_losses)})
     stop_unless_finite(values, step, step_taken)
 

@@ -28,7 +28,9 @@ it logs itself (`epoch`, `grad_norm`), `lopt/aux_loss_block_<i>` for block i's l
 `lopt/<field>` for every other contract field (`lopt/task_loss`, `lopt/lr`, `lopt/lr_k1`,
 `lopt/tokens_per_s`, `lopt/peak_mem_bytes`, `lopt/activation_peak_bytes`, `lopt/elapsed_s`); the x axis
 is the optimizer step (`train/global_step` in Trackio and wandb). GRPO and DPO add every metric TRL logs
-under TRL's names (`train/loss`, `train/rewards/accuracies`, ...).
+under TRL's names (`train/loss`, `train/rewards/accuracies`, ...). Validation (--eval_*) goes under `eval/`:
+`eval/lopt/task_loss` and `eval/lopt/aux_loss_block_<i>` in every recipe, and TRL's own (`eval/loss`,
+`eval/rewards/accuracies`, ...) for GRPO and DPO.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from lopt.errors import LoptError, unknown_choice
 from lopt.training.callbacks import Callback, RunInfo
-from lopt.training.metrics import FIELDS, StepMetrics
+from lopt.training.metrics import EVAL_FIELDS, FIELDS, StepMetrics
 
 if TYPE_CHECKING:
     from lopt.config import RunConfig
@@ -105,16 +107,18 @@ def _safe_name(name: str) -> str:
 def tracker_scalars(metrics: StepMetrics) -> dict[str, float]:
     """A logged step as the trackers show it (the module docstring lists the names); None values are left out."""
     scalars: dict[str, Any] = {}
-    for name, value in metrics.to_json().items():
+    for column, value in metrics.to_json().items():
+        # a validation field is its training field's name under eval/, as transformers names validation logs
+        section, name = ("eval", column.removeprefix("eval_")) if column in EVAL_FIELDS else ("train", column)
         if name == "step":
             continue  # the x axis
         if name == "aux_loss":
-            scalars.update({AUX_LOSS_KEY.format(i + 1): loss for i, loss in enumerate(value)})
+            scalars.update({f"{section}/{AUX_LOSS_KEY.format(i + 1)}": loss for i, loss in enumerate(value or [])})
         elif name in TRAINER_NAMES or name not in FIELDS:  # the Trainer's own names; a recipe's columns
-            scalars[name] = value
+            scalars[f"{section}/{name}"] = value
         else:
-            scalars[lopt_key(name)] = value
-    return {f"train/{name}": value for name, value in scalars.items() if value is not None}
+            scalars[f"{section}/{lopt_key(name)}"] = value
+    return {name: value for name, value in scalars.items() if value is not None}
 
 
 def import_tracker(name: str, module: str | None = None):

@@ -32,6 +32,10 @@ changes a TRL trainer at the narrowest hooks only, and never TRL's loss code:
   `TRLBridge`, which writes metrics.jsonl from them, so both show the same values.
 - As in the SFT loop, a NaN/inf loss stops the run before its optimizer step, and SIGINT / SIGTERM
   finish the step in flight, save a checkpoint and exit with 130 / 143 (`_StopOnSignal`).
+- Validation (--eval_*) is TRL's own evaluation (`validation_arguments`: eval_strategy "steps",
+  load_best_model_at_end, metric_for_best_model; transformers' EarlyStoppingCallback). `compute_loss`
+  measures each block's local loss beside TRL's validation loss, and `TRLBridge` writes a validating
+  step's metrics.jsonl row with the validation's values (eval_task_loss is TRL's eval_loss).
 """
 
 from __future__ import annotations
@@ -50,15 +54,17 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import DistributedType
-from transformers import TrainerCallback
+from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from lopt.config import RunConfig, save_config
+from lopt.config import RunConfig, eval_steps, save_config, validates
 from lopt.errors import LoptError
 from lopt.models.local_learning import LocalLearningLM
-from lopt.output import console, phase
+from lopt.output import console, phase, plural
 from lopt.parallel import distributed
+from lopt.parallel.backend import adapters_sharded_error
 from lopt.parallel.distributed import all_reduce_gradients
+from lopt.tools.publish import publish_run
 from lopt.training.callbacks import Callback, Callbacks, MetricsFile, ProgressBar, RunInfo
 from lopt.training.checkpoint import (
     TRAINING_STATE,
@@ -70,9 +76,9 @@ from lopt.training.checkpoint import (
     save_final_model,
 )
 from lopt.training.memory import SavedTensorMeter, device_peak_bytes
-from lopt.training.metrics import StepMetrics
+from lopt.training.metrics import RECIPE_EVAL_COLUMNS, StepMetrics
 from lopt.training.optim import build_optimizer
-from lopt.training.run import prepare_output_dir
+from lopt.training.run import adapter_summary, prepare_output_dir, validation_summary
 from lopt.training.signals import StopRequest
 from lopt.training.step import stop_unless_finite
 from lopt.training.trackers import (
@@ -144,6 +150,11 @@ class _ContractClock(TrainerCallback):
         if lr_scheduler is not None:
             self.rates = lr_scheduler.get_last_lr()  # build_optimizer puts the early groups first
 
+    def on_evaluate(self, args, state, control, **kwargs):
+        # a validation runs right after its step's log (TRLBridge has the step logged): the next logging window
+        # starts now, so tokens_per_s is training's
+        self.last_time = time.perf_counter()
+
     def window(self, tokens: float | None, device: torch.device) -> dict[str, float]:
         """The logging window that ends now, as TRL log entries (WINDOW_FIELDS); the next one starts."""
         now = time.perf_counter()
@@ -179,6 +190,8 @@ class LoptTrainerMixin:
         self.last_task_loss = float("nan")  # the latest micro-batch's, for listeners' on_step_end
         super().__init__(*args, **kwargs)
         sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if sharded and lopt.uses_adapters:
+            raise adapters_sharded_error(self.accelerator.distributed_type.value)
         if lopt.num_blocks > 1 and sharded:
             # training_step averages whole gradients across processes, which assumes every process
             # holds the whole model (data parallel); sharded gradients would be averaged wrongly.
@@ -202,7 +215,16 @@ class LoptTrainerMixin:
         super().log(logs, start_time)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not (self.model.training and torch.is_grad_enabled()):  # evaluation: TRL's loss as it is
+        if not self.model.training:  # validation: TRL's loss as it is, each block's local loss measured beside it
+            with self.lopt.boundary_step(None, 0.0, measure=True) as aux_losses:
+                output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # the policy's forward runs first; a reference pass through the same layers (LoRA disabled) adds more.
+            # Averaged over the processes, as TRL's own validation metrics are (every process runs as many batches).
+            for i, aux in enumerate(aux_losses[: len(self.lopt.aux_heads)]):
+                mean = self.accelerator.gather(aux.detach().reshape(1)).mean()
+                self._metrics["eval"][AUX_LOSS_KEY.format(i + 1)].append(float(mean))
+            return output
+        if not torch.is_grad_enabled():
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         blocks = self.lopt.num_blocks
         block_weight = self.lopt.lambda_aux / max(blocks - 1, 1)
@@ -273,7 +295,9 @@ class LoptTrainerMixin:
         self.accelerator.wait_for_everyone()  # every process has written its RNG state into the folder
         if self.args.should_save:
             mark_complete(folder, {"step": self.state.global_step, "aux_heads": self.lopt.aux_heads.state_dict()})
-            prune_checkpoints(folder.parent, self.lopt_save_total_limit)
+            # the checkpoint --load_best_model_at_end restores is kept (the Trainer recorded it while saving)
+            best = self.state.best_model_checkpoint if self.args.load_best_model_at_end else None
+            prune_checkpoints(folder.parent, self.lopt_save_total_limit, Path(best) if best else None)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -345,6 +369,27 @@ def trl_arguments(trl_config_cls, config: RunConfig, **specific):
         raise LoptError(f"TRL rejected these settings: {error}") from error
 
 
+def trl_metric(column: str, columns: dict[str, str]) -> str:
+    """The key of TRL's validation logs a validation column of metrics.jsonl comes from: eval_task_loss is the
+    Trainer's eval_loss, a recipe's validation column its column's key with TRL's eval_ prefix."""
+    return "eval_loss" if column == "eval_task_loss" else "eval_" + columns[column.removeprefix("eval_")]
+
+
+def validation_arguments(config: RunConfig, columns: dict[str, str]) -> dict:
+    """TRL's (transformers') validation settings from lopt's --eval_* flags, for `trl_arguments`; `columns` are the
+    recipe's metrics.jsonl columns and their TRL keys. Nothing without validation records (TRL's "no")."""
+    if not validates(config):
+        return {}
+    return dict(
+        eval_strategy="steps",
+        eval_steps=eval_steps(config),
+        per_device_eval_batch_size=config.per_device_eval_batch_size,
+        load_best_model_at_end=config.load_best_model_at_end,
+        metric_for_best_model=trl_metric(config.metric_for_best_model, columns),
+        greater_is_better=config.BEST_MODEL_METRICS[config.metric_for_best_model],
+    )
+
+
 class TRLBridge(TrainerCallback):
     """TRL's TrainerCallback events -> lopt's listeners (training/callbacks.py), with each logged step as
     the StepMetrics record of the metrics contract (training/metrics.py), read from TRL's logs.
@@ -353,11 +398,15 @@ class TRLBridge(TrainerCallback):
     from. The mixin's `log` has put the other fields in the logs (`_ContractClock`): `activation_peak_bytes`
     is the peak of bytes saved for backward over the logging window; `lr` and `lr_k1` are the rates of
     the last optimizer step. Only the main process tells the listeners.
+
+    A step that validates is always logged: the Trainer logs the training values first, then validates, so
+    that step's row waits for the validation (`on_evaluate`) and holds its values too.
     """
 
     def __init__(self, trainer, recipe: str, columns: dict[str, str], listeners: list[Callback]):
         self.trainer, self.recipe, self.columns = trainer, recipe, columns
         self.callbacks = Callbacks(listeners)
+        self.pending: StepMetrics | None = None  # a validating step's row, until the validation's values come
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -371,21 +420,42 @@ class TRLBridge(TrainerCallback):
             )  # fmt: skip
 
     def on_step_end(self, args, state, control, **kwargs):
+        if control.should_evaluate:
+            control.should_log = True  # on every process: the Trainer's logging gathers the loss across them
         if state.is_world_process_zero:
             self.callbacks.on_step_end(state.global_step, self.trainer.last_task_loss)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or TASK_LOSS_KEY not in logs:
             return  # the end-of-training summary and evaluation logs carry no step metrics
+        self._flush()  # a row still waiting for a validation that did not come
         window = {name: logs[lopt_key(name)] for name in WINDOW_FIELDS}
-        self.callbacks.on_log(
-            StepMetrics(
-                step=state.global_step, epoch=logs.get("epoch"), task_loss=logs[TASK_LOSS_KEY],
-                aux_loss=[logs.get(AUX_LOSS_KEY.format(i + 1)) for i in range(len(self.trainer.lopt.aux_heads))],
-                grad_norm=logs.get("grad_norm"), **window,
-                recipe={column: logs.get(key) for column, key in self.columns.items()},
-            )
+        blocks = range(1, len(self.trainer.lopt.aux_heads) + 1)
+        row = StepMetrics(
+            step=state.global_step, epoch=logs.get("epoch"), task_loss=logs[TASK_LOSS_KEY],
+            aux_loss=[logs.get(AUX_LOSS_KEY.format(i)) for i in blocks], grad_norm=logs.get("grad_norm"), **window,
+            recipe={column: logs.get(key) for column, key in self.columns.items()}
+            | dict.fromkeys(RECIPE_EVAL_COLUMNS[self.recipe]),
         )  # fmt: skip
+        self.pending = row
+        if not control.should_evaluate:
+            self._flush()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        row, self.pending = self.pending, None
+        if row is None:
+            return  # not the main process
+        blocks = range(1, len(self.trainer.lopt.aux_heads) + 1)
+        row.eval_task_loss = metrics.get("eval_loss")
+        row.eval_aux_loss = [metrics.get("eval_" + AUX_LOSS_KEY.format(i)) for i in blocks]
+        for column in RECIPE_EVAL_COLUMNS[self.recipe]:
+            row.recipe[column] = metrics.get(trl_metric(column, self.columns))
+        self.callbacks.on_log(row)
+
+    def _flush(self) -> None:
+        if self.pending is not None:
+            row, self.pending = self.pending, None
+            self.callbacks.on_log(row)
 
     def on_save(self, args, state, control, **kwargs):
         # The mixin's _save_checkpoint has completed the folder (training_state.pt written last) by now.
@@ -394,6 +464,7 @@ class TRLBridge(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
+            self._flush()  # a row whose validation never came (the run failed in it)
             self.callbacks.on_train_end(state.global_step)
 
 
@@ -485,22 +556,39 @@ def run_trl_recipe(name: str, config: RunConfig, build_trainer: Callable, descri
         console.print(
             f"[bold]lopt {name}[/]: {config.canonical_method}"
             + (f" k={wrapper.num_blocks}, {config.backward} backward" if wrapper.num_blocks > 1 else "")
-            + f" | {describe(trainer)} | {trainer.accelerator.num_processes} process(es), device {trainer.args.device}"
+            + adapter_summary(config, wrapper)
+            + f" | {describe(trainer)} | {plural(trainer.accelerator.num_processes, 'process', 'processes')}"
+            + f", device {trainer.args.device}"
             + (f" | resuming from {resume_dir}" if resume_dir else "")
         )
     start = time.perf_counter()
     with StopRequest() as stop, trl_reporting(trainer, config):
         stopper = _StopOnSignal(stop, trainer.args.device)
         trainer.add_callback(stopper)
+        if config.early_stopping_patience:
+            trainer.add_callback(EarlyStoppingCallback(config.early_stopping_patience))
         # TRL's Trainer restores the model (and, through the mixin, the heads), the optimizer, the
         # schedule, the RNG states and the position in the data.
         trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     if stopper.stopped:
         distributed.barrier()
         stop.exit_after_save(find_checkpoint(out, "latest"), trainer.state.global_step)
+    state = trainer.state
+    # validated, with checkpoints: the Trainer has recorded the best step (older transformers releases do not)
+    if main_process and getattr(state, "best_global_step", None) is not None:
+        restored = state.best_model_checkpoint if config.load_best_model_at_end else None
+        summary = validation_summary(
+            config, state.best_global_step, state.best_metric, state.global_step, state.max_steps,
+            Path(restored).name if restored and state.best_global_step != state.global_step else None,
+        )  # fmt: skip
+        console.print(summary, highlight=False)
     if main_process:
+        if config.merge_lora:
+            wrapper.merge_adapters()
         with phase(f"saving the model to {out}"):
             save_final_model(out, wrapper, trainer.processing_class)
     distributed.barrier()
+    if main_process:
+        publish_run(config, out)  # lopt's card replaces the one TRL writes with each checkpoint
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return TRLRunResult(out, trainer.state.global_step, metrics, time.perf_counter() - start)
