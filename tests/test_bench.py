@@ -100,3 +100,65 @@ def test_bench_liger_on_cpu_says_why_before_running(tmp_path, capsys):
     with pytest.raises(LoptError, match="--liger needs a CUDA GPU"):
         main(["--liger", "--device", "cpu", "--out", str(tmp_path / "bench")])
     assert not (tmp_path / "bench").exists()
+
+
+def test_bench_packing_trains_the_same_tokens_in_fewer_fuller_steps(tmp_path, capsys):
+    model_dir = tiny_model_dir(tmp_path / "model", layers=4)
+    data = tmp_path / "mixed.jsonl"  # short and long answers: one example a row pads the short ones
+    data.write_text(
+        "".join(json.dumps({"question": f"What is {i}?", "answer": "4 " * (2 + 9 * (i % 4))}) + "\n" for i in range(12))
+    )
+    out = tmp_path / "bench"
+    flags = ["--batch", "4", "--seq", "96", "--methods", "e2e", "--blocks", "2", "--steps", "1", "--warmup", "0"]
+    main(
+        [
+            *flags,
+            "--model_name_or_path",
+            str(model_dir),
+            "--rounds",
+            "2",
+            "--packing_data",
+            str(data),
+            "--out",
+            str(out),
+        ]
+    )
+    rows = {(r["method"], r["variant"]): r for r in json.loads((out / "bench.json").read_text())["packing"]}
+    assert set(rows) == {("e2e", "unpacked"), ("e2e", "packed"), ("lopt k=2", "unpacked"), ("lopt k=2", "packed")}
+    for method in ("e2e", "lopt k=2"):
+        unpacked, packed = rows[(method, "unpacked")], rows[(method, "packed")]
+        assert packed["real_tokens"] == unpacked["real_tokens"] and packed["examples"] == unpacked["examples"] == 12
+        assert (unpacked["rows"], unpacked["steps"]) == (12, 3)
+        assert packed["steps"] < unpacked["steps"] and packed["padding_share"] < unpacked["padding_share"]
+        assert unpacked["tokens_per_s_ratio"] == 1.0 and len(packed["pass_times"]) == 2
+        assert packed["tokens_per_s_ratio"] == packed["real_tokens_per_s"] / unpacked["real_tokens_per_s"]
+    assert "--packing: one training pass over 12 examples" in capsys.readouterr().out
+
+
+def test_the_step_accounting_equals_sizes_computed_by_hand():
+    from lopt.models.local_learning import LocalLearningLM
+    from lopt.tools.bench import Configuration, measure
+    from tiny_models import tiny_model
+
+    def nbytes(parameters) -> int:
+        return sum(p.numel() * p.element_size() for p in parameters)
+
+    records = {}
+    for method, k in (("e2e", 1), ("lopt", 2), ("lopt+bs", 2), ("lopt+bs", 3)):
+        records[(method, k)] = measure(tiny_model(layers=6), Configuration(method, k), 2, 16, steps=1, warmup=0)
+        model = LocalLearningLM(tiny_model(layers=6), num_blocks=k)  # the same wrapping, to count by hand
+        trained = [p for p in model.parameters() if p.requires_grad]
+        r = records[(method, k)]
+        assert r.parameter_bytes == nbytes(model.parameters())
+        assert r.optimizer_state_bytes == 2 * nbytes(trained) + 4 * len(trained)  # exp_avg, exp_avg_sq, step
+        # all gradients alive at once, unless each block's are freed at its step: then the largest block's
+        blocks = model.block_parameters()
+        expected = max(nbytes(b) for b in blocks) if method == "lopt+bs" else nbytes(trained)
+        assert r.gradient_peak_bytes == expected
+        assert max(r.activation_bytes, r.gradient_peak_bytes) <= r.gradients_activations_peak_bytes
+        assert r.gradients_activations_peak_bytes <= r.activation_bytes + r.gradient_peak_bytes
+        assert r.whole_step_bytes == r.parameter_bytes + r.optimizer_state_bytes + r.gradients_activations_peak_bytes
+    assert records[("lopt+bs", 2)].activation_bytes == records[("lopt", 2)].activation_bytes
+    assert (
+        records[("lopt+bs", 2)].gradients_activations_peak_bytes < records[("lopt", 2)].gradients_activations_peak_bytes
+    )

@@ -212,6 +212,18 @@ class SFTConfig(RunConfig):
         "go through the chat template",
         choices=list(PROMPT_FORMATS),
     )
+    block_step: bool = _opt(
+        False,
+        "LoPT: step each block's parameters right after that block's backward and free its gradients, so at most "
+        "one block's gradients are alive (needs --backward local, --gradient_accumulation_steps 1); --max_grad_norm "
+        "then clips each block by its own gradient norm, not by the global norm",
+    )
+    packing: bool = _opt(
+        False,
+        "pack whole examples into sequences of up to --max_seq_length tokens (best-fit decreasing: little padding, "
+        "each example attends only to itself); a batch is then --per_device_train_batch_size packed "
+        "sequences",
+    )
     liger: bool = _opt(
         False, "LM-head loss with Liger Kernel's fused linear cross entropy (CUDA; pip install liger-kernel)"
     )
@@ -335,14 +347,16 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "model": ("model_name_or_path", "trust_remote_code"),
     "data": (
         "dataset_preset", "task", "dataset_name", "dataset_config", "train_file", "split", "max_samples",
-        "select_samples", "max_seq_length", "prompt_format",
+        "select_samples", "max_seq_length", "prompt_format", "packing",
     ),
     "generation": (
         "num_generations", "max_prompt_length", "max_completion_length", "temperature", "top_p",
         "steps_per_generation", "use_vllm",
     ),
     "rewards": ("reward_funcs", "reward_weights", "format_reward_weight"),
-    "method and LoPT": ("method", "num_blocks", "early_blocks", "aux_loss", "lambda_aux", "lr_k1", "backward"),
+    "method and LoPT": (
+        "method", "num_blocks", "early_blocks", "aux_loss", "lambda_aux", "lr_k1", "backward", "block_step",
+    ),
     "LoRA / adapters": (
         "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit", "load_in_8bit",
         "merge_lora",
@@ -494,6 +508,8 @@ def validate(config) -> None:
         raise LoptError(f"--max_samples must be at least 1, got {config.max_samples}.")
     _validate_adapters(config)
     _validate_validation(config)
+    if getattr(config, "block_step", False):
+        _validate_block_step(config)
     if getattr(config, "kl_beta", 0.0) < 0:
         raise LoptError(f"--kl_beta must be >= 0 (0 turns the KL term off), got {config.kl_beta}.")
     if getattr(config, "kl_beta", 0.0) > 0 and config.liger:
@@ -546,6 +562,29 @@ EVAL_OPTIONS = (
     "metric_for_best_model",
     "early_stopping_patience",
 )
+
+
+def _validate_block_step(config) -> None:
+    if config.canonical_method == "e2e":
+        raise LoptError(
+            "--block_step needs --method lopt (2 or more blocks): end-to-end training has one block, whose step is "
+            "the whole step."
+        )
+    if config.backward != "local":
+        raise LoptError(
+            "--block_step needs --backward local: joint backward computes every block's gradients at the end of the "
+            "step, so no block could step earlier."
+        )
+    if config.gradient_accumulation_steps != 1:
+        raise LoptError(
+            "--block_step needs --gradient_accumulation_steps 1: a block's gradients are final only after the last "
+            "micro-batch; raise --per_device_train_batch_size instead."
+        )
+    if config.fp16:
+        raise LoptError(
+            "--block_step with --fp16: the loss scaler unscales and skips whole steps, not blocks; use --bf16 or "
+            "float32."
+        )
 
 
 def validates(config) -> bool:

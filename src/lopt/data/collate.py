@@ -18,12 +18,14 @@ ended with EOS, as above; other records still go through the chat template.
 
 from __future__ import annotations
 
+import bisect
 import logging
 
 import torch
 
 from lopt.data.formats import PROMPT_FORMATS, detect_format, to_messages, to_reference_text
 from lopt.errors import LoptError, unknown_choice
+from lopt.output import plural
 
 logger = logging.getLogger(__name__)
 
@@ -118,17 +120,72 @@ def build_prompt(tokenizer, messages: list[dict]) -> str:
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest example; padding is masked out of attention and labels."""
+    """Right-pad a batch to its longest example; padding is masked out of attention and labels.
+
+    Packed examples (`pack_examples`) also get `position_ids`; their padding's positions restart at 0, so the
+    padding is one more sequence of the row and no real token attends to it (`attention_mask` then only marks
+    the real tokens for counting and for the local losses: the model is run on the positions alone)."""
     length = max(len(example["input_ids"]) for example in examples)
     input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    packed = "position_ids" in examples[0]
+    position_ids = torch.zeros((len(examples), length), dtype=torch.long)
     for row, example in enumerate(examples):
         n = len(example["input_ids"])
         input_ids[row, :n] = torch.tensor(example["input_ids"], dtype=torch.long)
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.tensor(example["labels"], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if packed:
+            position_ids[row, :n] = torch.tensor(example["position_ids"], dtype=torch.long)
+            position_ids[row, n:] = torch.arange(length - n)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {**batch, "position_ids": position_ids} if packed else batch
+
+
+def pack_examples(examples: list[dict], max_seq_length: int) -> list[dict]:
+    """`tokenize_sft` examples packed into rows of at most `max_seq_length` tokens (--packing).
+
+    Best-fit decreasing, as TRL's "bfd" strategy: longest example first, each into the row whose free space it
+    fills best, a new row when none has room. An example is never split (a cut answer would lose its prompt), so
+    the rows are at least as many as the examples' tokens over `max_seq_length`. Each row's `position_ids`
+    restart at 0 at every example: transformers then builds a block-diagonal causal mask from them (no example
+    attends to another) and the rotary positions are each example's own. The first label of every example is
+    ignored: it would be predicted from the previous example's last token (unpacked, nothing predicts it).
+    """
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (tokens left, row), sorted: the best fit is the first with enough room
+    for index in order:
+        n = len(examples[index]["input_ids"])
+        at = bisect.bisect_left(free, (n, -1))
+        if at == len(free):
+            rows.append([index])
+            left, row = max_seq_length - n, len(rows) - 1
+        else:
+            left, row = free.pop(at)
+            rows[row].append(index)
+            left -= n
+        if left > 0:
+            bisect.insort(free, (left, row))
+    return [_packed_row([examples[i] for i in members]) for members in rows]
+
+
+def packing_summary(rows: int, tokens: int, max_seq_length: int) -> str:
+    """How `pack_examples` packed `tokens` tokens: the rows and the share of their room the tokens fill."""
+    return (
+        f"packed into {plural(rows, 'sequence')} of up to {max_seq_length} tokens "
+        f"({tokens / (rows * max_seq_length):.1%} filled)"
+    )
+
+
+def _packed_row(members: list[dict]) -> dict:
+    row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for example in members:
+        row["input_ids"] += example["input_ids"]
+        row["labels"] += [IGNORE_INDEX, *example["labels"][1:]]
+        row["position_ids"] += range(len(example["input_ids"]))
+    return row
 
 
 def _segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]] | None:

@@ -80,6 +80,7 @@ class _BoundaryStep:
     aux_weight: float  # weight of one block's local loss in the step objective
     token_mask: torch.Tensor | None  # [batch, seq], 1 for real tokens: padding takes no part in the local loss
     measure: bool = False  # validation: compute the local losses without gradients too
+    after_backward: Callable[[int], None] | None = None  # --block_step: called with a block's index after its backward
     losses: list[torch.Tensor] = field(default_factory=list)
     block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -97,6 +98,23 @@ def _with_hidden(output, hidden: torch.Tensor):
 
 def _hidden_of(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
+
+
+def backbone_hidden_states(
+    backbone: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A transformers backbone's final hidden states. Packed rows (`position_ids` restarting at each example,
+    data/collate.py) go without the attention mask: given positions and no mask, transformers builds the
+    block-diagonal causal mask from the positions (masking_utils' packed-sequence detection; flash attention's
+    variable-length path on GPU), so no example of a row attends to another."""
+    if position_ids is not None:
+        out = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    else:
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
 
 
 class LocalLearningLM(nn.Module):
@@ -159,6 +177,29 @@ class LocalLearningLM(nn.Module):
                 groups["final" if id(p) in final_ids else "early"].append(p)
         return groups
 
+    def block_parameters(self) -> list[list[nn.Parameter]]:
+        """The trained parameters each block's objective reaches, block by block: the embeddings with block 1, each
+        early block's reconstruction head with it, the final norm and LM head with the final block. With local
+        backward a block's gradients are final after its own backward (--block_step steps them there)."""
+        parts = self.parts
+        modules = [[parts.layers[i] for i in block] for block in self.blocks]
+        modules[0] += list(parts.embeddings)
+        for i, head in enumerate(self.aux_heads):
+            modules[i].append(head)
+        modules[-1] += [parts.final_norm, parts.lm_head]
+        blocks, placed = [], set()
+        for block_modules in modules:
+            block = [p for m in block_modules for p in m.parameters() if p.requires_grad and id(p) not in placed]
+            placed |= {id(p) for p in block}
+            blocks.append(block)
+        stray = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in placed]
+        if stray:
+            raise LoptError(
+                f"--block_step: trained parameters outside every block of this model: {', '.join(stray[:5])}; "
+                "train without --block_step."
+            )
+        return blocks
+
     def _untie_embeddings(self) -> None:
         # With tied weights the LM head (trained by the task loss) would also be the input embedding
         # (trained locally by block 1), so the task gradient would cross the first boundary. A frozen
@@ -202,6 +243,8 @@ class LocalLearningLM(nn.Module):
             if step.backward is not None:
                 step.backward(step.aux_weight * loss)  # frees this block's activations now
                 loss = loss.detach()
+                if step.after_backward is not None:
+                    step.after_backward(block)  # the block's gradients are final: its optimizer step can run
             step.losses.append(loss)
         return _with_hidden(output, hidden.detach())
 
@@ -226,6 +269,7 @@ class LocalLearningLM(nn.Module):
         aux_weight: float,
         token_mask: torch.Tensor | None = None,
         measure: bool = False,
+        after_backward: Callable[[int], None] | None = None,
     ) -> Iterator[list[torch.Tensor]]:
         """Within this context a forward computes the local losses, yielded as a list (one per block).
 
@@ -233,9 +277,13 @@ class LocalLearningLM(nn.Module):
         block has run and the list holds detached values; with None (joint mode) the losses keep their
         graphs and the caller adds them to the task loss. `token_mask` (the attention mask) keeps
         padding out of the local losses. `measure` (validation, under torch.no_grad) computes the local losses
-        of forwards without gradients too, with no backward.
+        of forwards without gradients too, with no backward. `after_backward(block)` runs after each early block's
+        local backward (--block_step).
         """
-        self._step = _BoundaryStep(backward=backward, aux_weight=aux_weight, token_mask=token_mask, measure=measure)
+        self._step = _BoundaryStep(
+            backward=backward, aux_weight=aux_weight, token_mask=token_mask, measure=measure,
+            after_backward=after_backward,
+        )  # fmt: skip
         try:
             yield self._step.losses
         finally:
@@ -249,10 +297,14 @@ class LocalLearningLM(nn.Module):
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Final (normed) hidden states, the LM head's input; the loss applies the head chunk by chunk."""
-        out = self.parts.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.last_hidden_state
+        return backbone_hidden_states(self.parts.backbone, input_ids, attention_mask, position_ids)
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each decoder layer in backward instead of storing its activations.

@@ -60,6 +60,14 @@ class ParallelBackend:
         """Reduce the window's gradients over processes, clip, `check`, apply, zero; return the norm before clipping."""
         raise NotImplementedError
 
+    def step_block(
+        self, parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, check: Callable[[float], None]
+    ) -> float:
+        """--block_step: `step` for one block's `parameters` (clipped by their own norm), right after the block's
+        backward; their gradients are freed. Only the replicated backend has it: the sharded ones refuse the flag
+        when they are made (`refuse_unsharded_extras`)."""
+        raise NotImplementedError
+
     def local_parameters(self, model: LocalLearningLM) -> list[torch.Tensor]:
         """This process's parameter tensors (shards, where sharded): excluded from the activation meter."""
         return list(model.parameters())
@@ -95,6 +103,11 @@ def refuse_unsharded_extras(config, backend_name: str) -> None:
     are data-parallel only (the replicated backend, torchrun)."""
     if config.use_peft:
         raise adapters_sharded_error(backend_name)
+    if getattr(config, "block_step", False):
+        raise LoptError(
+            f"--block_step under {backend_name}: a block's step would need its sharded gradients reduced and its "
+            "optimizer shard stepped on its own; launch with torchrun (data parallel), or drop --block_step."
+        )
     if getattr(config, "kl_beta", 0.0) > 0:
         raise LoptError(
             f"--kl_beta under {backend_name}: the frozen starting model would be a full unsharded copy on every "

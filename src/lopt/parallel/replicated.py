@@ -12,6 +12,7 @@ API), so a run can resume on any number of processes, sharded by FSDP2 or not.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -60,6 +61,19 @@ class ReplicatedBackend(ParallelBackend):
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def step_block(
+        self, parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, check: Callable[[float], None]
+    ) -> float:
+        """--block_step: reduce, clip by the block's own norm, check, and step `parameters` (one block's), then free
+        their gradients. AdamW skips parameters without gradients, so only this block moves."""
+        self.reduce_gradients(parameters)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, self.max_grad_norm))
+        check(grad_norm)
+        optimizer.step()
+        for p in parameters:
+            p.grad = None
         return grad_norm
 
     def full_state(self, model: LocalLearningLM, optimizer: torch.optim.Optimizer | None = None) -> FullState:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from lopt.config import SFTConfig, eval_steps, save_config
-from lopt.data.collate import collate, tokenize_sft
+from lopt.data.collate import collate, pack_examples, packing_summary, tokenize_sft
 from lopt.data.order import batches_from, batches_per_epoch, eval_batches
 from lopt.data.presets import sft_data_is_generated, sft_records, with_validation
 from lopt.errors import LoptError
@@ -63,7 +63,7 @@ from lopt.training.run import (
     weights_dtype,
 )
 from lopt.training.signals import StopRequest
-from lopt.training.step import EvalResult, StepResult, check_finite, evaluate, forward_backward
+from lopt.training.step import EvalResult, StepResult, check_finite, evaluate, forward_backward, stop_unless_finite
 from lopt.training.task_loss import (
     AdaptersDisabled,
     CausalLMLoss,
@@ -129,6 +129,7 @@ class _Run:
     position: tuple[int, int] = (0, 0)  # (epoch, batch index) of the next batch
     losses: list[float] = field(default_factory=list)
     peak_activation: int = 0
+    block_parameters: list[list[torch.nn.Parameter]] | None = None  # --block_step: each block's, in order
     eval_examples: list[dict] | None = None  # None: no validation records
     best: _Best = field(default_factory=_Best)
     last_step: int = 0  # the step training ended at (before total_steps when it stopped early)
@@ -192,12 +193,16 @@ def _set_up(config: SFTConfig, task_loss: TaskLoss | None, listeners: list[Callb
             f"{plural(data_stats['examples'], 'example')}, {data_stats['trained_tokens']:,} trained tokens of "
             f"{data_stats['tokens']:,}, {data_stats['skipped_truncated']} skipped (answer truncated away)"
         )
+    if config.packing:
+        examples = pack_examples(examples, config.max_seq_length)
+        data_stats["packed_sequences"] = len(examples)
     eval_examples = _tokenize_validation(config, eval_records, tokenizer) if eval_records is not None else None
     per_epoch = batches_per_epoch(len(examples), config.per_device_train_batch_size, world)
     if per_epoch == 0:
+        unit = "packed sequence" if config.packing else "example"
         raise LoptError(
-            f"{len(examples)} examples do not fill one global batch of {config.per_device_train_batch_size} x {world} "
-            "processes; lower --per_device_train_batch_size or add data."
+            f"{plural(len(examples), unit)} do not fill one global batch of {config.per_device_train_batch_size} x "
+            f"{plural(world, 'process', 'processes')}; lower --per_device_train_batch_size or add data."
         )
     steps_per_epoch = max(per_epoch // config.gradient_accumulation_steps, 1)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
@@ -209,6 +214,7 @@ def _set_up(config: SFTConfig, task_loss: TaskLoss | None, listeners: list[Callb
         data_stats=data_stats, optimizer=optimizer, scheduler=scheduler, task_loss=task_loss,
         callbacks=_listeners(config, resume_dir is not None, listeners),
         batches_per_epoch=per_epoch, total_steps=total_steps, resume_dir=resume_dir, eval_examples=eval_examples,
+        block_parameters=model.block_parameters() if config.block_step else None,
     )  # fmt: skip
     if state is not None:
         _restore(run, state)
@@ -264,8 +270,15 @@ def _start_line(run: _Run) -> str:
         )
         + adapter_summary(config, model)
         + (f" | KL to the starting model, beta {config.kl_beta}" if config.kl_beta > 0 else "")
+        + (" | per-block optimizer steps (each block clipped by its own norm)" if config.block_step else "")
         + f" | {plural(run.data_stats['examples'], 'example')} ({run.data_stats['skipped_truncated']} skipped: "
-        f"response truncated away) | effective batch {config.per_device_train_batch_size} x "
+        f"response truncated away)"
+        + (
+            ", " + packing_summary(run.data_stats["packed_sequences"], run.data_stats["tokens"], config.max_seq_length)
+            if config.packing
+            else ""
+        )
+        + f" | effective batch {config.per_device_train_batch_size} x "
         f"{config.gradient_accumulation_steps} accumulation x {plural(world, 'process', 'processes')} = "
         f"{plural(sequences, 'sequence')}"
         + f" | {plural(run.total_steps, 'step')} | device {run.backend.device}"
@@ -294,12 +307,19 @@ def _train(run: _Run, start: float) -> None:
             for step in range(run.start_step + 1, run.total_steps + 1):
                 window = _next_window(run, batches)
                 meter.reset_peak()
+                block_norms: list[float] = []
+                step_block = functools.partial(_step_block, run, step, block_norms) if config.block_step else None
                 with meter.active(), backend.autocast():
                     result = forward_backward(
-                        model, window, config.backward, backend.backward, run.task_loss, backend.lm_head_context
-                    )
+                        model, window, config.backward, backend.backward, run.task_loss, backend.lm_head_context,
+                        step_block,
+                    )  # fmt: skip
                 rates = run.scheduler.get_last_lr()  # the rates this step applies; the schedule moves on below
-                grad_norm = backend.step(model, run.optimizer, functools.partial(check_finite, result, step=step))
+                if config.block_step:  # every block has stepped; the logged norm is the whole gradient's
+                    grad_norm = math.sqrt(sum(norm**2 for norm in block_norms))
+                    check_finite(result, grad_norm, step=step, step_taken=True)
+                else:
+                    grad_norm = backend.step(model, run.optimizer, functools.partial(check_finite, result, step=step))
                 run.scheduler.step()
                 run.losses.append(result.task_loss)
                 run.peak_activation = max(run.peak_activation, meter.peak_bytes)
@@ -336,6 +356,15 @@ def _train(run: _Run, start: float) -> None:
             validation_summary(config, run.best.step, run.best.metric, step, run.total_steps, restored),
             highlight=False,
         )
+
+
+def _step_block(run: _Run, step: int, norms: list[float], block: int) -> None:
+    """--block_step: block `block`'s optimizer step, right after its backward (forward_backward calls it)."""
+
+    def check(norm: float) -> None:
+        stop_unless_finite({f"gradient norm of block {block + 1}": norm}, step, step_taken=block > 0)
+
+    norms.append(run.backend.step_block(run.block_parameters[block], run.optimizer, check))
 
 
 def _tokenize_validation(config: SFTConfig, records: list[dict], tokenizer) -> list[dict]:

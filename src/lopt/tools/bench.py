@@ -16,6 +16,11 @@ The baselines users compare LoPT with are rows too: `lora` (E2E with LoRA adapte
 `lopt sft --use_peft` sets them), `lopt+lora` (LoPT with adapters in every block) and `e2e+kl` (E2E SFT
 with --kl_beta 0.1, whose reference is a frozen second copy of the model); for every row the trainable
 parameters and the bytes of AdamW state after the step are counted, which is where LoRA saves.
+
+With `--packing_data` (an SFT file or preset) a last table measures `--packing`: one pass of E2E and LoPT
+training over the same tokenized examples, batched one example a row (padded to the batch's longest) and packed
+(`pack_examples`), alternating `--rounds` times; it reports padding, optimizer steps, and real (non-padding)
+tokens per second, packed over unpacked.
 """
 
 from __future__ import annotations
@@ -36,21 +41,23 @@ from rich.console import Console
 from rich.table import Table
 
 from lopt.config import RunConfig
-from lopt.data.collate import IGNORE_INDEX
+from lopt.data.collate import IGNORE_INDEX, collate, pack_examples, tokenize_sft
+from lopt.data.presets import load_records
 from lopt.errors import LoptError
 from lopt.keep_previous import keep_previous
 from lopt.models.local_learning import LocalLearningLM
 from lopt.models.lora import add_lora
 from lopt.models.registry import DEFAULT_MODEL, load_model_and_tokenizer
+from lopt.parallel.replicated import ReplicatedBackend
 from lopt.training.loss import causal_lm_loss_sum, liger_linear_cross_entropy
-from lopt.training.memory import SavedTensorMeter, device_peak_bytes
+from lopt.training.memory import GradientMeter, SavedTensorMeter, device_peak_bytes
 from lopt.training.optim import build_optimizer
 from lopt.training.step import forward_backward
 from lopt.training.task_loss import CausalLMLoss, FrozenStartingModel, KLRegularizedLoss
 
 # Wide enough for the whole table when printed to a file or a CI log (rich assumes 80 columns there).
 console = Console(width=None if sys.stdout.isatty() else 150)
-METHODS = ("e2e", "e2e+ckpt", "lopt-joint", "lopt", "lopt+ckpt", "lora", "lopt+lora", "e2e+kl")
+METHODS = ("e2e", "e2e+ckpt", "lopt-joint", "lopt", "lopt+ckpt", "lopt+bs", "lora", "lopt+lora", "e2e+kl")
 # The --lora_* defaults of `lopt sft --use_peft`, so the lora rows measure what a user runs.
 LORA_DEFAULTS = SimpleNamespace(**{f.name: f.default for f in fields(RunConfig) if f.name.startswith("lora_")})
 KL_BETA = 0.1
@@ -78,6 +85,10 @@ class Configuration:
         return self.method == "e2e+kl"
 
     @property
+    def block_step(self) -> bool:
+        return self.method == "lopt+bs"
+
+    @property
     def label(self) -> str:
         return self.method if self.num_blocks == 1 else f"{self.method} k={self.num_blocks}"
 
@@ -97,10 +108,20 @@ class Record:
     tokens_per_s: float
     trainable_params: int = 0
     optimizer_state_bytes: int = 0
+    parameter_bytes: int = 0  # every parameter, frozen ones included
+    gradient_peak_bytes: int = 0
+    gradients_activations_peak_bytes: int = 0  # gradients and saved activations alive together, at their peak
     step_times: list[float] = field(default_factory=list)
     activation_ratio: float | None = None
     device_peak_ratio: float | None = None
     step_time_ratio: float | None = None
+    gradients_activations_ratio: float | None = None
+    whole_step_ratio: float | None = None
+
+    @property
+    def whole_step_bytes(self) -> int:
+        """Parameters + AdamW state + the peak of gradients and activations: the step's accounted memory."""
+        return self.parameter_bytes + self.optimizer_state_bytes + self.gradients_activations_peak_bytes
 
 
 def configurations(methods: list[str], blocks: list[int]) -> list[Configuration]:
@@ -140,14 +161,17 @@ def measure(
     optimizer = build_optimizer(model, 1e-5, None, 0.0)
     data = synthetic_batch(batch, seq, base.config.vocab_size, device)
     meter = SavedTensorMeter(model.parameters())
+    gradients = GradientMeter(model.parameters(), saved=meter)
+    step_block = _block_stepper(model, optimizer, gradients) if config.block_step else None
     times = []
     for i in range(warmup + steps):
         _sync(device)
         start = time.perf_counter()
-        with meter.active():
-            forward_backward(model, [data], config.backward, task_loss=task_loss)
-        optimizer.step()
+        with meter.active(), gradients.active():
+            forward_backward(model, [data], config.backward, task_loss=task_loss, step_block=step_block)
+        optimizer.step()  # after block steps every gradient is gone: AdamW has nothing left to step
         optimizer.zero_grad(set_to_none=True)
+        gradients.freed(model.parameters())
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
@@ -167,8 +191,25 @@ def measure(
         batch * seq / step_s,
         sum(p.numel() for p in model.parameters() if p.requires_grad),
         sum(t.numel() * t.element_size() for t in state),
+        # every weight held, the KL's frozen reference included
+        sum(p.numel() * p.element_size() for m in (model, reference) if m is not None for p in m.parameters()),
+        gradients.peak_bytes,
+        meter.peak_with_gradients_bytes,
         times,
     )
+
+
+def _block_stepper(model: LocalLearningLM, optimizer: torch.optim.Optimizer, gradients: GradientMeter):
+    """`lopt sft --block_step`'s per-block step (the replicated backend's, no clipping), telling `gradients` what
+    it frees."""
+    backend = ReplicatedBackend(next(model.parameters()).device, SimpleNamespace(max_grad_norm=0, fp16=False))
+    blocks = model.block_parameters()
+
+    def step_block(block: int) -> None:
+        backend.step_block(blocks[block], optimizer, lambda norm: None)
+        gradients.freed(blocks[block])
+
+    return step_block
 
 
 def _sync(device: torch.device) -> None:
@@ -255,6 +296,8 @@ def add_ratios(records: list[Record]) -> None:
             r.activation_ratio = r.activation_bytes / e2e.activation_bytes
             r.device_peak_ratio = r.device_peak_bytes / e2e.device_peak_bytes
             r.step_time_ratio = r.step_s / e2e.step_s
+            r.gradients_activations_ratio = r.gradients_activations_peak_bytes / e2e.gradients_activations_peak_bytes
+            r.whole_step_ratio = r.whole_step_bytes / e2e.whole_step_bytes
 
 
 def equal_memory_pairs(records: list[Record]) -> list[dict]:
@@ -314,6 +357,52 @@ def loss_part(hidden_size: int, vocab: int, batch: int, seq: int, device: str = 
     }
 
 
+def packing_part(
+    model_name: str, data: str, samples: int, batch: int, seq: int, num_blocks: int, rounds: int, device: str
+) -> list[dict]:
+    """Real tokens per second of one training pass over `data`'s first `samples` examples, unpacked and packed, for
+    E2E and LoPT with `num_blocks` blocks; the variants alternate for `rounds` rounds and the median pass counts."""
+    base, tokenizer = load_model_and_tokenizer(model_name, device=device)
+    source = {"train_file": data} if Path(data).exists() else {"preset": data}
+    examples, stats = tokenize_sft(load_records(**source, max_samples=samples), tokenizer, seq)
+    variants = {"unpacked": examples, "packed": pack_examples(examples, seq)}
+    batches = {
+        name: [collate(rows[i : i + batch], tokenizer.pad_token_id) for i in range(0, len(rows), batch)]
+        for name, rows in variants.items()
+    }
+    starting = {name: p.detach().clone() for name, p in base.state_dict().items()}
+    times: dict[tuple[str, str], list[float]] = {}
+    for round_index in range(rounds):
+        for method, k in (("e2e", 1), ("lopt", num_blocks)):
+            for variant, data_batches in batches.items():
+                console.print(f"packing round {round_index + 1}/{rounds}: {method} {variant}")
+                base.load_state_dict(starting)  # every pass trains the same starting weights
+                model = LocalLearningLM(base, num_blocks=k).train()
+                optimizer = build_optimizer(model, 1e-5, None, 0.0)
+                _sync(base.device)
+                start = time.perf_counter()
+                for data_batch in data_batches:
+                    forward_backward(model, [{key: t.to(base.device) for key, t in data_batch.items()}])
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                _sync(base.device)
+                times.setdefault((method, variant), []).append(time.perf_counter() - start)
+    rows = []
+    for (method, variant), measured in times.items():
+        slots = sum(b["input_ids"].numel() for b in batches[variant])
+        seconds = statistics.median(measured)
+        rows.append({
+            "method": method if method == "e2e" else f"lopt k={num_blocks}", "variant": variant, "batch": batch,
+            "seq": seq, "examples": stats["examples"], "rows": len(variants[variant]), "steps": len(batches[variant]),
+            "real_tokens": stats["tokens"], "padding_share": 1 - stats["tokens"] / slots, "pass_s": seconds,
+            "pass_times": measured, "real_tokens_per_s": stats["tokens"] / seconds,
+        })  # fmt: skip
+    for row in rows:
+        unpacked = next(r for r in rows if r["method"] == row["method"] and r["variant"] == "unpacked")
+        row["tokens_per_s_ratio"] = row["real_tokens_per_s"] / unpacked["real_tokens_per_s"]
+    return rows
+
+
 def print_tables(records: list[Record], losses: list[dict], pairs: list[dict]) -> None:
     table = Table(title="lopt bench: one training step (forward + backward + AdamW step)")
     peak_kind = "device peak MiB" if records[0].device_peak_kind == "cuda_max_allocated" else "process peak RSS MiB"
@@ -347,6 +436,19 @@ def print_tables(records: list[Record], losses: list[dict], pairs: list[dict]) -
             f"{r.optimizer_state_bytes / 2**20:.1f}",
         )
     console.print(table)
+    accounting = Table(title="the whole step, accounted (deterministic MiB): parameters + AdamW state + the peak of "
+                       "gradients and activations alive together")  # fmt: skip
+    for column in ("config", "parameters", "AdamW state", "gradient peak", "activation peak", "grads + acts peak",
+                   "x e2e", "whole step", "x e2e"):  # fmt: skip
+        accounting.add_column(column, justify="right")
+    for r in records:
+        accounting.add_row(
+            r.method if r.k == 1 else f"{r.method} k={r.k}", *(f"{b / 2**20:.1f}" for b in (
+                r.parameter_bytes, r.optimizer_state_bytes, r.gradient_peak_bytes, r.activation_bytes,
+                r.gradients_activations_peak_bytes)),
+            _ratio(r.gradients_activations_ratio), f"{r.whole_step_bytes / 2**20:.1f}", _ratio(r.whole_step_ratio),
+        )  # fmt: skip
+    console.print(accounting)
     loss_table = Table(title="the loss alone: saved-for-backward bytes")
     with_liger = "liger" in losses[0]
     for column in ("batch x seq", "vocab", "full fp32 logits MiB", "chunked MiB", "reduction") + (
@@ -390,6 +492,22 @@ def print_tables(records: list[Record], losses: list[dict], pairs: list[dict]) -
             f"{p['step_time_ratio']:.2f}",
         )
     console.print(pair_table)
+
+
+def print_packing(rows: list[dict]) -> None:
+    first = rows[0]
+    table = Table(
+        title=f"--packing: one training pass over {first['examples']} examples, batch {first['batch']}, "
+        f"--max_seq_length {first['seq']}"
+    )
+    for column in ("config", "data", "rows", "steps", "padding", "pass s", "real tokens/s", "x unpacked"):
+        table.add_column(column, justify="left" if column in ("config", "data") else "right")
+    for r in rows:
+        table.add_row(
+            r["method"], r["variant"], str(r["rows"]), str(r["steps"]), f"{r['padding_share']:.1%}",
+            f"{r['pass_s']:.2f}", f"{r['real_tokens_per_s']:.0f}", _ratio(r["tokens_per_s_ratio"]),
+        )  # fmt: skip
+    console.print(table)
 
 
 def _ratio(value: float | None) -> str:
@@ -441,6 +559,13 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="train with Liger Kernel's fused linear cross entropy (CUDA; pip install liger-kernel)",
     )
+    parser.add_argument(
+        "--packing_data",
+        help="an SFT data file or preset: also measure --packing's real tokens/s on it (first --batch and --seq)",
+    )
+    parser.add_argument(
+        "--packing_samples", type=int, default=64, help="examples of --packing_data in the pass (default: 64)"
+    )
     parser.add_argument("--out", default="outputs/bench", help="folder for bench.json and bench.png")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -479,6 +604,13 @@ def main(argv: list[str] | None = None) -> None:
     ]
     pairs = equal_memory_pairs(records)
     print_tables(records, losses, pairs)
+    packing = []
+    if args.packing_data:
+        packing = packing_part(
+            args.model_name_or_path, args.packing_data, args.packing_samples, args.batch[0], args.seq[0],
+            args.blocks[0], args.rounds, args.device,
+        )  # fmt: skip
+        print_packing(packing)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {
@@ -488,9 +620,10 @@ def main(argv: list[str] | None = None) -> None:
         "rounds": args.rounds,
         "steps": args.steps,
         "liger": args.liger,
-        "records": [asdict(r) for r in records],
+        "records": [{**asdict(r), "whole_step_bytes": r.whole_step_bytes} for r in records],
         "loss": losses,
         "equal_memory": pairs,
+        "packing": packing,
     }
     for name in ("bench.json", "bench.png"):
         kept = keep_previous(out / name)

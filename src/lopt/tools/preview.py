@@ -163,7 +163,7 @@ def _mean(values: list[int]) -> str:
 
 def preview_sft(config: SFTConfig, tokenizer, num_examples: int) -> tuple[list[_Marked], list[str]]:
     """The examples `lopt sft` trains on: its records, tokenized by `tokenize_sft` with the run's flags."""
-    from lopt.data.collate import tokenize_sft
+    from lopt.data.collate import pack_examples, packing_summary, tokenize_sft
     from lopt.data.presets import sft_records  # the recipe's own choice among --train_file, --dataset_name, presets
 
     records = sft_records(config)
@@ -187,6 +187,9 @@ def preview_sft(config: SFTConfig, tokenizer, num_examples: int) -> tuple[list[_
         f"{stats['tokens']:,} tokens, {stats['trained_tokens']:,} trained ({share:.1%}); per example: mean "
         f"{_mean(lengths)}, longest {max(lengths):,}; --prompt_format {config.prompt_format}",
     ]
+    if config.packing:  # the examples above are shown one by one; training sees them in these rows
+        rows = len(pack_examples(examples, config.max_seq_length))
+        summary.append(f"--packing: {packing_summary(rows, stats['tokens'], config.max_seq_length)}")
     return shown, summary
 
 

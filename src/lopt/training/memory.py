@@ -36,6 +36,8 @@ class SavedTensorMeter:
         self._refs: dict[int, list[int]] = {}  # storage pointer -> [reference count, bytes]
         self.live_bytes = 0
         self.peak_bytes = 0
+        self.gradient_bytes = 0  # gradients alive now, kept by a GradientMeter (0 without one)
+        self.peak_with_gradients_bytes = 0  # the peak of saved activations and gradients alive together
 
     def reset_peak(self) -> None:
         self.peak_bytes = self.live_bytes
@@ -52,6 +54,7 @@ class SavedTensorMeter:
             self._refs[key] = [1, storage.nbytes()]
             self.live_bytes += storage.nbytes()
             self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+            self.peak_with_gradients_bytes = max(self.peak_with_gradients_bytes, self.live_bytes + self.gradient_bytes)
         else:
             entry[0] += 1
         return _Saved(self, key, tensor)
@@ -71,6 +74,47 @@ class SavedTensorMeter:
     def active(self) -> Iterator[SavedTensorMeter]:
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield self
+
+
+class GradientMeter:
+    """Live and peak bytes of `parameters`' gradients while `active()` is entered: a post-accumulate hook counts a
+    gradient when it first appears and `freed` when the caller drops it (an optimizer step's zero_grad, a block's
+    step). With `saved`, the saved-tensor meter also tracks the peak of activations and gradients alive together.
+    Like the activation peak, the figures depend only on the model, the batch and the step, not on the machine."""
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], saved: SavedTensorMeter | None = None):
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.saved = saved
+        self._alive: dict[int, int] = {}  # id(parameter) -> bytes of its gradient
+        self.live_bytes = 0
+        self.peak_bytes = 0
+
+    def _accumulated(self, parameter: torch.nn.Parameter) -> None:
+        if id(parameter) not in self._alive:
+            self._alive[id(parameter)] = parameter.grad.numel() * parameter.grad.element_size()
+            self._moved(self._alive[id(parameter)])
+
+    def freed(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        for parameter in parameters:
+            self._moved(-self._alive.pop(id(parameter), 0))
+
+    def _moved(self, change: int) -> None:
+        self.live_bytes += change
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        if self.saved is not None:
+            self.saved.gradient_bytes = self.live_bytes
+            self.saved.peak_with_gradients_bytes = max(
+                self.saved.peak_with_gradients_bytes, self.saved.live_bytes + self.live_bytes
+            )
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[GradientMeter]:
+        handles = [p.register_post_accumulate_grad_hook(self._accumulated) for p in self.parameters]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def device_peak_bytes(device: torch.device) -> int:

@@ -45,6 +45,7 @@ def forward_backward(
     run_backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     task_loss: TaskLoss | None = None,
     lm_head_context: Callable[[], AbstractContextManager] = nullcontext,
+    step_block: Callable[[int], None] | None = None,
 ) -> StepResult:
     """Accumulate the gradients of one optimizer step over `micro_batches`.
 
@@ -54,10 +55,13 @@ def forward_backward(
     per-micro-batch mean, averaged over the window. `run_backward` back-propagates one loss (the
     parallel backend's: through the fp16 loss scaler or DeepSpeed's engine when they are used);
     `lm_head_context` is entered around the task loss and its backward (ZeRO-3 gathers the LM head's
-    weight there).
+    weight there). `step_block(block)` (--block_step) runs right after each block's backward, the final block's
+    after the task loss's: with local backward and one micro-batch, that block's gradients are final there.
     """
     if backward not in BACKWARD_MODES:
         raise unknown_choice("--backward", backward, BACKWARD_MODES)
+    if step_block is not None and (backward != "local" or len(micro_batches) != 1):
+        raise LoptError("--block_step needs --backward local and one micro-batch a step (no accumulation)")
     task_loss = task_loss or CausalLMLoss()
     device = micro_batches[0]["input_ids"].device
     local_units = sum(task_loss.units(mb) for mb in micro_batches)
@@ -70,8 +74,8 @@ def forward_backward(
     task_sum, aux_sums, term_sums = 0.0, [0.0] * len(model.aux_heads), {}
     for batch in micro_batches:
         local = run_backward if backward == "local" else None
-        with model.boundary_step(local, aux_weight, batch["attention_mask"]) as aux_losses:
-            hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
+        with model.boundary_step(local, aux_weight, batch["attention_mask"], after_backward=step_block) as aux_losses:
+            hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
         with lm_head_context():
             loss = task_loss(model, hidden, batch)
             terms = loss if isinstance(loss, LossTerms) else LossTerms(loss, {})
@@ -79,6 +83,8 @@ def forward_backward(
             if local is None and aux_losses:
                 objective = objective + aux_weight * torch.stack(aux_losses).sum()
             run_backward(objective)
+        if step_block is not None:
+            step_block(model.num_blocks - 1)
         task_sum += float(terms.logged.get("task_loss", terms.objective).detach())
         for name, value in terms.logged.items():
             if name != "task_loss":
@@ -127,7 +133,7 @@ def evaluate(
                 # the task loss runs outside the boundary step, as in training: a reference model's forward
                 # through the same layers (the base with adapters disabled) measures no local loss
                 with model.boundary_step(None, 0.0, batch["attention_mask"], measure=True) as aux_losses:
-                    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
+                    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
                 with lm_head_context():
                     loss = task_loss(model, hidden, batch)
                 if not counted:
@@ -168,8 +174,9 @@ def stop_unless_finite(values: dict[str, float], step: int, step_taken: bool = F
     if bad:
         detail = ", ".join(f"{name} = {v}" for name, v in bad.items())
         taken = (
-            "DeepSpeed computes the gradient norm inside its optimizer step, so the weights in memory may be "
-            "poisoned; none of them were saved"
+            "The optimizer step was already taken (DeepSpeed computes the gradient norm inside its step; "
+            "--block_step steps the earlier blocks before the later ones are known), so the weights in memory may "
+            "be poisoned; none of them were saved"
             if step_taken
             else "The optimizer step was not taken"
         )

@@ -22,7 +22,7 @@ import torch
 
 from lopt.data.collate import IGNORE_INDEX
 from lopt.models.adapters import model_parts
-from lopt.models.local_learning import LocalLearningLM
+from lopt.models.local_learning import LocalLearningLM, backbone_hidden_states
 from lopt.training.loss import causal_lm_loss_sum, chunked_kl_sum
 
 
@@ -77,8 +77,10 @@ class FrozenStartingModel:
 
     @torch.no_grad()
     def __call__(self, policy: LocalLearningLM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.parts.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        return out.last_hidden_state, self.parts.lm_head.weight
+        hidden = backbone_hidden_states(
+            self.parts.backbone, batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
+        )
+        return hidden, self.parts.lm_head.weight
 
 
 class AdaptersDisabled:
@@ -87,7 +89,7 @@ class AdaptersDisabled:
     @torch.no_grad()
     def __call__(self, policy: LocalLearningLM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         with policy.model.disable_adapter():
-            hidden = policy.hidden_states(batch["input_ids"], batch["attention_mask"])
+            hidden = policy.hidden_states(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
         return hidden, policy.parts.lm_head.weight
 
 
