@@ -131,6 +131,9 @@ def test_bench_packing_trains_the_same_tokens_in_fewer_fuller_steps(tmp_path, ca
         assert (unpacked["rows"], unpacked["steps"]) == (12, 3)
         assert packed["steps"] < unpacked["steps"] and packed["padding_share"] < unpacked["padding_share"]
         assert unpacked["tokens_per_s_ratio"] == 1.0 and len(packed["pass_times"]) == 2
+        # every pass starts from the same weights: its rounds repeat (a pass must not inherit an earlier wrapping)
+        for row in (unpacked, packed):
+            assert row["pass_task_loss"][0] == pytest.approx(row["pass_task_loss"][1], rel=1e-6)
         assert packed["tokens_per_s_ratio"] == packed["real_tokens_per_s"] / unpacked["real_tokens_per_s"]
     assert "--packing: one training pass over 12 examples" in capsys.readouterr().out
 

@@ -26,6 +26,7 @@ tokens per second, packed over unpacked.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -361,7 +362,8 @@ def packing_part(
     model_name: str, data: str, samples: int, batch: int, seq: int, num_blocks: int, rounds: int, device: str
 ) -> list[dict]:
     """Real tokens per second of one training pass over `data`'s first `samples` examples, unpacked and packed, for
-    E2E and LoPT with `num_blocks` blocks; the variants alternate for `rounds` rounds and the median pass counts."""
+    E2E and LoPT with `num_blocks` blocks, each pass on a fresh copy of the model; the variants alternate for
+    `rounds` rounds and the median pass counts. Each pass's mean task loss is kept: a pass repeats exactly."""
     base, tokenizer = load_model_and_tokenizer(model_name, device=device)
     source = {"train_file": data} if Path(data).exists() else {"preset": data}
     examples, stats = tokenize_sft(load_records(**source, max_samples=samples), tokenizer, seq)
@@ -370,23 +372,27 @@ def packing_part(
         name: [collate(rows[i : i + batch], tokenizer.pad_token_id) for i in range(0, len(rows), batch)]
         for name, rows in variants.items()
     }
-    starting = {name: p.detach().clone() for name, p in base.state_dict().items()}
     times: dict[tuple[str, str], list[float]] = {}
+    losses: dict[tuple[str, str], list[float]] = {}
     for round_index in range(rounds):
         for method, k in (("e2e", 1), ("lopt", num_blocks)):
             for variant, data_batches in batches.items():
                 console.print(f"packing round {round_index + 1}/{rounds}: {method} {variant}")
-                base.load_state_dict(starting)  # every pass trains the same starting weights
-                model = LocalLearningLM(base, num_blocks=k).train()
+                # a fresh copy each pass: wrapping hooks the layers and unties the head, which must not carry over;
+                # the same seed, so the reconstruction heads start alike
+                torch.manual_seed(0)
+                model = LocalLearningLM(copy.deepcopy(base), num_blocks=k).train()
                 optimizer = build_optimizer(model, 1e-5, None, 0.0)
                 _sync(base.device)
-                start = time.perf_counter()
+                start, loss_sum, trained = time.perf_counter(), 0.0, 0
                 for data_batch in data_batches:
-                    forward_backward(model, [{key: t.to(base.device) for key, t in data_batch.items()}])
+                    result = forward_backward(model, [{key: t.to(base.device) for key, t in data_batch.items()}])
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    loss_sum, trained = loss_sum + result.task_loss * result.tokens, trained + result.tokens
                 _sync(base.device)
                 times.setdefault((method, variant), []).append(time.perf_counter() - start)
+                losses.setdefault((method, variant), []).append(loss_sum / trained)
     rows = []
     for (method, variant), measured in times.items():
         slots = sum(b["input_ids"].numel() for b in batches[variant])
@@ -396,6 +402,7 @@ def packing_part(
             "seq": seq, "examples": stats["examples"], "rows": len(variants[variant]), "steps": len(batches[variant]),
             "real_tokens": stats["tokens"], "padding_share": 1 - stats["tokens"] / slots, "pass_s": seconds,
             "pass_times": measured, "real_tokens_per_s": stats["tokens"] / seconds,
+            "pass_task_loss": losses[(method, variant)],  # per trained token, each pass: the same every round
         })  # fmt: skip
     for row in rows:
         unpacked = next(r for r in rows if r["method"] == row["method"] and r["variant"] == "unpacked")
