@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from lopt.errors import LoptError, unknown_choice
@@ -103,71 +104,34 @@ def _dpo(argv: list[str]) -> None:
     )
 
 
-def _eval(argv: list[str]) -> None:
-    from lopt.evaluation.cli import main as eval_main
-
-    eval_main(argv)
-
-
-def _report(argv: list[str]) -> None:
-    from lopt.tools.report import main as report_main
-
-    report_main(argv)
-
-
-def _demo(argv: list[str]) -> None:
-    from lopt.tools.demo import main as demo_main
-
-    demo_main(argv)
+# The commands that are a tool's own `main(argv)`, as "module:function": imported only when run, so that
+# `lopt <command>` imports nothing it does not use (and --help stays fast).
+TOOL_COMMANDS = {
+    "eval": "lopt.evaluation.cli:main",
+    "report": "lopt.tools.report:main",
+    "demo": "lopt.tools.demo:main",
+    "watch": "lopt.dashboard.watch:main",
+    "bench": "lopt.tools.bench:main",
+    "generate": "lopt.tools.generate:generate_main",
+    "chat": "lopt.tools.generate:chat_main",
+    "merge": "lopt.tools.merge:main",
+    "push": "lopt.tools.publish:main",
+    "data": "lopt.tools.preview:main",
+}
 
 
-def _watch(argv: list[str]) -> None:
-    from lopt.dashboard.watch import main as watch_main
+def _tool(target: str):
+    """The command that imports `target` ("module:function") when it runs, and calls it with the flags."""
 
-    watch_main(argv)
+    def run(argv: list[str]) -> None:
+        module, function = target.split(":")
+        getattr(importlib.import_module(module), function)(argv)
 
-
-def _bench(argv: list[str]) -> None:
-    from lopt.tools.bench import main as bench_main
-
-    bench_main(argv)
-
-
-def _generate(argv: list[str]) -> None:
-    from lopt.tools.generate import generate_main
-
-    generate_main(argv)
-
-
-def _merge(argv: list[str]) -> None:
-    from lopt.tools.merge import main as merge_main
-
-    merge_main(argv)
-
-
-def _push(argv: list[str]) -> None:
-    from lopt.tools.publish import main as push_main
-
-    push_main(argv)
-
-
-def _data(argv: list[str]) -> None:
-    from lopt.tools.preview import main as data_main
-
-    data_main(argv)
-
-
-def _chat(argv: list[str]) -> None:
-    from lopt.tools.generate import chat_main
-
-    chat_main(argv)
+    return run
 
 
 LOADS_MODELS = {"sft", "grpo", "dpo", "eval", "demo", "bench", "generate", "chat", "merge", "data"}
-COMMANDS = {
-    "sft": _sft, "grpo": _grpo, "dpo": _dpo, "eval": _eval, "report": _report, "demo": _demo, "bench": _bench,
-    "watch": _watch, "generate": _generate, "chat": _chat, "merge": _merge, "push": _push, "data": _data,
-}  # fmt: skip
+COMMANDS = {"sft": _sft, "grpo": _grpo, "dpo": _dpo, **{name: _tool(target) for name, target in TOOL_COMMANDS.items()}}
 
 
 def main(argv: list[str] | None = None, *, reference: bool = False) -> int:
