@@ -8,6 +8,7 @@ import pytest
 
 from lopt.errors import LoptError
 from lopt.tools.bench import loss_part, main
+from test_optim import adamw_8bit_state_bytes
 from tiny_models import tiny_model_dir
 
 
@@ -58,13 +59,15 @@ def test_bench_writes_json_with_ratios_and_a_plot(tmp_path):
     assert (out / "bench.png").stat().st_size > 0
     [pair] = result["equal_memory"]  # lopt k=2 without checkpointing against e2e+ckpt
     lopt, ckpt = by_method[("lopt", 2)], by_method[("e2e+ckpt", 1)]
-    assert (pair["k"], pair["lopt_activation_bytes"], pair["e2e_ckpt_activation_bytes"]) == (
+    assert (pair["method"], pair["k"], pair["lopt_activation_bytes"], pair["e2e_ckpt_activation_bytes"]) == (
+        "lopt",
         2,
         lopt["activation_bytes"],
         ckpt["activation_bytes"],
     )
-    assert pair["fits_e2e_ckpt_memory"] == (lopt["device_peak_bytes"] <= ckpt["device_peak_bytes"])
+    assert pair["fits_e2e_ckpt_memory"] == (lopt["whole_step_bytes"] <= ckpt["whole_step_bytes"])
     assert pair["step_time_ratio"] == lopt["step_s"] / ckpt["step_s"]
+    assert {row["config"] for row in result["budgets"]} == {"e2e", "e2e+ckpt", "lopt-joint k=2", "lopt k=2"}
 
 
 def test_bench_rows_of_the_baselines_count_trainable_parameters_and_optimizer_state(tmp_path):
@@ -87,7 +90,7 @@ def test_bench_rows_of_the_baselines_count_trainable_parameters_and_optimizer_st
     assert [rows[m]["k"] for m in ("lora", "lopt+lora", "e2e+kl")] == [1, 2, 1]
     e2e, lora, lopt_lora, kl = rows["e2e"], rows["lora"], rows["lopt+lora"], rows["e2e+kl"]
     # AdamW keeps two float32 moments per trained parameter (and a step count per tensor)
-    for row in rows.values():
+    for row in rows.values():  # (exactly, by hand: test_the_step_accounting_equals_sizes_computed_by_hand)
         assert 8 * row["trainable_params"] <= row["optimizer_state_bytes"] < 8 * row["trainable_params"] + 4096
     assert lora["trainable_params"] < 0.7 * e2e["trainable_params"]  # r=16 on a 64-wide model: large adapters
     assert kl["trainable_params"] == e2e["trainable_params"] and kl["activation_bytes"] >= e2e["activation_bytes"]
@@ -147,16 +150,19 @@ def test_the_step_accounting_equals_sizes_computed_by_hand():
         return sum(p.numel() * p.element_size() for p in parameters)
 
     records = {}
-    for method, k in (("e2e", 1), ("lopt", 2), ("lopt+bs", 2), ("lopt+bs", 3)):
+    for method, k in (("e2e", 1), ("lopt", 2), ("lopt+bs", 2), ("lopt+bs", 3), ("e2e+8bit", 1), ("lopt+bs+8bit", 2)):
         records[(method, k)] = measure(tiny_model(layers=6), Configuration(method, k), 2, 16, steps=1, warmup=0)
         model = LocalLearningLM(tiny_model(layers=6), num_blocks=k)  # the same wrapping, to count by hand
         trained = [p for p in model.parameters() if p.requires_grad]
         r = records[(method, k)]
         assert r.parameter_bytes == nbytes(model.parameters())
-        assert r.optimizer_state_bytes == 2 * nbytes(trained) + 4 * len(trained)  # exp_avg, exp_avg_sq, step
+        if method.endswith("+8bit"):
+            assert r.optimizer_state_bytes == adamw_8bit_state_bytes([p.numel() for p in trained])
+        else:
+            assert r.optimizer_state_bytes == 2 * nbytes(trained) + 4 * len(trained)  # exp_avg, exp_avg_sq, step
         # all gradients alive at once, unless each block's are freed at its step: then the largest block's
         blocks = model.block_parameters()
-        expected = max(nbytes(b) for b in blocks) if method == "lopt+bs" else nbytes(trained)
+        expected = max(nbytes(b) for b in blocks) if method.startswith("lopt+bs") else nbytes(trained)
         assert r.gradient_peak_bytes == expected
         assert max(r.activation_bytes, r.gradient_peak_bytes) <= r.gradients_activations_peak_bytes
         assert r.gradients_activations_peak_bytes <= r.activation_bytes + r.gradient_peak_bytes
@@ -165,3 +171,32 @@ def test_the_step_accounting_equals_sizes_computed_by_hand():
     assert (
         records[("lopt+bs", 2)].gradients_activations_peak_bytes < records[("lopt", 2)].gradients_activations_peak_bytes
     )
+
+
+def test_largest_batch_is_a_bound_that_holds_at_larger_batches():
+    from lopt.tools.bench import Configuration, measure
+    from tiny_models import tiny_model
+
+    for method, k in (("e2e", 1), ("lopt+bs", 3)):
+        measured = {
+            b: measure(tiny_model(layers=6), Configuration(method, k), b, 64, steps=1, warmup=0) for b in (2, 8)
+        }
+        predicted = measured[2].largest_batch(measured[8].whole_step_bytes)
+        # surely fits: never above the batch whose step was measured at that budget, and close to it
+        assert 6 <= predicted <= 8, (method, predicted)
+        assert measured[2].largest_batch(measured[2].whole_step_bytes) == 2
+        assert measured[2].largest_batch(measured[2].small_batch_whole_step_bytes) == 1
+        assert measured[2].largest_batch(measured[2].small_batch_whole_step_bytes - 1) == 0
+
+
+def test_trl_sft_row_trains_to_lopt_e2es_loss(tmp_path, capsys):
+    model_dir = tiny_model_dir(tmp_path / "model", layers=4)
+    flags = ["--model_name_or_path", str(model_dir), "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1"]
+    main([*flags, "--methods", "e2e,trl-sft", "--rounds", "1", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in json.loads((tmp_path / "bench.json").read_text())["records"]}
+    e2e, trl = rows["e2e"], rows["trl-sft"]
+    # the same model, rows, masked prompt, AdamW and rate: TRL's SFTTrainer and lopt's E2E step agree after 3 steps
+    assert e2e["final_loss"] == pytest.approx(trl["final_loss"], rel=1e-4)
+    assert (trl["k"], trl["accounted"], trl["activation_ratio"], len(trl["step_times"])) == (1, False, None, 2)
+    assert trl["trainable_params"] == e2e["trainable_params"] and trl["step_time_ratio"] > 0
+    assert "lopt e2e vs TRL SFTTrainer at 2 x 32" in capsys.readouterr().out

@@ -118,12 +118,13 @@ def _sft(model_dir, train_file, out, *extra) -> int:
     ])  # fmt: skip
 
 
-def test_a_block_step_run_logs_its_norm_and_resumes_to_the_uninterrupted_weights(model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_8bit"])  # --optim's state is checkpointed and restored
+def test_a_block_step_run_logs_its_norm_and_resumes_to_the_uninterrupted_weights(model_dir, tmp_path, capsys, optim):
     from safetensors.torch import load_file
 
     train_file = tmp_path / "train.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    assert _sft(model_dir, train_file, tmp_path / "whole") == 0
+    assert _sft(model_dir, train_file, tmp_path / "whole", "--optim", optim) == 0
     assert "per-block optimizer steps" in capsys.readouterr().err
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["grad_norm"] > 0 for r in rows)
@@ -132,7 +133,7 @@ def test_a_block_step_run_logs_its_norm_and_resumes_to_the_uninterrupted_weights
     straight = load_file(out / "model.safetensors")
     for name in ("model.safetensors", "config.json"):  # as if stopped after checkpoint-2
         (out / name).unlink()
-    assert _sft(model_dir, train_file, out, "--resume_from_checkpoint", "latest") == 0
+    assert _sft(model_dir, train_file, out, "--optim", optim, "--resume_from_checkpoint", "latest") == 0
     assert "resumed from" in capsys.readouterr().err
     resumed = load_file(out / "model.safetensors")
     assert resumed.keys() == straight.keys()

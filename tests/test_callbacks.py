@@ -115,7 +115,7 @@ class KLRegularized:
 
     def __call__(self, model, hidden, batch):
         keep = batch["labels"][:, 1:] != -100
-        log_p = F.log_softmax(model.parts.lm_head(hidden[:, :-1][keep]).float(), dim=-1)
+        log_p = F.log_softmax(model.parts.head(hidden[:, :-1][keep]).float(), dim=-1)
         with torch.no_grad():
             ref = self.reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         log_q = F.log_softmax(ref[:, :-1][keep].float(), dim=-1)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from lopt.cli import main
-from lopt.config import DPOConfig, GRPOConfig, SFTConfig, parse_config
+from lopt.config import DPOConfig, GRPOConfig, RLOOConfig, RMConfig, SFTConfig, parse_config
 from lopt.models.registry import ALIASES, EMBEDDED, EMBEDDED_HUB_ID
 from tiny_models import tiny_model_dir
 
@@ -113,3 +113,23 @@ def test_cpu_config_runs_a_step(path, model_dir, tmp_path):
     assert main([recipe, *flags, *SMOKE, *TINY[recipe]]) == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1]
+
+
+RLHF = Path(__file__).resolve().parents[1] / "examples" / "rlhf"
+RLHF_STAGES = {"sft": SFTConfig, "rm": RMConfig, "rloo": RLOOConfig}
+
+
+@pytest.mark.parametrize("size", ["cpu", "gpu"])
+def test_the_rlhf_example_chains_its_stages_through_their_output_folders(size):
+    """examples/rlhf: SFT -> reward model -> RLOO, each stage reading the folder the one before writes."""
+    configs = {
+        stage: parse_config(["--config", str(RLHF / f"{stage}_{size}.yaml")], cls, prog=f"lopt {stage}")
+        for stage, cls in RLHF_STAGES.items()
+    }
+    sft, rm, rloo = configs["sft"], configs["rm"], configs["rloo"]
+    assert rm.model_name_or_path == rloo.model_name_or_path == sft.output_dir
+    assert rloo.reward_model == rm.output_dir and rloo.beta > 0
+    assert all(config.canonical_method == "lopt" for config in configs.values())
+    for stage in RLHF_STAGES:
+        text = (RLHF / f"{stage}_{size}.yaml").read_text()
+        assert f"lopt {stage} --config examples/rlhf/{stage}_{size}.yaml" in text, "the header names its command"

@@ -20,7 +20,7 @@ from lopt.answers import GSM_ANSWER_INSTRUCTION
 from lopt.data import generated
 from lopt.data.collate import IGNORE_INDEX, build_prompt, collate, tokenize_sft
 from lopt.data.formats import SHAPES, detect_format, to_messages, to_reference_text
-from lopt.data.presets import PRESETS, dpo_records, load_records
+from lopt.data.presets import PRESETS, load_records, preference_records
 from lopt.errors import LoptError
 from tiny_models import CHATML, make_tokenizer, train_tiny_bpe
 
@@ -377,13 +377,13 @@ def test_random_select_samples_is_a_seeded_subset_of_a_file(tmp_path):
         load_records(train_file=path, max_samples=5, select_samples="randm")
 
 
-def test_dpo_records_select_samples_random_from_a_file(tmp_path):
+def test_preference_records_select_samples_random_from_a_file(tmp_path):
     pairs = [{"prompt": f"p{n}", "chosen": f"c{n}", "rejected": f"r{n}"} for n in range(20)]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    picked = dpo_records(train_file=path, max_samples=5, select_samples="random", seed=4)
+    picked = preference_records(train_file=path, max_samples=5, select_samples="random", seed=4)
     assert picked == load_records(train_file=path, max_samples=5, select_samples="random", seed=4)
-    assert picked != pairs[:5] and dpo_records(train_file=path, max_samples=5) == pairs[:5]
+    assert picked != pairs[:5] and preference_records(train_file=path, max_samples=5) == pairs[:5]
 
 
 def test_parquet(tmp_path):
@@ -399,7 +399,7 @@ def test_csv_rows_are_text_records(tmp_path):
     assert load_records(train_file=path) == [qa("Add 2, then 2?", "Step 1\n#### 4"), qa("q2", "42")]
     assert load_records(train_file=path, max_samples=1) == [qa("Add 2, then 2?", "Step 1\n#### 4")]
     (tmp_path / "pairs.csv").write_text("prompt,chosen,rejected\np,c,r\n")
-    assert dpo_records(train_file=tmp_path / "pairs.csv") == [{"prompt": "p", "chosen": "c", "rejected": "r"}]
+    assert preference_records(train_file=tmp_path / "pairs.csv") == [{"prompt": "p", "chosen": "c", "rejected": "r"}]
 
 
 def test_csv_errors_name_the_file_and_line(tmp_path):

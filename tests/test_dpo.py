@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from lopt.cli import main
 from lopt.config import DPOConfig, parse_config
 from lopt.data.generated import gsm_symbolic_pairs
-from lopt.data.presets import dpo_records
+from lopt.data.presets import preference_records
 from lopt.errors import LoptError
 from lopt.recipes.dpo import build_dpo_trainer
 from lopt.training.metrics import contract_errors
@@ -92,6 +92,14 @@ def test_dpo_local_backward_equals_joint_with_less_saved_memory(model_dir, tmp_p
     assert local_peak < 0.75 * joint_peak, (local_peak, joint_peak)
 
 
+def test_the_optim_flag_reaches_the_trainers_optimizer(model_dir, tmp_path):
+    config = parse_config(dpo_flags(model_dir, tmp_path, "--optim", "adamw_8bit"), DPOConfig, prog="lopt dpo")
+    trainer = build_dpo_trainer(config, tmp_path)
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer).__name__ == "AdamW8bit"  # lopt's groups (the heads included) with 8-bit state
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(trainer.lopt.parameters()))
+
+
 def test_gsm_symbolic_pairs_differ_only_in_the_final_answer():
     pairs = gsm_symbolic_pairs(5, seed=3)
     assert len(pairs) == 5
@@ -105,18 +113,18 @@ def test_gsm_symbolic_pairs_differ_only_in_the_final_answer():
     assert gsm_symbolic_pairs(5, seed=3) == pairs  # reproducible
 
 
-def test_dpo_records_from_file_hub_and_bad_input(tmp_path, monkeypatch):
+def test_preference_records_from_file_hub_and_bad_input(tmp_path, monkeypatch):
     import datasets
 
     good = tmp_path / "pairs.jsonl"
     good.write_text(json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n")
-    assert dpo_records(train_file=good) == [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}]
+    assert preference_records(train_file=good) == [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "2+2?", "answer": "4"}) + "\n")
     with pytest.raises(LoptError, match="missing \\['chosen', 'rejected'\\]"):
-        dpo_records(train_file=bad)
+        preference_records(train_file=bad)
     with pytest.raises(LoptError, match="gsm-symbolic-pairs"):
-        dpo_records("gsm-symbolic-pair")
+        preference_records("gsm-symbolic-pair")
 
     chat_pair = {
         "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
@@ -129,5 +137,5 @@ def test_dpo_records_from_file_hub_and_bad_input(tmp_path, monkeypatch):
         return datasets.Dataset.from_list([chat_pair])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    assert dpo_records(dataset_name="someone/prefs", split="train_prefs") == [chat_pair]
+    assert preference_records(dataset_name="someone/prefs", split="train_prefs") == [chat_pair]
     assert calls == [("someone/prefs", None, "train_prefs")]

@@ -78,7 +78,7 @@ def test_the_kl_term_adds_beta_times_the_gradient_of_the_plain_kl(num_blocks):
     with plain.boundary_step(None, 1.0, batch["attention_mask"]):
         hidden = plain.hidden_states(batch["input_ids"], batch["attention_mask"])
     ref_hidden, ref_weight = reference(plain, batch)
-    kl = full_kl(hidden[:, :-1][keep], plain.parts.lm_head.weight, ref_hidden[:, :-1][keep], ref_weight)
+    kl = full_kl(hidden[:, :-1][keep], plain.parts.head.weight, ref_hidden[:, :-1][keep], ref_weight)
     (kl / keep.sum()).backward()
     expected = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
     assert expected and set(expected) <= set(with_kl)

@@ -255,7 +255,7 @@ def test_parameter_groups_and_learning_rates():
     assert all(id(p) in early_ids for p in model.aux_heads.parameters())
     assert all(id(p) in early_ids for i in model.blocks[0] for p in parts.layers[i].parameters())
     assert all(id(p) in final_ids for i in model.blocks[1] for p in parts.layers[i].parameters())
-    assert id(parts.lm_head.weight) in final_ids and id(parts.final_norm.weight) in final_ids
+    assert id(parts.head.weight) in final_ids and id(parts.final_norm.weight) in final_ids
     assert len(early_ids) + len(final_ids) == len(list(model.parameters()))
     optimizer = build_optimizer(model, learning_rate=1e-4, lr_k1=3e-5, weight_decay=0.1)
     by_name = {g["name"]: g for g in optimizer.param_groups}
@@ -267,10 +267,10 @@ def test_parameter_groups_and_learning_rates():
 
 def test_wrapping_unties_embeddings_and_e2e_keeps_them_tied():
     lopt = wrap(tiny_model("llama"), num_blocks=2)
-    assert lopt.parts.lm_head.weight is not lopt.parts.embeddings[0].weight
+    assert lopt.parts.head.weight is not lopt.parts.embeddings[0].weight
     assert lopt.config.tie_word_embeddings is False
     e2e = wrap(tiny_model("llama"), num_blocks=1)
-    assert e2e.parts.lm_head.weight is e2e.parts.embeddings[0].weight
+    assert e2e.parts.head.weight is e2e.parts.embeddings[0].weight
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

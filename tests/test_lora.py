@@ -69,8 +69,8 @@ def logits(model, batch) -> torch.Tensor:
 def test_lora_freezes_the_base_and_lopt_does_not_untie_frozen_embeddings():
     model = lora_wrapped(num_blocks=2)
     parts = model.parts
-    assert parts.lm_head.weight is parts.embeddings[0].weight  # tied and frozen: no second copy made
-    assert not parts.lm_head.weight.requires_grad
+    assert parts.head.weight is parts.embeddings[0].weight  # tied and frozen: no second copy made
+    assert not parts.head.weight.requires_grad
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("aux_heads.") for n in trainable)
     assert any(n.startswith("aux_heads.") for n in trainable)  # the reconstruction heads stay full-rank and trained

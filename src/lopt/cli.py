@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 
@@ -12,8 +13,10 @@ USAGE = """usage: lopt <command> [flags]
 
 commands:
   sft       supervised fine-tuning, --method lopt (local learning, default) or e2e
-  grpo      GRPO with verifiable math rewards on TRL's GRPOTrainer, --method lopt or e2e
+  grpo      GRPO with verifiable rewards or a reward model on TRL's GRPOTrainer, --method lopt or e2e
+  rloo      RLOO, the same rewards, on TRL's RLOOTrainer, --method lopt or e2e
   dpo       DPO on preference pairs on TRL's DPOTrainer, --method lopt or e2e
+  rm        a reward model on preference pairs on TRL's RewardTrainer, --method lopt or e2e
   eval      task accuracy, retention (perplexity vs the starting model) and lm-eval benchmarks of saved models
   report    tables and plots comparing runs, from their training_args.json, metrics.jsonl and eval.json
   demo      the E2E-vs-LoPT study on the embedded SmolLM2-135M: train, evaluate, report
@@ -66,11 +69,16 @@ def _sft(argv: list[str], reference: bool = False) -> None:
         )
 
 
-def _grpo(argv: list[str], reference: bool = False) -> None:
-    from lopt.config import GRPOConfig, ReferenceGRPOConfig, parse_config
+def _grpo(argv: list[str], reference: bool = False, rloo: bool = False) -> None:
+    from lopt.config import GRPOConfig, ReferenceGRPOConfig, RLOOConfig, parse_config
 
-    cls, prog = (ReferenceGRPOConfig, REFERENCE_SCRIPTS["grpo"]) if reference else (GRPOConfig, "lopt grpo")
-    description = f"GRPO with verifiable rewards (E2E or LoPT){REFERENCE_DEFAULTS if reference else ''}."
+    if rloo:
+        cls, prog, description = RLOOConfig, "lopt rloo", "RLOO (E2E or LoPT) on verifiable rewards or a reward model."
+    else:
+        cls, prog = (ReferenceGRPOConfig, REFERENCE_SCRIPTS["grpo"]) if reference else (GRPOConfig, "lopt grpo")
+        description = (
+            f"GRPO (E2E or LoPT) on verifiable rewards or a reward model{REFERENCE_DEFAULTS if reference else ''}."
+        )
     config = parse_config(argv, cls, prog=prog, description=description)
     from lopt.output import console, plural  # after parsing, as in _sft
     from lopt.parallel.distributed import is_main_process
@@ -104,6 +112,25 @@ def _dpo(argv: list[str]) -> None:
     )
 
 
+def _rm(argv: list[str]) -> None:
+    from lopt.config import RMConfig, parse_config
+
+    description = "A reward model on preference pairs (E2E or LoPT): one score per answer, Bradley-Terry loss."
+    config = parse_config(argv, RMConfig, prog="lopt rm", description=description)
+    from lopt.output import console, plural  # after parsing, as in _sft
+    from lopt.parallel.distributed import is_main_process
+    from lopt.recipes.rm import run_rm
+
+    result = run_rm(config, callbacks=_listeners(config))
+    if not is_main_process():
+        return
+    accuracy = " -> ".join(f"{m['reward_accuracy']:.2f}" for m in result.metrics)
+    console.print(
+        f"done: {plural(result.steps, 'step')} in {result.elapsed_s:.1f} s, pairwise accuracy per logged step "
+        f"{accuracy}; reward model saved to {result.output_dir}"
+    )
+
+
 # The commands that are a tool's own `main(argv)`, as "module:function": imported only when run, so that
 # `lopt <command>` imports nothing it does not use (and --help stays fast).
 TOOL_COMMANDS = {
@@ -130,8 +157,15 @@ def _tool(target: str):
     return run
 
 
-LOADS_MODELS = {"sft", "grpo", "dpo", "eval", "demo", "bench", "generate", "chat", "merge", "data"}
-COMMANDS = {"sft": _sft, "grpo": _grpo, "dpo": _dpo, **{name: _tool(target) for name, target in TOOL_COMMANDS.items()}}
+LOADS_MODELS = {"sft", "grpo", "rloo", "dpo", "rm", "eval", "demo", "bench", "generate", "chat", "merge", "data"}
+COMMANDS = {
+    "sft": _sft,
+    "grpo": _grpo,
+    "rloo": functools.partial(_grpo, rloo=True),
+    "dpo": _dpo,
+    "rm": _rm,
+    **{name: _tool(target) for name, target in TOOL_COMMANDS.items()},
+}
 
 
 def main(argv: list[str] | None = None, *, reference: bool = False) -> int:

@@ -22,6 +22,7 @@ from lopt.data.formats import PROMPT_FORMATS
 from lopt.data.sources import SELECT_SAMPLES
 from lopt.errors import LoptError, did_you_mean, unknown_choice
 from lopt.tasks import TASKS
+from lopt.training.optim import OPTIMIZERS
 from lopt.training.trackers import parse_report_to
 
 METHODS = {"e2e": "e2e", "lopt": "lopt", "ll": "lopt"}  # 'll' is the reference implementation's name
@@ -136,6 +137,11 @@ class RunConfig:
     weight_decay: float = _opt(0.0, "AdamW weight decay (not applied to biases and norms)")
     warmup_ratio: float = _opt(0.0, "fraction of steps of linear warm-up")
     lr_scheduler_type: str = _opt("linear", "transformers scheduler name: linear, cosine, constant, ...")
+    optim: str = _opt(
+        "adamw_torch",
+        "optimizer (transformers' names): " + "; ".join(f"{name}: {what}" for name, what in OPTIMIZERS.items()),
+        choices=list(OPTIMIZERS),
+    )
     max_grad_norm: float = _opt(1.0, "global gradient-norm clip over all parameters (0 disables)")
     gradient_checkpointing: bool = _opt(False, "recompute each layer in backward instead of storing its activations")
     bf16: bool | None = _opt(None, "bfloat16 weights (default: on for CUDA with bf16 support, off on CPU)")
@@ -235,8 +241,9 @@ class SFTConfig(RunConfig):
 
 
 @dataclass
-class GRPOConfig(RunConfig):
-    """GRPO with TRL's GRPOTrainer; the sampling and loss flags are TRL's, passed through."""
+class PolicyRLConfig(RunConfig):
+    """RL on completions sampled from the policy, a group per prompt (TRL's GRPOTrainer and RLOOTrainer): the
+    prompts, the rewards (verifiable, your functions, a reward model) and the sampling flags they share."""
 
     AT_LEAST_ONE: ClassVar[tuple[str, ...]] = RunConfig.AT_LEAST_ONE + (
         "num_generations",
@@ -265,10 +272,16 @@ class GRPOConfig(RunConfig):
         "PYTHONPATH) or PATH.py:FUNCTION; each def f(prompts, completions, **kwargs) -> list[float], the data's "
         "columns (answer, ...) in kwargs",
     )
+    reward_model: str | None = _opt(
+        None,
+        "a reward model folder (`lopt rm` output, or any transformers sequence classifier with one label): its score "
+        "of prompt + completion is a reward beside the others",
+    )
     reward_weights: str | None = _opt(
         None,
-        "comma-separated weights: the task's correctness reward's, then each --reward_funcs function's in order "
-        "(default: 1 each; the format reward's weight is --format_reward_weight)",
+        "comma-separated weights: the task's correctness reward's, then each --reward_funcs function's in order, then "
+        "--reward_model's (default: 1 each; 0 logs a reward without training on it; the format reward's weight is "
+        "--format_reward_weight)",
     )
     num_generations: int = _opt(4, "completions sampled per prompt (a group)")
     max_prompt_length: int = _opt(512, "prompts longer than this many tokens are skipped")
@@ -276,12 +289,27 @@ class GRPOConfig(RunConfig):
     temperature: float = _opt(1.0, "sampling temperature")
     top_p: float = _opt(1.0, "nucleus sampling probability")
     beta: float = _opt(0.0, "KL coefficient against the frozen starting model (0: no reference model)")
-    loss_type: str = _opt("dapo", "TRL's GRPO loss: grpo, dapo, dr_grpo, bnpo, ... (passed through)")
     num_iterations: int = _opt(1, "optimization passes over each generated batch (mu)")
     steps_per_generation: int | None = _opt(
         None, "micro-batches per generation (default: --gradient_accumulation_steps)"
     )
     use_vllm: bool = _opt(False, "generate with vLLM (needs vllm installed and a GPU)")
+
+
+@dataclass
+class GRPOConfig(PolicyRLConfig):
+    """GRPO with TRL's GRPOTrainer; the sampling and loss flags are TRL's, passed through."""
+
+    loss_type: str = _opt("dapo", "TRL's GRPO loss: grpo, dapo, dr_grpo, bnpo, ... (passed through)")
+
+
+@dataclass
+class RLOOConfig(PolicyRLConfig):
+    """RLOO with TRL's RLOOTrainer: each completion's baseline is the mean reward of the others of its prompt, and the
+    KL to the starting model (--beta) is part of the reward."""
+
+    beta: float = _opt(0.05, "KL coefficient against the frozen starting model (RLOO's default 0.05; 0: none)")
+    normalize_advantages: bool = _opt(False, "scale the advantages to unit standard deviation (TRL's)")
 
 
 def _reference_default(cls, name: str, value):
@@ -309,13 +337,24 @@ class ReferenceGRPOConfig(GRPOConfig):
 
 
 @dataclass
-class DPOConfig(RunConfig):
-    """DPO with TRL's DPOTrainer; the reference model is the frozen starting model."""
+class PreferenceConfig(RunConfig):
+    """What the recipes trained on preference pairs share (DPO, reward models): the pair data and its validation."""
 
     AT_LEAST_ONE: ClassVar[tuple[str, ...]] = RunConfig.AT_LEAST_ONE + ("max_seq_length",)
     BEST_MODEL_METRICS: ClassVar[dict[str, bool]] = {
         "eval_task_loss": False, "eval_reward_accuracy": True, "eval_reward_margin": True,
     }  # fmt: skip
+    PRESETS_HELP: ClassVar[str] = (
+        "gsm-symbolic-pairs, gsm-symbolic-reasoning-pairs (synthetic, offline), hh-rlhf, ultrafeedback (hub)"
+    )
+
+    dataset_preset: str = _opt("gsm-symbolic-pairs", f"preference preset: {PRESETS_HELP}")
+    max_seq_length: int = _opt(1024, "truncate prompt + answer to this many tokens")
+
+
+@dataclass
+class DPOConfig(PreferenceConfig):
+    """DPO with TRL's DPOTrainer; the reference model is the frozen starting model."""
 
     learning_rate: float = _opt(1e-6, "learning rate of the final block, final norm and LM head (all of E2E)")
     metric_for_best_model: str = _opt(
@@ -323,10 +362,25 @@ class DPOConfig(RunConfig):
         "validation metric that decides the best model: eval_task_loss (the DPO loss, lower is better), "
         "eval_reward_accuracy or eval_reward_margin (higher is better)",
     )
-    dataset_preset: str = _opt("gsm-symbolic-pairs", "preference preset: gsm-symbolic-pairs (synthetic, offline)")
-    max_seq_length: int = _opt(1024, "truncate prompt + answer to this many tokens")
     beta: float = _opt(0.1, "DPO temperature: how far the policy may move from the reference model")
     loss_type: str = _opt("sigmoid", "TRL's DPO loss: sigmoid, ipo, hinge, ... (passed through)")
+
+
+@dataclass
+class RMConfig(PreferenceConfig):
+    """A reward model with TRL's RewardTrainer: a one-score head on the model, Bradley-Terry loss on pairs."""
+
+    learning_rate: float = _opt(1e-5, "learning rate of the final block, final norm and score head (all of E2E)")
+    metric_for_best_model: str = _opt(
+        "eval_reward_accuracy",
+        "validation metric that decides the best model: eval_reward_accuracy or eval_reward_margin (higher is "
+        "better), eval_task_loss (the pairwise loss, lower is better)",
+    )
+    dataset_preset: str = _opt("gsm-symbolic-reasoning-pairs", f"preference preset: {PreferenceConfig.PRESETS_HELP}")
+    max_seq_length: int = _opt(1024, "pairs whose prompt + answer is longer than this many tokens are left out")
+    center_rewards_coefficient: float | None = _opt(
+        None, "weight of a penalty on the mean squared reward, which keeps rewards centred on 0 (TRL's; off: None)"
+    )
 
 
 def _flag_fields(cls) -> list[dataclasses.Field]:
@@ -353,7 +407,7 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
         "num_generations", "max_prompt_length", "max_completion_length", "temperature", "top_p",
         "steps_per_generation", "use_vllm",
     ),
-    "rewards": ("reward_funcs", "reward_weights", "format_reward_weight"),
+    "rewards": ("reward_funcs", "reward_model", "reward_weights", "format_reward_weight"),
     "method and LoPT": (
         "method", "num_blocks", "early_blocks", "aux_loss", "lambda_aux", "lr_k1", "backward", "block_step",
     ),
@@ -363,8 +417,9 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "optimization": (
         "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "learning_rate",
-        "weight_decay", "warmup_ratio", "lr_scheduler_type", "max_grad_norm", "gradient_checkpointing", "bf16", "fp16",
-        "seed", "liger", "kl_beta", "beta", "loss_type", "num_iterations",
+        "weight_decay", "warmup_ratio", "lr_scheduler_type", "optim", "max_grad_norm", "gradient_checkpointing", "bf16",
+        "fp16", "seed", "liger", "kl_beta", "beta", "loss_type", "num_iterations", "center_rewards_coefficient",
+        "normalize_advantages",
     ),
     "validation": (
         "eval_file", "eval_split", "eval_ratio", "eval_steps", "per_device_eval_batch_size", "load_best_model_at_end",
@@ -514,7 +569,7 @@ def validate(config) -> None:
         raise LoptError(f"--kl_beta must be >= 0 (0 turns the KL term off), got {config.kl_beta}.")
     if getattr(config, "kl_beta", 0.0) > 0 and config.liger:
         raise LoptError("--kl_beta computes the LM head chunk by chunk itself; drop --liger to use it.")
-    if isinstance(config, GRPOConfig):
+    if isinstance(config, PolicyRLConfig):
         _validate_grpo(config)
     parse_report_to(config.report_to)  # named and installed, before anything loads
     from lopt.tools.publish import check_push_flags  # here: it imports huggingface_hub
@@ -639,11 +694,11 @@ def _validate_validation(config) -> None:
             )
 
 
-def _validate_grpo(config: GRPOConfig) -> None:
+def _validate_grpo(config: PolicyRLConfig) -> None:
     if config.num_generations < 2:
         raise LoptError(
-            f"--num_generations must be at least 2 (GRPO compares the completions of each prompt with each other), "
-            f"got {config.num_generations}."
+            "--num_generations must be at least 2 (GRPO and RLOO compare the completions of each prompt with each "
+            f"other), got {config.num_generations}."
         )
     if config.steps_per_generation is not None and config.steps_per_generation < 1:
         raise LoptError(f"--steps_per_generation must be at least 1, got {config.steps_per_generation}.")

@@ -80,6 +80,9 @@ def quiet_libraries(level: str = "info") -> None:
         # DeepSpeed (imported by transformers when it saves a model) warns on every import that it found
         # no GPU; naming the CPU accelerator is what it would pick anyway.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # bitsandbytes (--optim adamw_8bit) warns on import, on CPUs with AVX512-BF16, that an optional kernels
+    # package for 4-bit inference is missing: nothing lopt uses.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     for category, message in _NOISE:
         warnings.filterwarnings("ignore", message=message, category=category)
 

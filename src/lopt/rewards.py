@@ -107,10 +107,18 @@ TRL_REWARD_KWARGS = ("prompts", "completions", "completion_ids", "trainer_state"
 
 def reward_name(func) -> str:
     """The name TRL gives a reward function's scores (its metrics `rewards/<name>/...`, and completions.jsonl's keys):
-    the function's `__name__` (a partial's underlying function's), or a callable object's class name."""
+    the function's `__name__` (a partial's underlying function's), a callable object's class name, or a reward
+    model's folder name."""
+    if hasattr(func, "config") and hasattr(func.config, "_name_or_path"):  # a reward model
+        return reward_model_name(func.config._name_or_path)
     while isinstance(func, functools.partial):
         func = func.func
     return getattr(func, "__name__", type(func).__name__)
+
+
+def reward_model_name(name_or_path: str) -> str:
+    """The name TRL gives a reward model's scores: the last part of its folder or hub id."""
+    return name_or_path.rstrip("/").split("/")[-1]
 
 
 def split_list(value: str | None) -> list[str]:

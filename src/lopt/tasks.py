@@ -26,6 +26,7 @@ from lopt.rewards import (
     gsm8k_accuracy,
     gsm_symbolic_score,
     load_reward_func,
+    reward_model_name,
     reward_name,
     split_list,
 )
@@ -114,32 +115,38 @@ class Reward(NamedTuple):
     source: str  # the flag that adds it, for messages: --task NAME, --format_reward_weight, --reward_funcs SPEC
 
 
-def grpo_rewards(config) -> list[Reward]:
+def grpo_rewards(config, reward_model=None) -> list[Reward]:
     """A run's reward functions, in the order TRL gets them, with their weights.
 
-    The task's correctness reward, then each of --reward_funcs, weighted by --reward_weights (one weight each,
-    in that order; 1 each without it); and the format reward, weighted by --format_reward_weight, when that is
-    not 0. Each function's scores go under its name (TRL's metrics rewards/<name>/mean, completions.jsonl), so
-    names must differ.
+    The task's correctness reward, then each of --reward_funcs, then --reward_model's (`reward_model`, loaded; before
+    it is, as in the flags' checks, the entry holds None), weighted by --reward_weights (one weight each, in that
+    order; 1 each without it); and the format reward, weighted by --format_reward_weight, when that is not 0. Each
+    function's scores go under its name (TRL's metrics rewards/<name>/mean, completions.jsonl), so names must differ.
     """
     task = get_task(config.task)
     weighted = [(task.reward, f"--task {config.task}")] + [
         (load_reward_func(spec), f"--reward_funcs {spec}") for spec in split_list(config.reward_funcs)
     ]
-    weights = _reward_weights(config.reward_weights, [(reward_name(func), source) for func, source in weighted])
+    if getattr(config, "reward_model", None):
+        weighted.append((reward_model, f"--reward_model {config.reward_model}"))
+    names = [
+        (reward_name(func) if func is not None else reward_model_name(config.reward_model), source)
+        for func, source in weighted
+    ]
+    weights = _reward_weights(config.reward_weights, names)
     rewards = [Reward(func, weight, source) for (func, source), weight in zip(weighted, weights, strict=True)]
     if config.format_reward_weight:
         rewards.insert(1, Reward(format_reward(task.style), config.format_reward_weight, "--format_reward_weight"))
+        names.insert(1, (reward_name(rewards[1].func), rewards[1].source))
     seen: dict[str, str] = {}
-    for reward in rewards:
-        name = reward_name(reward.func)
+    for name, source in names:
         if name in seen:
             raise LoptError(
-                f"two reward functions are named {name!r} ({seen[name]} and {reward.source}); each function's "
+                f"two reward functions are named {name!r} ({seen[name]} and {source}); each function's "
                 "scores are logged under its name, so they would mix. Rename one (or wrap it in a function of "
                 "another name)."
             )
-        seen[name] = reward.source
+        seen[name] = source
     return rewards
 
 

@@ -168,7 +168,7 @@ class Dashboard(Callback):
             console=self.console, screen=True, auto_refresh=False, redirect_stdout=False, redirect_stderr=False
         )
         completions: JsonlFollower | None = None
-        if self.state.recipe == "grpo" and self.state.run is not None:
+        if self.state.recipe in ("grpo", "rloo") and self.state.run is not None:
             completions = JsonlFollower(self.state.run.output_dir / "completions.jsonl")
         sampler = HardwareSampler()
         next_sample = 0.0

@@ -278,11 +278,12 @@ def training_panel(state: DashboardState) -> Panel:
 
 
 def rl_panel(state: DashboardState) -> Panel | None:
-    """GRPO's rewards and sampled completions, DPO's implicit-reward accuracy and margin; None for SFT."""
-    if state.recipe == "grpo":
-        return _panel(_grpo_body(state), "rewards · grpo")
-    if state.recipe == "dpo":
-        return _panel(_dpo_body(state), "rewards · dpo")
+    """GRPO's rewards and sampled completions, DPO's implicit-reward (a reward model's score) accuracy and margin;
+    None for SFT."""
+    if state.recipe in ("grpo", "rloo"):
+        return _panel(_grpo_body(state), f"rewards · {state.recipe}")
+    if state.recipe in ("dpo", "rm"):  # DPO's implicit reward, a reward model's score: the same columns
+        return _panel(_dpo_body(state), f"rewards · {state.recipe}")
     return None
 
 
@@ -330,6 +331,9 @@ def _dpo_body(state: DashboardState) -> RenderableType:
     grid.add_row(
         "reward margin", format_value(columns.get("reward_margin"), 3), Sparkline(_values(state, "reward_margin"))
     )
+    if "reward_mean" in columns:  # a reward model's mean score
+        grid.add_row("mean score", format_value(columns.get("reward_mean"), 3), "[dim]over chosen and rejected[/]")
+        return grid
     chosen, rejected = format_value(columns.get("reward_chosen"), 3), format_value(columns.get("reward_rejected"), 3)
     grid.add_row("chosen / rejected", f"{chosen} / {rejected}", "[dim]mean implicit rewards[/]")
     return grid

@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console, RenderableType
 from rich.live import Live
 
-from lopt.config import DPOConfig, GRPOConfig, SFTConfig
+from lopt.config import DPOConfig, GRPOConfig, RLOOConfig, RMConfig, SFTConfig
 from lopt.dashboard.follow import JsonlFollower, read_json
 from lopt.dashboard.hardware import HardwareSampler
 from lopt.dashboard.panels import ComparisonView, DashboardView
@@ -28,7 +28,7 @@ from lopt.errors import LoptError
 from lopt.training.callbacks import RunInfo
 from lopt.training.metrics import EVAL_FIELDS, FIELDS, RECIPE_COLUMNS, StepMetrics
 
-RECIPE_CONFIGS = {"sft": SFTConfig, "grpo": GRPOConfig, "dpo": DPOConfig}
+RECIPE_CONFIGS = {"sft": SFTConfig, "grpo": GRPOConfig, "rloo": RLOOConfig, "dpo": DPOConfig, "rm": RMConfig}
 # A checkpoint is complete once this file is in it: training/checkpoint.py writes it last.
 CHECKPOINT_COMPLETE = "training_state.pt"
 
@@ -52,15 +52,16 @@ def step_metrics(row: dict) -> StepMetrics | None:
 def recipe_of(args: dict, row: dict | None) -> str:
     """The recipe that wrote the run: its metrics columns tell, else the config whose flags the
     training_args.json holds (the closest, so a file from another lopt version still matches)."""
-    for recipe, columns in RECIPE_COLUMNS.items():
-        if row is not None and columns and set(columns) <= set(row):
-            return recipe
-    if row is not None or not args:
-        return "sft"  # the one recipe that adds no columns
 
     def mismatch(recipe: str) -> int:
         return len(set(args) ^ {f.name for f in dataclasses.fields(RECIPE_CONFIGS[recipe])})
 
+    # GRPO and RLOO log the same columns: their flags tell them apart
+    matching = [r for r, columns in RECIPE_COLUMNS.items() if row is not None and columns and set(columns) <= set(row)]
+    if matching:
+        return min(matching, key=mismatch) if args else matching[0]
+    if row is not None or not args:
+        return "sft"  # the one recipe that adds no columns
     return min(RECIPE_CONFIGS, key=mismatch)
 
 

@@ -1,4 +1,4 @@
-"""Named training data per recipe: SFT presets, GRPO prompts of a task, DPO preference pairs.
+"""Named training data per recipe: SFT presets, GRPO prompts of a task, preference pairs (DPO, reward models).
 
 Each recipe asks here for its records; the answer is the same shape whatever the source: a list of
 plain dicts. The precedence is always `--train_file` > `--dataset_name` > the preset or task's own
@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lopt.answers import extract_final_answer, with_answer_instruction
-from lopt.data.generated import DEFAULT_GSM_SAMPLES, gsm_symbolic_pairs, gsm_symbolic_records
+from lopt.data.generated import (
+    DEFAULT_GSM_SAMPLES,
+    gsm_symbolic_pairs,
+    gsm_symbolic_reasoning_pairs,
+    gsm_symbolic_records,
+)
 from lopt.data.sources import load_hub, read_file, select_records
 from lopt.errors import LoptError, unknown_choice
 from lopt.tasks import get_task
@@ -43,7 +48,7 @@ PRESETS: dict[str, Preset] = {
 
 
 def source_options(config) -> dict:
-    """A run config's data flags, as the keyword arguments of `load_records`, `grpo_records` and `dpo_records`."""
+    """A run config's data flags, as keyword arguments of `load_records`, `grpo_records` and `preference_records`."""
     return {
         "dataset_name": config.dataset_name, "dataset_config": config.dataset_config, "train_file": config.train_file,
         "split": config.split, "max_samples": config.max_samples, "seed": config.seed,
@@ -250,16 +255,32 @@ def _grpo_columns(record: dict) -> tuple[str, str]:
     raise LoptError(f"GRPO data has columns {sorted(record)}; expected one of the column pairs: {shapes}")
 
 
-# ---- DPO: preference pairs ---------------------------------------------------------------------------
+# ---- DPO and reward models: preference pairs ------------------------------------------------------------
 
-DPO_PRESETS = {
+PREFERENCE_PRESETS = {
     "gsm-symbolic-pairs": (
         "synthetic pairs: a correct gsm_symbolic solution vs. the same one with a wrong final answer (offline)"
     ),
+    "gsm-symbolic-reasoning-pairs": (
+        "synthetic pairs: a correct gsm_symbolic solution vs. the same one with a wrong step (and the right final "
+        "line) or a wrong final answer, half each (offline)"
+    ),
+    "hh-rlhf": "Anthropic's helpful/harmless human preferences (the InstructGPT-style path's) [hub: Anthropic/hh-rlhf]",
+    "ultrafeedback": "UltraFeedback, binarized chat pairs [hub: trl-lib/ultrafeedback_binarized]",
+}
+PREFERENCE_HUB = {"hh-rlhf": "Anthropic/hh-rlhf", "ultrafeedback": "trl-lib/ultrafeedback_binarized"}
+_PREFERENCE_GENERATED = {
+    "gsm-symbolic-pairs": gsm_symbolic_pairs,
+    "gsm-symbolic-reasoning-pairs": gsm_symbolic_reasoning_pairs,
 }
 
 
-def dpo_records(
+def preference_data_is_generated(config) -> bool:
+    """Whether a DPO or reward-model run's pairs are generated offline (no other split to validate on)."""
+    return not (config.train_file or config.dataset_name) and config.dataset_preset in _PREFERENCE_GENERATED
+
+
+def preference_records(
     preset: str | None = "gsm-symbolic-pairs",
     *,
     dataset_name: str | None = None,
@@ -275,9 +296,11 @@ def dpo_records(
     """Preference records with ``chosen`` and ``rejected`` (strings or conversations) and usually ``prompt``.
 
     ``train_file`` > ``dataset_name`` > ``preset``, and ``max_samples`` / ``select_samples``, as for
-    SFT. TRL's DPOTrainer reads both the prompt/chosen/rejected shape and chat-format pairs whose
-    chosen/rejected hold the whole conversation.
+    SFT. TRL's DPOTrainer and RewardTrainer read both the prompt/chosen/rejected shape and chat-format pairs whose
+    chosen/rejected hold the whole conversation. A pair whose chosen and rejected are the same is refused.
     """
+    if preset in PREFERENCE_HUB and train_file is None and dataset_name is None:
+        dataset_name = PREFERENCE_HUB[preset]
     if train_file is not None or dataset_name is not None:
         records = load_records(
             dataset_name=dataset_name,
@@ -296,7 +319,14 @@ def dpo_records(
                 f"DPO data has columns {sorted(records[0])}, missing {sorted(missing)}; expected "
                 "prompt/chosen/rejected records or chat-format chosen/rejected conversations."
             )
+        same = next((i for i, r in enumerate(records) if r["chosen"] == r["rejected"]), None)
+        if same is not None:
+            where = f"{file_flag} {train_file}" if train_file is not None else f"--dataset_name {dataset_name}"
+            raise LoptError(
+                f"record {same + 1} of {where} has the same chosen and rejected answer: a pair that prefers nothing "
+                "teaches nothing (its loss gradient is constant). Remove such pairs from the data."
+            )
         return records
-    if preset not in DPO_PRESETS:
-        raise unknown_choice("DPO --dataset_preset", preset, DPO_PRESETS)
-    return gsm_symbolic_pairs(DEFAULT_GSM_SAMPLES if max_samples is None else max_samples, seed)
+    if preset not in _PREFERENCE_GENERATED:
+        raise unknown_choice("--dataset_preset", preset, PREFERENCE_PRESETS)
+    return _PREFERENCE_GENERATED[preset](DEFAULT_GSM_SAMPLES if max_samples is None else max_samples, seed)

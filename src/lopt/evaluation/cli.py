@@ -236,6 +236,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--harness_include", help="folder of extra lm-eval task YAMLs (default: none)")
     parser.add_argument("--harness_limit", type=int, help="at most N documents per harness task (default: all)")
     parser.add_argument(
+        "--reward_model",
+        action="store_true",
+        help="the folders are reward models (`lopt rm`): report their pairwise accuracy on held-out preference pairs "
+        "instead of task accuracy and retention",
+    )
+    parser.add_argument(
+        "--pairs",
+        default="gsm-symbolic-reasoning-pairs",
+        help="with --reward_model: a preference file, or a preset (gsm-symbolic-reasoning-pairs, gsm-symbolic-pairs: "
+        "built from held-out problems; hh-rlhf, ultrafeedback: their test split) (default: %(default)s)",
+    )
+    parser.add_argument(
         "--log_level", default="info", choices=LOG_LEVELS,
         help="info: lopt's phases, libraries quiet; debug: also every library's bars and logs (default: info)",
     )  # fmt: skip
@@ -246,8 +258,11 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("max_new_tokens", "batch_size", "retention_window"):
         if getattr(args, flag) < 1:
             raise LoptError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+    if args.reward_model:
+        _evaluate_reward_models(args.models, args.pairs, args.eval_samples or 200, args.batch_size)
+        return
     options = EvalOptions(
-        **{k: v for k, v in vars(args).items() if k not in ("models", "harness", "log_level")},
+        **{k: v for k, v in vars(args).items() if k not in ("models", "harness", "log_level", "reward_model", "pairs")},
         harness=tuple(t.strip() for t in args.harness.split(",") if t.strip()),
     )
     rows, base_perplexities = [], {}
@@ -257,3 +272,30 @@ def main(argv: list[str] | None = None) -> None:
             console.print(f"wrote {write_eval(Path(model), result)}")
         rows.append((model, result))
     console.print(results_table(rows))
+
+
+def _evaluate_reward_models(models: list[str], pairs: str, n: int, batch_size: int) -> None:
+    """--reward_model: each model's pairwise accuracy on `n` held-out pairs of `pairs`, into its eval.json."""
+    from lopt.evaluation.reward_model import heldout_pairs, pairwise_accuracy
+    from lopt.models.registry import load_model_and_tokenizer
+    from lopt.models.reward_model import check_reward_model_config
+
+    table = Table(title="lopt eval --reward_model")
+    for column in ("model", "pairs", "pairwise accuracy", "mean margin"):
+        table.add_column(column)
+    for model in models:
+        check_reward_model_config(model, "MODEL_DIR")
+        run = Path(model) if Path(model).is_dir() else None
+        held_out = heldout_pairs(pairs, n, run)
+        net, tokenizer = load_model_and_tokenizer(model, device=_device(), what="MODEL_DIR", reward_model=True)
+        with phase(f"scoring {plural(len(held_out), 'held-out pair')} of {pairs}") as scoring:
+            result = {"model": str(model), "pairs": pairs, **pairwise_accuracy(net, tokenizer, held_out, batch_size)}
+            scoring.result = f"{result['correct']}/{result['n']} ranked right ({result['pairwise_accuracy']:.1%})"
+        if run is not None:
+            console.print(f"wrote {write_eval(run, result)}")
+        table.add_row(
+            model, pairs, f"{result['pairwise_accuracy']:.1%} ({result['correct']}/{result['n']})",
+            f"{result['mean_margin']:+.3f}",
+        )  # fmt: skip
+        del net
+    console.print(table)

@@ -118,13 +118,14 @@ def backbone_hidden_states(
 
 
 class LocalLearningLM(nn.Module):
-    """A Hugging Face causal LM split into `num_blocks` locally trained blocks."""
+    """A Hugging Face causal LM (or a reward model: a sequence classifier with one label) split into `num_blocks`
+    locally trained blocks."""
 
     def __init__(self, model: nn.Module, num_blocks: int = 2, lambda_aux: float = 10.0, early_blocks: str = "recon"):
         super().__init__()
         if early_blocks not in EARLY_BLOCK_MODES:
             raise unknown_choice("--early_blocks", early_blocks, EARLY_BLOCK_MODES)
-        self.model = model  # a transformers causal LM, or a PeftModel around one
+        self.model = model  # a transformers causal LM or reward model, or a PeftModel around one
         self.parts = model_parts(self.base_model)
         self.blocks = split_blocks(len(self.parts.layers), num_blocks)
         self.lambda_aux = lambda_aux
@@ -167,7 +168,7 @@ class LocalLearningLM(nn.Module):
 
         With one block (end-to-end) everything is 'final'.
         """
-        final_modules = [self.parts.layers[i] for i in self.blocks[-1]] + [self.parts.final_norm, self.parts.lm_head]
+        final_modules = [self.parts.layers[i] for i in self.blocks[-1]] + [self.parts.final_norm, self.parts.head]
         if self.num_blocks == 1:
             final_modules = [self.model]
         final_ids = {id(p) for m in final_modules for p in m.parameters()}
@@ -186,7 +187,7 @@ class LocalLearningLM(nn.Module):
         modules[0] += list(parts.embeddings)
         for i, head in enumerate(self.aux_heads):
             modules[i].append(head)
-        modules[-1] += [parts.final_norm, parts.lm_head]
+        modules[-1] += [parts.final_norm, parts.head]
         blocks, placed = [], set()
         for block_modules in modules:
             block = [p for m in block_modules for p in m.parameters() if p.requires_grad and id(p) not in placed]
@@ -204,9 +205,9 @@ class LocalLearningLM(nn.Module):
         # With tied weights the LM head (trained by the task loss) would also be the input embedding
         # (trained locally by block 1), so the task gradient would cross the first boundary. A frozen
         # tied matrix (LoRA freezes both) gets no gradient at all: untying it would only add a copy.
-        head, embed = self.parts.lm_head, self.parts.embeddings[0]
-        if not (head.weight.requires_grad or embed.weight.requires_grad):
-            return
+        head, embed = self.parts.head, self.parts.embeddings[0]
+        if not (head.weight.requires_grad or embed.weight.requires_grad) or head.weight.shape != embed.weight.shape:
+            return  # frozen, or a reward model's score head, which is never tied
         config = self.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         if head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr():

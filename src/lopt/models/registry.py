@@ -268,8 +268,11 @@ def load_model_and_tokenizer(
     device: str | torch.device | None = None,
     quantization=None,
     what: str = "--model_name_or_path",
+    reward_model: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Resolve `name_or_path` and load `(model, tokenizer)`; the model is a causal LM in eval mode.
+    """Resolve `name_or_path` and load `(model, tokenizer)`; the model is a causal LM in eval mode, or with
+    `reward_model` a sequence classifier with one output (a reward model: transformers' `...ForSequenceClassification`,
+    whose score head is new when `name_or_path` is a causal LM, and loaded when it is a reward model already).
 
     A LoRA adapter folder (peft's adapter_config.json) loads its base model, named in that file, with
     the adapter merged in: a plain model, for evaluation and generation. `quantization` is a
@@ -277,11 +280,16 @@ def load_model_and_tokenizer(
     `name_or_path` in errors (a flag, or a positional such as eval's MODEL_DIR).
     """
     if is_adapter_folder(name_or_path):
+        if reward_model:
+            raise LoptError(
+                f"{what} {name_or_path} is a LoRA adapter folder; a reward model starts from a whole model: "
+                f"`lopt merge {name_or_path} --out DIR` (or train with --merge_lora), then pass DIR."
+            )
         return _load_adapter_folder(Path(name_or_path).expanduser(), dtype, trust_remote_code, device)
     resolved = resolve_model(name_or_path, what)
     described = f"{what} {_describe(name_or_path, resolved)}"
     with phase(f"loading {_describe(name_or_path, resolved)}") as loading:
-        model, tokenizer = _load(resolved, described, dtype, trust_remote_code, quantization)
+        model, tokenizer = _load(resolved, described, dtype, trust_remote_code, quantization, reward_model)
         loading.result = f"{model.config.model_type}, {_count(model)} parameters, {str(dtype).removeprefix('torch.')}"
     if device is not None and quantization is None:  # bitsandbytes places quantized weights itself
         model.to(device)
@@ -314,8 +322,10 @@ def _load_adapter_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bo
     return model, tokenizer
 
 
-def _load(resolved: str, described: str, dtype: torch.dtype, trust_remote_code: bool, quantization=None):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _load(
+    resolved: str, described: str, dtype: torch.dtype, trust_remote_code: bool, quantization=None, reward_model=False
+):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
@@ -331,8 +341,11 @@ def _load(resolved: str, described: str, dtype: torch.dtype, trust_remote_code: 
             f"{described}: no such folder, and not a hub id that can be reached ({why}).\n{_known_models()}"
         ) from err
 
+    if reward_model:
+        config.num_labels = 1  # one score per sequence; a reward model folder has it already
+    model_class = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = model_class.from_pretrained(
             resolved, config=config, dtype=dtype, trust_remote_code=trust_remote_code, quantization_config=quantization
         )
     except ValueError as err:

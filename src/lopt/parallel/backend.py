@@ -98,11 +98,21 @@ def adapters_sharded_error(backend_name: str) -> LoptError:
     )
 
 
+def optimizer_sharded_error(optim: str, backend_name: str) -> LoptError:
+    return LoptError(
+        f"--optim {optim} under {backend_name}: bitsandbytes quantizes each parameter's state whole, and the sharded "
+        "backends hand the optimizer shards (FSDP2's DTensors, ZeRO's flat partitions); launch with torchrun (data "
+        "parallel), or use --optim adamw_torch under this config."
+    )
+
+
 def refuse_unsharded_extras(config, backend_name: str) -> None:
-    """What the sharded backends (FSDP2, ZeRO) refuse at construction: LoRA adapters and the KL reference model
-    are data-parallel only (the replicated backend, torchrun)."""
+    """What the sharded backends (FSDP2, ZeRO) refuse at construction: LoRA adapters, 8-bit optimizer state, block
+    steps and the KL reference model are data-parallel only (the replicated backend, torchrun)."""
     if config.use_peft:
         raise adapters_sharded_error(backend_name)
+    if config.optim != "adamw_torch":
+        raise optimizer_sharded_error(config.optim, backend_name)
     if getattr(config, "block_step", False):
         raise LoptError(
             f"--block_step under {backend_name}: a block's step would need its sharded gradients reduced and its "

@@ -161,7 +161,7 @@ def mark_micro_batches(engine, model: LocalLearningLM) -> None:
 
 def gathered_lm_head(model: LocalLearningLM):
     """A context in which the LM head's full weight is present (ZeRO-3 partitions it; see the module docstring)."""
-    weight = model.parts.lm_head.weight
+    weight = model.parts.head.weight
     if not hasattr(weight, "ds_id"):  # ZeRO-1/2 keep whole weights on every process
         return nullcontext()
     import deepspeed

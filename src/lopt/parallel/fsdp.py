@@ -169,8 +169,8 @@ def shard_model(model: LocalLearningLM, settings: FSDPSettings, device: torch.de
     parts = model.parts
     for module in [*parts.layers, *model.aux_heads]:
         fully_shard(module, **unit)
-    head_unit = [parts.final_norm, parts.lm_head]
-    if any(parts.lm_head.weight is e.weight for e in parts.embeddings):
+    head_unit = [parts.final_norm, parts.head]
+    if any(parts.head.weight is e.weight for e in parts.embeddings):
         fully_shard([*parts.embeddings, *head_unit], **held)
     else:
         fully_shard(list(parts.embeddings), **unit)

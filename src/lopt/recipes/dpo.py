@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lopt.config import DPOConfig
-from lopt.data.presets import dpo_records, source_options, with_validation
+from lopt.data.presets import preference_data_is_generated, preference_records, source_options, with_validation
 from lopt.errors import LoptError
 from lopt.output import plural
 from lopt.training.callbacks import Callback
@@ -21,6 +21,8 @@ from lopt.training.trl_integration import (
     LoptTrainerMixin,
     TRLRunResult,
     add_lopt_callbacks,
+    build_lopt_trainer,
+    pair_datasets,
     run_trl_recipe,
     trl_arguments,
     validation_arguments,
@@ -41,7 +43,6 @@ def _is_conversation(value) -> bool:
 
 def build_dpo_trainer(config: DPOConfig, out: Path, callbacks: Sequence[Callback] = ()):
     """The LoPT (or E2E) DPO trainer for `config`, writing into `out`; `callbacks` listen next to metrics.jsonl."""
-    import datasets
     from transformers import set_seed
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
@@ -51,10 +52,9 @@ def build_dpo_trainer(config: DPOConfig, out: Path, callbacks: Sequence[Callback
 
     # before the model: a wrong --train_file, --eval_file or dataset fails without the load's wait
     def load(**overrides):
-        return dpo_records(config.dataset_preset, **{**source_options(config), **overrides})
+        return preference_records(config.dataset_preset, **{**source_options(config), **overrides})
 
-    # the presets are generated offline: only a --train_file or --dataset_name has other splits
-    records, eval_records = with_validation(config, load, generated=not (config.train_file or config.dataset_name))
+    records, eval_records = with_validation(config, load, preference_data_is_generated(config))
     set_seed(config.seed)  # before the heads are initialized
     args = trl_arguments(
         TRLDPOConfig, config, beta=config.beta, loss_type=config.loss_type, max_length=config.max_seq_length,
@@ -66,26 +66,9 @@ def build_dpo_trainer(config: DPOConfig, out: Path, callbacks: Sequence[Callback
             f"the DPO data is in chat format but the tokenizer of {config.model_name_or_path} has no chat template; "
             "use a chat model or text prompt/chosen/rejected records (--train_file)."
         )
-    try:
-        trainer = LoptDPOTrainer(
-            model=wrapper.model,
-            args=args,
-            train_dataset=datasets.Dataset.from_list(records),
-            eval_dataset=datasets.Dataset.from_list(eval_records) if eval_records is not None else None,
-            processing_class=tokenizer,
-            lopt=wrapper,
-            backward=config.backward,
-            lr_k1=config.lr_k1,
-            save_total_limit=config.save_total_limit,
-        )
-    except (ValueError, ImportError) as error:  # TRL's checks of the settings and the data
-        raise LoptError(f"TRL's DPOTrainer rejected these settings or data: {error}") from error
-    for data, what in ((trainer.train_dataset, "train on"), (trainer.eval_dataset, "validate on")):
-        if data is not None and len(data) == 0:  # TRL drops pairs whose prompt alone fills max_length
-            raise LoptError(
-                f"every prompt is at least --max_seq_length {config.max_seq_length} tokens long, so no answer token "
-                f"is left to {what}; raise --max_seq_length."
-            )
+    trainer = build_lopt_trainer(
+        LoptDPOTrainer, config, wrapper, args, **pair_datasets(records, eval_records), processing_class=tokenizer
+    )
     add_lopt_callbacks(trainer, "dpo", DPO_METRICS, config.resume_from_checkpoint is not None, callbacks)
     return trainer
 

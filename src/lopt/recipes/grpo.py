@@ -1,8 +1,10 @@
-"""GRPO, end-to-end or with LoPT, on TRL's GRPOTrainer (completions sampled from the current policy).
+"""GRPO and RLOO, end-to-end or with LoPT, on TRL's GRPOTrainer and RLOOTrainer (a group of completions sampled from
+the current policy for each prompt, each scored against the others of its group).
 
-How LoPT enters TRL is in training/trl_integration.py; this module adds what is GRPO's own: the prompts with a
-verifiable answer, the rewards, and `completions.jsonl` (sample completions with their rewards, for
-the dashboard).
+How LoPT enters TRL is in training/trl_integration.py; this module adds what the two share: the prompts with a
+verifiable answer, the rewards (the task's, your functions, a reward model from `lopt rm`), and `completions.jsonl`
+(sample completions with each reward's score, for the dashboard). They differ in TRL's trainer and its loss only:
+GRPO's clipped, group-normalized objective (--loss_type), RLOO's leave-one-out baseline with the KL in the reward.
 """
 
 from __future__ import annotations
@@ -14,18 +16,21 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from lopt.config import GRPOConfig
+from lopt.config import PolicyRLConfig, RLOOConfig
 from lopt.data.collate import build_prompt
 from lopt.data.presets import grpo_records, source_options, with_validation
 from lopt.errors import LoptError
+from lopt.models.reward_model import load_reward_model, tokenizer_note
+from lopt.output import console
 from lopt.rewards import check_reward_arguments, completion_text
 from lopt.tasks import get_task, grpo_rewards
 from lopt.training.callbacks import Callback
-from lopt.training.run import build_model
+from lopt.training.run import build_model, weights_dtype
 from lopt.training.trl_integration import (
     LoptTrainerMixin,
     TRLRunResult,
     add_lopt_callbacks,
+    build_lopt_trainer,
     run_trl_recipe,
     trl_arguments,
     validation_arguments,
@@ -42,13 +47,44 @@ GRPO_METRICS = {
 }
 
 
-def _make_trainer_class():
-    from trl import GRPOTrainer  # imported here: TRL takes seconds to import
+class _EpochSeededSampler:
+    """TRL's RepeatSampler with each epoch's prompt order seeded by (seed, epoch), not drawn on from one generator.
 
-    class LoptGRPOTrainer(LoptTrainerMixin, GRPOTrainer):
-        """GRPOTrainer with LoPT (training/trl_integration.py) that also writes each scored completion to a file."""
+    TRL's sampler shuffles every epoch with the generator it seeded once, so the order of epoch e depends on how many
+    epochs it has shuffled before; a run resumed after an epoch has shuffled none, and its later epochs took other
+    prompts than the uninterrupted run's. The Trainer calls `set_epoch` at each epoch (a resumed run too), so
+    reseeding there makes every epoch's order the same however the run got there. Epoch 0's is TRL's own.
+    """
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.sampler.seed is not None:
+            self.sampler.generator.manual_seed(self.sampler.seed + epoch)
+
+    def __iter__(self):
+        return iter(self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def _trainer_and_config(config: PolicyRLConfig):
+    """TRL's trainer class, with LoPT and completions.jsonl, and TRL's config class for `config`'s algorithm."""
+    import trl  # imported here: TRL takes seconds to import
+
+    base, trl_config = (
+        (trl.RLOOTrainer, trl.RLOOConfig) if isinstance(config, RLOOConfig) else (trl.GRPOTrainer, trl.GRPOConfig)
+    )
+
+    class LoptPolicyTrainer(LoptTrainerMixin, base):
+        """TRL's trainer with LoPT (training/trl_integration.py) that also writes each scored completion to a file."""
 
         completions_path: Path | None = None
+
+        def _get_train_sampler(self, dataset=None):
+            return _EpochSeededSampler(super()._get_train_sampler(dataset))
 
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -76,7 +112,7 @@ def _make_trainer_class():
                         )
             return rewards
 
-    return LoptGRPOTrainer
+    return LoptPolicyTrainer, trl_config
 
 
 def _prompt_length(tokenizer, prompt) -> int:
@@ -111,28 +147,43 @@ def prepare_prompts(records: list[dict], tokenizer, max_prompt_length: int) -> l
     return kept
 
 
-def build_grpo_trainer(config: GRPOConfig, out: Path, callbacks: Sequence[Callback] = (), **trl_settings):
-    """The LoPT (or E2E) GRPO trainer for `config`, writing into `out`; `callbacks` listen next to
-    metrics.jsonl; `trl_settings` are extra TRLGRPOConfig fields (tests use them, e.g. for greedy generation)."""
-    import datasets
-    from transformers import set_seed
-    from trl import GRPOConfig as TRLGRPOConfig
+def _recipe(config: PolicyRLConfig) -> str:
+    return "rloo" if isinstance(config, RLOOConfig) else "grpo"
 
+
+def build_grpo_trainer(config: PolicyRLConfig, out: Path, callbacks: Sequence[Callback] = (), **trl_settings):
+    """The LoPT (or E2E) GRPO or RLOO trainer for `config` (a GRPOConfig or RLOOConfig), writing into `out`;
+    `callbacks` listen next to metrics.jsonl; `trl_settings` are extra fields of TRL's config (tests use them, e.g. for
+    greedy generation)."""
+    import datasets
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    trainer_class, trl_config = _trainer_and_config(config)
+    reward_model = reward_tokenizer = None
+    if config.reward_model:  # before the policy: a folder that is no reward model fails without the policy's load
+        device = PartialState().device  # the device TRL's arguments will name: this process's GPU, else CPU
+        reward_model, reward_tokenizer = load_reward_model(config.reward_model, weights_dtype(config, device), device)
     set_seed(config.seed)  # before the heads are initialized
-    rewards = grpo_rewards(config)
+    rewards = grpo_rewards(config, reward_model)
+    specific = (
+        {"normalize_advantages": config.normalize_advantages}
+        if isinstance(config, RLOOConfig)
+        else {"loss_type": config.loss_type}
+    )
     args = trl_arguments(
-        TRLGRPOConfig,
+        trl_config,
         config,
         num_generations=config.num_generations,
         max_completion_length=config.max_completion_length,
         temperature=config.temperature,
         top_p=config.top_p,
         beta=config.beta,
-        loss_type=config.loss_type,
         num_iterations=config.num_iterations,
         steps_per_generation=config.steps_per_generation,
         use_vllm=config.use_vllm,
         reward_weights=[reward.weight for reward in rewards],
+        **specific,
         **validation_arguments(config, GRPO_METRICS),
         **trl_settings,
     )
@@ -143,38 +194,35 @@ def build_grpo_trainer(config: GRPOConfig, out: Path, callbacks: Sequence[Callba
     generated = not (config.train_file or config.dataset_name) and get_task(config.task).hub_id is None
     records, eval_records = with_validation(config, load, generated)
     # before the model loads: a reward function TRL could not call would fail only at the first step
-    check_reward_arguments({reward.source: reward.func for reward in rewards}, [c for c in records[0] if c != "prompt"])
+    functions = {reward.source: reward.func for reward in rewards if reward.func is not reward_model}
+    check_reward_arguments(functions, [c for c in records[0] if c != "prompt"])
     wrapper, tokenizer = build_model(config, args.device)  # accelerate's device: this process's GPU, else CPU
+    if reward_model is not None:
+        note = tokenizer_note(reward_tokenizer, tokenizer, conversations=bool(tokenizer.chat_template))
+        if note:
+            console.print(f"lopt: {note}")
     dataset = datasets.Dataset.from_list(prepare_prompts(records, tokenizer, config.max_prompt_length))
     eval_dataset = None
     if eval_records is not None:  # the validation prompts go through the same length filter and rendering
         eval_dataset = datasets.Dataset.from_list(prepare_prompts(eval_records, tokenizer, config.max_prompt_length))
-    try:
-        trainer = _make_trainer_class()(
-            model=wrapper.model,
-            reward_funcs=[reward.func for reward in rewards],
-            args=args,
-            train_dataset=dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            lopt=wrapper,
-            backward=config.backward,
-            lr_k1=config.lr_k1,
-            save_total_limit=config.save_total_limit,
-        )
-    except (ValueError, ImportError) as error:  # TRL's checks of the settings (group sizes, vLLM, ...)
-        raise LoptError(f"TRL's GRPOTrainer rejected these settings: {error}") from error
+    trainer = build_lopt_trainer(
+        trainer_class, config, wrapper, args, train_dataset=dataset, eval_dataset=eval_dataset,
+        processing_class=tokenizer, reward_funcs=[reward.func for reward in rewards],
+        # a reward model scores with its own tokenizer (TRL re-tokenizes the texts); functions need none
+        reward_processing_classes=[reward_tokenizer if r.func is reward_model else None for r in rewards],
+    )  # fmt: skip
     resuming = config.resume_from_checkpoint is not None  # a resumed run appends to its files
     trainer.completions_path = out / "completions.jsonl"
     if trainer.accelerator.is_main_process and not resuming:
         trainer.completions_path.write_text("")
-    add_lopt_callbacks(trainer, "grpo", GRPO_METRICS, resuming, callbacks)
+    add_lopt_callbacks(trainer, _recipe(config), GRPO_METRICS, resuming, callbacks)
     return trainer
 
 
-def run_grpo(config: GRPOConfig, callbacks: Sequence[Callback] = ()) -> TRLRunResult:
+def run_grpo(config: PolicyRLConfig, callbacks: Sequence[Callback] = ()) -> TRLRunResult:
+    """A GRPO run, or an RLOO run for an RLOOConfig."""
     return run_trl_recipe(
-        "grpo",
+        _recipe(config),
         config,
         functools.partial(build_grpo_trainer, callbacks=callbacks),
         lambda trainer: (

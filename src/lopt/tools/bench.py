@@ -15,7 +15,15 @@ let it skip recomputation within E2E+ckpt's memory, and what does that buy in st
 The baselines users compare LoPT with are rows too: `lora` (E2E with LoRA adapters, peft's defaults as
 `lopt sft --use_peft` sets them), `lopt+lora` (LoPT with adapters in every block) and `e2e+kl` (E2E SFT
 with --kl_beta 0.1, whose reference is a frozen second copy of the model); for every row the trainable
-parameters and the bytes of AdamW state after the step are counted, which is where LoRA saves.
+parameters and the bytes of optimizer state after the step are counted, which is where LoRA saves.
+`lopt+bs` is LoPT with --block_step, `+8bit` rows keep AdamW's state in 8 bits (--optim adamw_8bit). `trl-sft` is
+TRL's SFTTrainer on the same model and batch (prompt quarter masked, fp32 on CPU, constant rate, no clipping, like
+every row): its step time, process peak and loss after the same steps, beside lopt's `e2e`.
+
+The whole step is accounted by hooks, so its figures are the same on every machine: parameters, optimizer state,
+the peak of gradients, of activations, and of both alive together. A second, untimed step at a smaller batch gives
+each configuration's bytes per sample, from which "the largest micro-batch that fits in B GiB" is computed for
+each of `--budgets_gib` (activations grow with the batch, the rest does not).
 
 With `--packing_data` (an SFT file or preset) a last table measures `--packing`: one pass of E2E and LoPT
 training over the same tokenized examples, batched one example a row (padded to the batch's longest) and packed
@@ -28,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -52,13 +61,18 @@ from lopt.models.registry import DEFAULT_MODEL, load_model_and_tokenizer
 from lopt.parallel.replicated import ReplicatedBackend
 from lopt.training.loss import causal_lm_loss_sum, liger_linear_cross_entropy
 from lopt.training.memory import GradientMeter, SavedTensorMeter, device_peak_bytes
-from lopt.training.optim import build_optimizer
+from lopt.training.optim import build_optimizer, optimizer_state_bytes
 from lopt.training.step import forward_backward
 from lopt.training.task_loss import CausalLMLoss, FrozenStartingModel, KLRegularizedLoss
 
 # Wide enough for the whole table when printed to a file or a CI log (rich assumes 80 columns there).
 console = Console(width=None if sys.stdout.isatty() else 150)
-METHODS = ("e2e", "e2e+ckpt", "lopt-joint", "lopt", "lopt+ckpt", "lopt+bs", "lora", "lopt+lora", "e2e+kl")
+METHODS = (
+    "e2e", "e2e+ckpt", "e2e+8bit", "lopt-joint", "lopt", "lopt+ckpt", "lopt+bs", "lopt+bs+8bit", "lora", "lopt+lora",
+    "e2e+kl", "trl-sft",
+)  # fmt: skip
+# one model, one end-to-end block
+SINGLE_BLOCK = ("lora", "trl-sft")
 # The --lora_* defaults of `lopt sft --use_peft`, so the lora rows measure what a user runs.
 LORA_DEFAULTS = SimpleNamespace(**{f.name: f.default for f in fields(RunConfig) if f.name.startswith("lora_")})
 KL_BETA = 0.1
@@ -87,7 +101,11 @@ class Configuration:
 
     @property
     def block_step(self) -> bool:
-        return self.method == "lopt+bs"
+        return self.method.startswith("lopt+bs")
+
+    @property
+    def optim(self) -> str:
+        return "adamw_8bit" if self.method.endswith("+8bit") else "adamw_torch"
 
     @property
     def label(self) -> str:
@@ -112,6 +130,11 @@ class Record:
     parameter_bytes: int = 0  # every parameter, frozen ones included
     gradient_peak_bytes: int = 0
     gradients_activations_peak_bytes: int = 0  # gradients and saved activations alive together, at their peak
+    final_loss: float = float("nan")  # the task loss of the last timed step
+    accounted: bool = True  # False for trl-sft, whose step lopt's hooks do not see
+    small_batch: int = 1  # the batch of the untimed accounting step, its whole step's and activation peak's bytes
+    small_batch_whole_step_bytes: int = 0
+    small_batch_activation_bytes: int = 0
     step_times: list[float] = field(default_factory=list)
     activation_ratio: float | None = None
     device_peak_ratio: float | None = None
@@ -121,12 +144,34 @@ class Record:
 
     @property
     def whole_step_bytes(self) -> int:
-        """Parameters + AdamW state + the peak of gradients and activations: the step's accounted memory."""
+        """Parameters + optimizer state + the peak of gradients and activations: the step's accounted memory."""
         return self.parameter_bytes + self.optimizer_state_bytes + self.gradients_activations_peak_bytes
+
+    @property
+    def activation_bytes_per_sample(self) -> float:
+        """The saved activations grow linearly with the batch: their growth per sample between the measured batches."""
+        return (self.activation_bytes - self.small_batch_activation_bytes) / (self.batch - self.small_batch)
+
+    def largest_batch(self, budget_bytes: float) -> int:
+        """A micro-batch at this sequence length whose accounted step surely fits in `budget_bytes` (0: not even one
+        sample), and the largest such by the accounting.
+
+        The step's peak is the largest, over the step, of gradients + activations alive, and the activations at any
+        moment grow linearly with the batch, so the peak is convex in the batch and grows per sample by at most the
+        activation peak's growth: above the larger measured batch that bounds it; between the two measured batches
+        the line through them does."""
+        (lo, lo_bytes), (hi, hi_bytes) = sorted(
+            [(self.small_batch, self.small_batch_whole_step_bytes), (self.batch, self.whole_step_bytes)]
+        )
+        if budget_bytes >= hi_bytes:
+            return hi + math.floor((budget_bytes - hi_bytes) / max(self.activation_bytes_per_sample, 1.0))
+        if budget_bytes < lo_bytes:
+            return lo - 1  # the smaller measured batch is 1 or 2, and a step grows with its batch
+        return lo + math.floor((budget_bytes - lo_bytes) / ((hi_bytes - lo_bytes) / (hi - lo)))
 
 
 def configurations(methods: list[str], blocks: list[int]) -> list[Configuration]:
-    return [Configuration(m, k) for m in methods for k in ([1] if m.startswith("e2e") or m == "lora" else blocks)]
+    return [Configuration(m, k) for m in methods for k in ([1] if m.startswith("e2e") or m in SINGLE_BLOCK else blocks)]
 
 
 def synthetic_batch(batch: int, seq: int, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -159,25 +204,30 @@ def measure(
     )
     if config.checkpointing:
         model.enable_gradient_checkpointing()
-    optimizer = build_optimizer(model, 1e-5, None, 0.0)
+    optimizer = build_optimizer(model, 1e-5, None, 0.0, config.optim)
     data = synthetic_batch(batch, seq, base.config.vocab_size, device)
     meter = SavedTensorMeter(model.parameters())
     gradients = GradientMeter(model.parameters(), saved=meter)
-    step_block = _block_stepper(model, optimizer, gradients) if config.block_step else None
     times = []
     for i in range(warmup + steps):
         _sync(device)
         start = time.perf_counter()
-        with meter.active(), gradients.active():
-            forward_backward(model, [data], config.backward, task_loss=task_loss, step_block=step_block)
-        optimizer.step()  # after block steps every gradient is gone: AdamW has nothing left to step
-        optimizer.zero_grad(set_to_none=True)
-        gradients.freed(model.parameters())
+        loss = _step(model, optimizer, data, config, task_loss, meter, gradients)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
-    state = [t for per_param in optimizer.state.values() for t in per_param.values() if torch.is_tensor(t)]
+    parameter_bytes = sum(  # every weight held, the KL's frozen reference included
+        p.numel() * p.element_size() for m in (model, reference) if m is not None for p in m.parameters()
+    )
+    state_bytes = optimizer_state_bytes(optimizer)
+    # the untimed accounting step at a smaller batch, with the optimizer's state already there
+    small = 1 if batch > 1 else 2
+    small_meter = SavedTensorMeter(model.parameters())
+    small_gradients = GradientMeter(model.parameters(), saved=small_meter)
+    small_data = synthetic_batch(small, seq, base.config.vocab_size, device)
+    _step(model, optimizer, small_data, config, task_loss, small_meter, small_gradients)
+    small_state_bytes = optimizer_state_bytes(optimizer)  # the same, unless 8-bit state came in with this step
     return Record(
         config.method,
         config.num_blocks,
@@ -191,13 +241,27 @@ def measure(
         step_s,
         batch * seq / step_s,
         sum(p.numel() for p in model.parameters() if p.requires_grad),
-        sum(t.numel() * t.element_size() for t in state),
-        # every weight held, the KL's frozen reference included
-        sum(p.numel() * p.element_size() for m in (model, reference) if m is not None for p in m.parameters()),
+        state_bytes,
+        parameter_bytes,
         gradients.peak_bytes,
         meter.peak_with_gradients_bytes,
-        times,
+        loss,
+        small_batch=small,
+        small_batch_whole_step_bytes=parameter_bytes + small_state_bytes + small_meter.peak_with_gradients_bytes,
+        small_batch_activation_bytes=small_meter.peak_bytes,
+        step_times=times,
     )
+
+
+def _step(model, optimizer, data, config: Configuration, task_loss, meter, gradients) -> float:
+    """One training step, its saved activations and gradients counted by `meter` and `gradients`; the task loss."""
+    step_block = _block_stepper(model, optimizer, gradients) if config.block_step else None
+    with meter.active(), gradients.active():
+        result = forward_backward(model, [data], config.backward, task_loss=task_loss, step_block=step_block)
+    optimizer.step()  # after block steps every gradient is gone: the optimizer has nothing left to step
+    optimizer.zero_grad(set_to_none=True)
+    gradients.freed(model.parameters())
+    return result.task_loss
 
 
 def _block_stepper(model: LocalLearningLM, optimizer: torch.optim.Optimizer, gradients: GradientMeter):
@@ -241,6 +305,9 @@ def _measure_in_subprocess(
 
 
 def _child(job: dict) -> None:
+    if job["method"] == "trl-sft":
+        print(json.dumps(asdict(measure_trl_sft(job))))
+        return
     model, _ = load_model_and_tokenizer(job["model"], device=job["device"])
     configuration = Configuration(job["method"], job["k"])
     reference = load_model_and_tokenizer(job["model"], device=job["device"])[0] if configuration.kl else None
@@ -255,6 +322,59 @@ def _child(job: dict) -> None:
         reference,
     )
     print(json.dumps(asdict(record)))
+
+
+def measure_trl_sft(job: dict) -> Record:
+    """TRL's SFTTrainer for warmup + steps steps on `measure`'s batch: the same rows every step (sequential
+    sampling over copies), the prompt quarter out of the loss (completion_mask), fp32, AdamW at a constant 1e-5,
+    no clipping; TRL's own defaults otherwise (its chunked LM head, its entropy and accuracy metrics)."""
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    model, tokenizer = load_model_and_tokenizer(job["model"], device=job["device"])
+    batch, seq, total = job["batch"], job["seq"], job["warmup"] + job["steps"]
+    data = synthetic_batch(batch, seq, model.config.vocab_size, torch.device("cpu"))
+    rows = {
+        "input_ids": data["input_ids"].tolist(),
+        "completion_mask": (data["labels"] != IGNORE_INDEX).long().tolist(),
+    }
+    dataset = Dataset.from_dict({key: values * total for key, values in rows.items()})
+    times: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            _sync(model.device)
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _sync(model.device)
+            times.append(time.perf_counter() - self.start)
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TRLSFTConfig(
+            output_dir=out, per_device_train_batch_size=batch, max_steps=total, learning_rate=1e-5,
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, optim="adamw_torch",
+            gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=job["device"] == "cpu", max_length=seq,
+            completion_only_loss=True, train_sampling_strategy="sequential", logging_steps=1, save_strategy="no",
+            report_to="none", disable_tqdm=True, seed=0,
+        )  # fmt: skip
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer.add_callback(StepClock())
+        trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    timed = times[job["warmup"] :]
+    step_s = statistics.median(timed)
+    device = model.device
+    return Record(
+        "trl-sft", 1, "joint", False, batch, seq, 0, device_peak_bytes(device),
+        "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss", step_s, batch * seq / step_s,
+        sum(p.numel() for p in model.parameters() if p.requires_grad), 0, 0, 0, 0, losses[-1], accounted=False,
+        step_times=timed,
+    )  # fmt: skip
 
 
 def run_bench(
@@ -293,39 +413,64 @@ def run_bench(
 def add_ratios(records: list[Record]) -> None:
     for r in records:
         e2e = next((x for x in records if x.method == "e2e" and (x.batch, x.seq) == (r.batch, r.seq)), None)
-        if e2e is not None:
+        if e2e is None:
+            continue
+        r.device_peak_ratio = r.device_peak_bytes / e2e.device_peak_bytes
+        r.step_time_ratio = r.step_s / e2e.step_s
+        if r.accounted:
             r.activation_ratio = r.activation_bytes / e2e.activation_bytes
-            r.device_peak_ratio = r.device_peak_bytes / e2e.device_peak_bytes
-            r.step_time_ratio = r.step_s / e2e.step_s
             r.gradients_activations_ratio = r.gradients_activations_peak_bytes / e2e.gradients_activations_peak_bytes
             r.whole_step_ratio = r.whole_step_bytes / e2e.whole_step_bytes
 
 
-def equal_memory_pairs(records: list[Record]) -> list[dict]:
-    """LoPT local backward without checkpointing against E2E with checkpointing, at each batch shape.
+# The LoPT configurations set against E2E with checkpointing at equal memory.
+EQUAL_MEMORY_METHODS = ("lopt", "lopt+bs", "lopt+bs+8bit")
 
-    Checkpointing buys memory with recomputation. Where LoPT's device peak without it stays within
-    E2E+ckpt's, LoPT gets that memory without the recomputation, and the step-time ratio says what that buys.
+
+def equal_memory_pairs(records: list[Record]) -> list[dict]:
+    """LoPT without checkpointing (plain, with block steps, and with 8-bit state too) against E2E with
+    checkpointing, at each batch shape.
+
+    Checkpointing buys memory with recomputation. Where LoPT's accounted step stays within E2E+ckpt's, LoPT gets
+    that memory without the recomputation, and the step-time ratio at the same batch says what that buys; the
+    largest batch LoPT fits in E2E+ckpt's memory says what else it could do with it.
     """
     pairs = []
     for r in records:
         ckpt = next((x for x in records if x.method == "e2e+ckpt" and (x.batch, x.seq) == (r.batch, r.seq)), None)
-        if r.method != "lopt" or ckpt is None:
+        if r.method not in EQUAL_MEMORY_METHODS or ckpt is None:
             continue
         pairs.append(
             {
+                "method": r.method,
                 "k": r.k,
                 "batch": r.batch,
                 "seq": r.seq,
+                "lopt_whole_step_bytes": r.whole_step_bytes,
+                "e2e_ckpt_whole_step_bytes": ckpt.whole_step_bytes,
+                "fits_e2e_ckpt_memory": r.whole_step_bytes <= ckpt.whole_step_bytes,
+                "largest_batch_in_e2e_ckpt_memory": r.largest_batch(ckpt.whole_step_bytes),
                 "lopt_device_peak_bytes": r.device_peak_bytes,
                 "e2e_ckpt_device_peak_bytes": ckpt.device_peak_bytes,
                 "lopt_activation_bytes": r.activation_bytes,
                 "e2e_ckpt_activation_bytes": ckpt.activation_bytes,
-                "fits_e2e_ckpt_memory": r.device_peak_bytes <= ckpt.device_peak_bytes,
                 "step_time_ratio": r.step_s / ckpt.step_s,
             }
         )
     return pairs
+
+
+def fits(records: list[Record], budgets_gib: list[float]) -> list[dict]:
+    """Per accounted configuration and sequence length: the largest micro-batch whose step fits in each budget."""
+    return [
+        {
+            "config": r.method if r.k == 1 else f"{r.method} k={r.k}", "seq": r.seq,
+            "activation_bytes_per_sample": r.activation_bytes_per_sample,
+            "largest_batch": {f"{b:g}": r.largest_batch(b * 2**30) for b in budgets_gib},
+        }
+        for r in records
+        if r.accounted
+    ]  # fmt: skip
 
 
 def loss_part(hidden_size: int, vocab: int, batch: int, seq: int, device: str = "cpu", liger: bool = False) -> dict:
@@ -410,8 +555,8 @@ def packing_part(
     return rows
 
 
-def print_tables(records: list[Record], losses: list[dict], pairs: list[dict]) -> None:
-    table = Table(title="lopt bench: one training step (forward + backward + AdamW step)")
+def print_tables(records: list[Record], losses: list[dict], pairs: list[dict], budgets: list[dict]) -> None:
+    table = Table(title="lopt bench: one training step (forward + backward + optimizer step)")
     peak_kind = "device peak MiB" if records[0].device_peak_kind == "cuda_max_allocated" else "process peak RSS MiB"
     for column in (
         "config",
@@ -424,7 +569,8 @@ def print_tables(records: list[Record], losses: list[dict], pairs: list[dict]) -
         "x e2e",
         "tokens/s",
         "trainable M",
-        "AdamW state MiB",
+        "optimizer state MiB",
+        "last step's loss",
     ):
         table.add_column(column, justify="right")
     for r in records:
@@ -432,7 +578,7 @@ def print_tables(records: list[Record], losses: list[dict], pairs: list[dict]) -
         table.add_row(
             label,
             f"{r.batch} x {r.seq}",
-            f"{r.activation_bytes / 2**20:.1f}",
+            f"{r.activation_bytes / 2**20:.1f}" if r.accounted else "-",
             _ratio(r.activation_ratio),
             f"{r.device_peak_bytes / 2**20:.0f}",
             _ratio(r.device_peak_ratio),
@@ -440,15 +586,16 @@ def print_tables(records: list[Record], losses: list[dict], pairs: list[dict]) -
             _ratio(r.step_time_ratio),
             f"{r.tokens_per_s:.0f}",
             f"{r.trainable_params / 1e6:.2f}",
-            f"{r.optimizer_state_bytes / 2**20:.1f}",
+            f"{r.optimizer_state_bytes / 2**20:.1f}" if r.accounted else "-",
+            f"{r.final_loss:.4f}",
         )
     console.print(table)
-    accounting = Table(title="the whole step, accounted (deterministic MiB): parameters + AdamW state + the peak of "
-                       "gradients and activations alive together")  # fmt: skip
-    for column in ("config", "parameters", "AdamW state", "gradient peak", "activation peak", "grads + acts peak",
+    accounting = Table(title="the whole step, accounted (deterministic MiB): parameters + optimizer state + the peak "
+                       "of gradients and activations alive together")  # fmt: skip
+    for column in ("config", "parameters", "optimizer state", "gradient peak", "activation peak", "grads + acts peak",
                    "x e2e", "whole step", "x e2e"):  # fmt: skip
         accounting.add_column(column, justify="right")
-    for r in records:
+    for r in (r for r in records if r.accounted):
         accounting.add_row(
             r.method if r.k == 1 else f"{r.method} k={r.k}", *(f"{b / 2**20:.1f}" for b in (
                 r.parameter_bytes, r.optimizer_state_bytes, r.gradient_peak_bytes, r.activation_bytes,
@@ -456,6 +603,8 @@ def print_tables(records: list[Record], losses: list[dict], pairs: list[dict]) -
             _ratio(r.gradients_activations_ratio), f"{r.whole_step_bytes / 2**20:.1f}", _ratio(r.whole_step_ratio),
         )  # fmt: skip
     console.print(accounting)
+    if budgets:
+        print_budgets(budgets)
     loss_table = Table(title="the loss alone: saved-for-backward bytes")
     with_liger = "liger" in losses[0]
     for column in ("batch x seq", "vocab", "full fp32 logits MiB", "chunked MiB", "reduction") + (
@@ -472,33 +621,56 @@ def print_tables(records: list[Record], losses: list[dict], pairs: list[dict]) -
             *((f"{r['liger'] / 2**20:.1f}",) if with_liger else ()),
         )
     console.print(loss_table)
+    for trl in (r for r in records if r.method == "trl-sft"):
+        e2e = next(r for r in records if r.method == "e2e" and (r.batch, r.seq) == (trl.batch, trl.seq))
+        console.print(
+            f"lopt e2e vs TRL SFTTrainer at {e2e.batch} x {e2e.seq}: step time {e2e.step_s / trl.step_s:.2f}x, "
+            f"{peak_kind} {e2e.device_peak_bytes / trl.device_peak_bytes:.2f}x, last step's loss "
+            f"{e2e.final_loss:.4f} vs {trl.final_loss:.4f}"
+        )
     if not pairs:
         return
-    pair_table = Table(title="equal memory: LoPT local without checkpointing vs E2E with checkpointing")
+    pair_table = Table(title="equal memory: LoPT without checkpointing vs E2E with checkpointing (accounted MiB)")
     for column in (
         "config",
         "batch x seq",
+        "lopt whole step",
+        "e2e+ckpt whole step",
+        "within e2e+ckpt memory",
+        "largest batch in it",
         f"lopt {peak_kind}",
         f"e2e+ckpt {peak_kind}",
-        "within e2e+ckpt memory",
-        "lopt activation MiB",
-        "e2e+ckpt activation MiB",
         "step s lopt / e2e+ckpt",
     ):
         pair_table.add_column(column, justify="right")
     for p in pairs:
-        extra = (p["lopt_device_peak_bytes"] - p["e2e_ckpt_device_peak_bytes"]) / 2**20
+        extra = (p["lopt_whole_step_bytes"] - p["e2e_ckpt_whole_step_bytes"]) / 2**20
         pair_table.add_row(
-            f"lopt k={p['k']}",
+            f"{p['method']} k={p['k']}",
             f"{p['batch']} x {p['seq']}",
+            f"{p['lopt_whole_step_bytes'] / 2**20:.0f}",
+            f"{p['e2e_ckpt_whole_step_bytes'] / 2**20:.0f}",
+            "yes" if p["fits_e2e_ckpt_memory"] else f"no (+{extra:.0f} MiB)",
+            str(p["largest_batch_in_e2e_ckpt_memory"]),
             f"{p['lopt_device_peak_bytes'] / 2**20:.0f}",
             f"{p['e2e_ckpt_device_peak_bytes'] / 2**20:.0f}",
-            "yes" if p["fits_e2e_ckpt_memory"] else f"no (+{extra:.0f} MiB)",
-            f"{p['lopt_activation_bytes'] / 2**20:.1f}",
-            f"{p['e2e_ckpt_activation_bytes'] / 2**20:.1f}",
             f"{p['step_time_ratio']:.2f}",
         )
     console.print(pair_table)
+
+
+def print_budgets(rows: list[dict]) -> None:
+    budgets = list(rows[0]["largest_batch"])
+    table = Table(title="the largest micro-batch whose accounted step fits in B GiB (a lower bound from two measured "
+                  "batches: the step grows per sample by at most the activations' growth)")  # fmt: skip
+    for column in ("config", "seq", "activation MiB per sample", *(f"{b} GiB" for b in budgets)):
+        table.add_column(column, justify="left" if column == "config" else "right")
+    for r in rows:
+        table.add_row(
+            r["config"], str(r["seq"]), f"{r['activation_bytes_per_sample'] / 2**20:.1f}",
+            *(str(r["largest_batch"][b]) for b in budgets),
+        )  # fmt: skip
+    console.print(table)
 
 
 def print_packing(rows: list[dict]) -> None:
@@ -573,6 +745,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--packing_samples", type=int, default=64, help="examples of --packing_data in the pass (default: 64)"
     )
+    parser.add_argument(
+        "--budgets_gib",
+        type=lambda text: [float(x) for x in text.split(",") if x],
+        default=[8, 16, 24, 80],
+        help="memory budgets (GiB) of the largest-micro-batch table (default: 8,16,24,80)",
+    )
     parser.add_argument("--out", default="outputs/bench", help="folder for bench.json and bench.png")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -610,7 +788,8 @@ def main(argv: list[str] | None = None) -> None:
         for s in args.seq
     ]
     pairs = equal_memory_pairs(records)
-    print_tables(records, losses, pairs)
+    budgets = fits(records, args.budgets_gib)
+    print_tables(records, losses, pairs, budgets)
     packing = []
     if args.packing_data:
         packing = packing_part(
@@ -630,6 +809,7 @@ def main(argv: list[str] | None = None) -> None:
         "records": [{**asdict(r), "whole_step_bytes": r.whole_step_bytes} for r in records],
         "loss": losses,
         "equal_memory": pairs,
+        "budgets": budgets,
         "packing": packing,
     }
     for name in ("bench.json", "bench.png"):

@@ -1,7 +1,7 @@
 """`lopt data preview`: a run's first examples as the model sees them, and counts over all of its data.
 
 Nothing here prepares data its own way: each recipe's records go through the functions the recipe itself calls
-(SFT: its record loading and `tokenize_sft`; DPO: `dpo_records` and TRL's DPOTrainer preparation; GRPO:
+(SFT: its record loading and `tokenize_sft`; DPO: `preference_records` and TRL's DPOTrainer preparation; GRPO:
 `grpo_records` and `prepare_prompts`), with the flags parsed by the recipe's own config. Only the tokenizer is
 loaded, not the weights, so a preview of a run takes seconds.
 """
@@ -197,15 +197,15 @@ def preview_sft(config: SFTConfig, tokenizer, num_examples: int) -> tuple[list[_
 
 
 def preview_dpo(config: DPOConfig, tokenizer, num_examples: int) -> tuple[list[_Marked], list[str]]:
-    """The pairs `lopt dpo` trains on: `dpo_records`, tokenized and filtered by TRL's DPOTrainer preparation."""
+    """The pairs `lopt dpo` trains on: `preference_records`, tokenized and filtered by TRL's DPOTrainer preparation."""
     import datasets
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
-    from lopt.data.presets import dpo_records, source_options
+    from lopt.data.presets import preference_records, source_options
     from lopt.training.trl_integration import trl_arguments
 
-    records = dpo_records(config.dataset_preset, **source_options(config))
+    records = preference_records(config.dataset_preset, **source_options(config))
     args = trl_arguments(
         TRLDPOConfig, config, beta=config.beta, loss_type=config.loss_type, max_length=config.max_seq_length
     )

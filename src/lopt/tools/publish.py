@@ -56,8 +56,10 @@ LOGIN = (
 )
 RECIPES = {
     "sft": "supervised fine-tuning",
-    "grpo": "GRPO (TRL's GRPOTrainer) with verifiable rewards",
+    "grpo": "GRPO (TRL's GRPOTrainer) on the rewards of sampled completions",
+    "rloo": "RLOO (TRL's RLOOTrainer) on the rewards of sampled completions",
     "dpo": "DPO (TRL's DPOTrainer) on preference pairs",
+    "rm": "a reward model (TRL's RewardTrainer): one score per answer, Bradley-Terry loss on preference pairs",
 }
 
 
@@ -249,7 +251,7 @@ def model_card(folder: Path, repo_id: str) -> str:
     front = {
         "base_model": base_id,
         "library_name": "peft" if adapter is not None else "transformers",
-        "pipeline_tag": "text-generation",
+        "pipeline_tag": "text-classification" if recipe == "rm" else "text-generation",
         "tags": tags,
         "datasets": [dataset_id] if dataset_id else None,
     }
@@ -281,7 +283,12 @@ def model_card(folder: Path, repo_id: str) -> str:
     results = _results(run)
     if results:
         lines += ["", "## Results", "", *results]
-    lines += ["", "## Use", "", *_usage(repo_id, adapter, base, base_id)]
+    lines += [
+        "",
+        "## Use",
+        "",
+        *(_reward_usage(repo_id) if recipe == "rm" else _usage(repo_id, adapter, base, base_id)),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -364,7 +371,7 @@ def _lora(args: dict, adapter: dict | None, run: Run) -> str:
 
 def _data(args: dict, recipe: str | None) -> tuple[str | None, str]:
     """(hub dataset id or None, the data as text) of a run."""
-    from lopt.data.presets import DPO_PRESETS, PRESETS
+    from lopt.data.presets import PREFERENCE_HUB, PREFERENCE_PRESETS, PRESETS
     from lopt.tasks import TASKS
 
     picked = args.get("max_samples")
@@ -376,14 +383,14 @@ def _data(args: dict, recipe: str | None) -> tuple[str | None, str]:
     if name:
         config = f", config {args['dataset_config']}" if args.get("dataset_config") else ""
         return name, f"[{name}](https://huggingface.co/datasets/{name}){config}{split}{samples}"
-    if recipe == "grpo":
+    if recipe in ("grpo", "rloo"):
         task = TASKS.get(args.get("task", ""))
         hub_id = task.hub_id if task else None
         described = f"the {args.get('task')} task" + (f": {task.description}" if task else "")
-    elif recipe == "dpo":
+    elif recipe in ("dpo", "rm"):
         hub_id, described = (
-            None,
-            f"the {args.get('dataset_preset')} preset: {DPO_PRESETS.get(args.get('dataset_preset'))}",
+            PREFERENCE_HUB.get(args.get("dataset_preset", "")),
+            f"the {args.get('dataset_preset')} preset: {PREFERENCE_PRESETS.get(args.get('dataset_preset'))}",
         )
     else:
         preset = PRESETS.get(args.get("dataset_preset", ""))
@@ -432,6 +439,25 @@ def _results(run: Run) -> list[str]:
     for task, scores in e.get("harness", {}).items():
         lines.append(f"- lm-eval {task}: " + ", ".join(f"{metric} {value:.4f}" for metric, value in scores.items()))
     return lines
+
+
+def _reward_usage(repo_id: str) -> list[str]:
+    return [
+        "A reward model: one score per text (higher is preferred), from the last non-padding token.",
+        "",
+        "```python",
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+        "",
+        f'model = AutoModelForSequenceClassification.from_pretrained("{repo_id}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+        "```",
+        "",
+        "or as the reward of RL with lopt:",
+        "",
+        "```bash",
+        f"lopt grpo --reward_model {repo_id} --output_dir OUT",
+        "```",
+    ]
 
 
 def _usage(repo_id: str, adapter: dict | None, base: str | None, base_id: str | None) -> list[str]:

@@ -60,6 +60,12 @@ RECIPE_COLUMNS: dict[str, dict[str, str]] = {
         "reward_chosen": "mean implicit reward of the chosen answers",
         "reward_rejected": "mean implicit reward of the rejected answers",
     },
+    "rloo": {},  # GRPO's, set below: the same TRL logs
+    "rm": {
+        "reward_accuracy": "fraction of pairs the reward model scores chosen above rejected",
+        "reward_margin": "mean score of chosen minus rejected",
+        "reward_mean": "mean score over the chosen and rejected answers",
+    },
 }
 
 
@@ -77,7 +83,14 @@ RECIPE_EVAL_COLUMNS: dict[str, dict[str, str]] = {
         "eval_reward_chosen": "reward_chosen over the validation pairs",
         "eval_reward_rejected": "reward_rejected over the validation pairs",
     },
+    "rm": {
+        "eval_reward_accuracy": "reward_accuracy over the validation pairs",
+        "eval_reward_margin": "reward_margin over the validation pairs",
+        "eval_reward_mean": "reward_mean over the validation pairs",
+    },
 }
+RECIPE_COLUMNS["rloo"] = RECIPE_COLUMNS["grpo"]
+RECIPE_EVAL_COLUMNS["rloo"] = RECIPE_EVAL_COLUMNS["grpo"]
 
 
 @dataclass

@@ -1,11 +1,48 @@
-"""Optimizer and schedule: AdamW over LoPT's two learning-rate groups."""
+"""Optimizer and schedule: AdamW (32-bit, or 8-bit state with bitsandbytes) over LoPT's two learning-rate groups."""
 
 from __future__ import annotations
 
-import torch
-from transformers import get_scheduler
+from typing import TYPE_CHECKING
 
-from lopt.models.local_learning import LocalLearningLM
+from lopt.errors import LoptError, unknown_choice
+
+if TYPE_CHECKING:  # the config imports OPTIMIZERS for --help, which must not wait for torch or transformers
+    import torch
+
+    from lopt.models.local_learning import LocalLearningLM
+
+# `--optim`, by transformers' names for the same optimizers (TrainingArguments.optim), so a TRL user's value means
+# what it means there. The 8-bit ones keep AdamW's two moments block-wise quantized to 8 bits (bitsandbytes; tensors
+# under 4,096 elements keep 32-bit state): a quarter of the state's memory.
+OPTIMIZERS = {
+    "adamw_torch": "torch.optim.AdamW, 32-bit state (8 bytes per trainable parameter)",
+    "adamw_8bit": "bitsandbytes' AdamW8bit: 8-bit state (about 2 bytes per trainable parameter), CPU and CUDA",
+    "paged_adamw_8bit": "bitsandbytes' PagedAdamW8bit: the 8-bit state in CUDA unified memory, paged out to CPU RAM "
+    "when the GPU runs short (CUDA only)",
+}
+
+
+def optimizer_class(name: str, device_type: str) -> type[torch.optim.Optimizer]:
+    """The optimizer `--optim name` builds on `device_type` ("cpu", "cuda"); a LoptError naming what can run instead."""
+    import torch
+
+    if name not in OPTIMIZERS:
+        raise unknown_choice("--optim", name, OPTIMIZERS)
+    if name == "adamw_torch":
+        return torch.optim.AdamW
+    if name == "paged_adamw_8bit" and device_type != "cuda":
+        raise LoptError(
+            "--optim paged_adamw_8bit pages the optimizer state between GPU and CPU memory, which needs CUDA, and "
+            f"this run is on {device_type}: use --optim adamw_8bit (the same 8-bit state, not paged) or adamw_torch."
+        )
+    try:
+        import bitsandbytes
+    except ImportError as error:
+        raise LoptError(
+            f"--optim {name} keeps AdamW's state in 8 bits with bitsandbytes, which does not import here ({error}): "
+            "`pip install 'bitsandbytes>=0.50'` (0.50 is the first tested on CPU), or use --optim adamw_torch."
+        ) from error
+    return bitsandbytes.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bitsandbytes.optim.AdamW8bit
 
 
 def _no_decay(param: torch.nn.Parameter) -> bool:
@@ -14,8 +51,8 @@ def _no_decay(param: torch.nn.Parameter) -> bool:
 
 
 def build_optimizer(
-    model: LocalLearningLM, learning_rate: float, lr_k1: float | None, weight_decay: float
-) -> torch.optim.AdamW:
+    model: LocalLearningLM, learning_rate: float, lr_k1: float | None, weight_decay: float, optim: str = "adamw_torch"
+) -> torch.optim.Optimizer:
     """Early blocks, embeddings and reconstruction heads train at `lr_k1` (default: `learning_rate`);
     the final block, final norm and LM head at `learning_rate`. Each group is split by weight decay."""
     rates = {"early": learning_rate if lr_k1 is None else lr_k1, "final": learning_rate}
@@ -32,10 +69,27 @@ def build_optimizer(
                         "weight_decay": weight_decay if decay else 0.0,
                     }
                 )
-    return torch.optim.AdamW(groups, lr=learning_rate)
+    device = next(model.parameters()).device
+    return optimizer_class(optim, device.type)(groups, lr=learning_rate)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's state tensors, each storage counted once (bitsandbytes shares its quantization maps
+    between parameters)."""
+    import torch
+
+    storages = {}
+    for per_param in optimizer.state.values():
+        for value in per_param.values():
+            if torch.is_tensor(value):
+                storage = value.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_ratio: float, total_steps: int):
+    from transformers import get_scheduler
+
     return get_scheduler(
         kind, optimizer, num_warmup_steps=int(round(warmup_ratio * total_steps)), num_training_steps=total_steps
     )

@@ -17,6 +17,7 @@ from lopt.models.lora import add_lora, load_adapter, quantization_config, traina
 from lopt.models.registry import load_model_and_tokenizer
 from lopt.output import console, plural
 from lopt.training.checkpoint import TRAINING_STATE, has_final_model, latest_checkpoint, leftover_temp_folders
+from lopt.training.optim import optimizer_class
 
 
 def prepare_output_dir(config: RunConfig) -> Path:
@@ -78,19 +79,22 @@ def weights_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float32
 
 
-def build_model(config: RunConfig, device: torch.device, weights: str | None = None):
+def build_model(config: RunConfig, device: torch.device, weights: str | None = None, reward_model: bool = False):
     """The wrapped model; `weights` (a checkpoint folder) replaces the starting weights on resume.
 
     With --use_peft the base model is frozen and LoRA adapters are added (models/lora.py) before the
     blocks are wrapped; on resume the checkpoint holds the adapters, which go onto the starting model.
+    `reward_model`: the model with a one-score head instead of the LM head (`lopt rm`).
     """
     dtype = weights_dtype(config, device)
+    optimizer_class(config.optim, device.type)  # an --optim that cannot run here fails before the load's wait
     quantization = quantization_config(config.load_in_4bit, config.load_in_8bit, device, dtype)
     model, tokenizer = load_model_and_tokenizer(
         config.model_name_or_path if config.use_peft else weights or config.model_name_or_path,
         dtype=dtype,
         trust_remote_code=config.trust_remote_code,
         quantization=quantization,
+        reward_model=reward_model,
     )
     if config.use_peft:
         if quantization is not None:

@@ -64,7 +64,7 @@ class CausalLMLoss:
         return int(trained_positions(batch).sum())
 
     def __call__(self, model: LocalLearningLM, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss_sum, _ = causal_lm_loss_sum(hidden, model.parts.lm_head, batch["labels"], liger=self.liger)
+        loss_sum, _ = causal_lm_loss_sum(hidden, model.parts.head, batch["labels"], liger=self.liger)
         return loss_sum
 
 
@@ -80,7 +80,7 @@ class FrozenStartingModel:
         hidden = backbone_hidden_states(
             self.parts.backbone, batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
         )
-        return hidden, self.parts.lm_head.weight
+        return hidden, self.parts.head.weight
 
 
 class AdaptersDisabled:
@@ -90,7 +90,7 @@ class AdaptersDisabled:
     def __call__(self, policy: LocalLearningLM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         with policy.model.disable_adapter():
             hidden = policy.hidden_states(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
-        return hidden, policy.parts.lm_head.weight
+        return hidden, policy.parts.head.weight
 
 
 @dataclass(frozen=True)
@@ -106,5 +106,5 @@ class KLRegularizedLoss(CausalLMLoss):
         cross_entropy = super().__call__(model, hidden, batch)
         ref_hidden, ref_weight = self.reference(model, batch)
         keep = trained_positions(batch)
-        kl = chunked_kl_sum(hidden[:, :-1][keep], model.parts.lm_head.weight, ref_hidden[:, :-1][keep], ref_weight)
+        kl = chunked_kl_sum(hidden[:, :-1][keep], model.parts.head.weight, ref_hidden[:, :-1][keep], ref_weight)
         return LossTerms(objective=cross_entropy + self.beta * kl, logged={"task_loss": cross_entropy, "kl": kl})

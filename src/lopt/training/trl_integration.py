@@ -62,7 +62,7 @@ from lopt.errors import LoptError
 from lopt.models.local_learning import LocalLearningLM
 from lopt.output import console, phase, plural
 from lopt.parallel import distributed
-from lopt.parallel.backend import adapters_sharded_error
+from lopt.parallel.backend import adapters_sharded_error, optimizer_sharded_error
 from lopt.parallel.distributed import all_reduce_gradients
 from lopt.tools.publish import publish_run
 from lopt.training.callbacks import Callback, Callbacks, MetricsFile, ProgressBar, RunInfo
@@ -192,6 +192,9 @@ class LoptTrainerMixin:
         sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         if sharded and lopt.uses_adapters:
             raise adapters_sharded_error(self.accelerator.distributed_type.value)
+        self.lopt_optim = getattr(self.args.optim, "value", self.args.optim)  # transformers keeps an enum member
+        if sharded and self.lopt_optim != "adamw_torch":
+            raise optimizer_sharded_error(self.lopt_optim, self.accelerator.distributed_type.value)
         if lopt.num_blocks > 1 and sharded:
             # training_step averages whole gradients across processes, which assumes every process
             # holds the whole model (data parallel); sharded gradients would be averaged wrongly.
@@ -276,7 +279,7 @@ class LoptTrainerMixin:
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             self.optimizer = build_optimizer(
-                self.lopt, self.args.learning_rate, self.lopt_lr_k1, self.args.weight_decay
+                self.lopt, self.args.learning_rate, self.lopt_lr_k1, self.args.weight_decay, self.lopt_optim
             )
         return self.optimizer
 
@@ -327,6 +330,7 @@ def trl_arguments(trl_config_cls, config: RunConfig, **specific):
         max_steps=config.max_steps,
         learning_rate=config.learning_rate,
         weight_decay=config.weight_decay,
+        optim=config.optim,  # transformers' names: lopt builds the optimizer itself (create_optimizer)
         **{warmup: config.warmup_ratio},
         lr_scheduler_type=config.lr_scheduler_type,
         max_grad_norm=config.max_grad_norm if config.max_grad_norm > 0 else 0.0,
@@ -466,6 +470,38 @@ class TRLBridge(TrainerCallback):
         if state.is_world_process_zero:
             self._flush()  # a row whose validation never came (the run failed in it)
             self.callbacks.on_train_end(state.global_step)
+
+
+def pair_datasets(records: list[dict], eval_records: list[dict] | None) -> dict:
+    """The train_dataset / eval_dataset arguments of a TRL preference trainer (DPO, reward model)."""
+    import datasets
+
+    return {
+        "train_dataset": datasets.Dataset.from_list(records),
+        "eval_dataset": datasets.Dataset.from_list(eval_records) if eval_records is not None else None,
+    }
+
+
+def build_lopt_trainer(trainer_class, config: RunConfig, wrapper: LocalLearningLM, args, **trl_kwargs):
+    """`trainer_class` (a TRL trainer with LoptTrainerMixin) on `wrapper`'s model with lopt's flags; `trl_kwargs` are
+    the trainer's own arguments (datasets, tokenizer, rewards). TRL's refusal of the settings or data becomes a
+    LoptError that quotes it; a dataset TRL's filters left empty (every record longer than the length limits) is
+    refused by name."""
+    try:
+        trainer = trainer_class(
+            model=wrapper.model, args=args, lopt=wrapper, backward=config.backward, lr_k1=config.lr_k1,
+            save_total_limit=config.save_total_limit, **trl_kwargs,
+        )  # fmt: skip
+    except (ValueError, ImportError, TypeError) as error:  # TRL's checks of the settings and the data
+        trl_name = next(c.__name__ for c in trainer_class.__mro__[1:] if c.__module__.startswith("trl."))
+        raise LoptError(f"TRL's {trl_name} rejected these settings or data: {error}") from error
+    for data, what in ((trainer.train_dataset, "train on"), (trainer.eval_dataset, "validate on")):
+        if data is not None and len(data) == 0:
+            raise LoptError(
+                f"TRL left out every record as too long for the length limits, so none is left to {what}; raise "
+                "--max_seq_length (or --max_prompt_length)."
+            )
+    return trainer
 
 
 def add_lopt_callbacks(
