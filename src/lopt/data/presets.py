@@ -280,6 +280,16 @@ def preference_data_is_generated(config) -> bool:
     return not (config.train_file or config.dataset_name) and config.dataset_preset in _PREFERENCE_GENERATED
 
 
+def require_chat_template(records: list[dict], tokenizer, model_name: str) -> None:
+    """Preference pairs in chat format need the model's chat template to be rendered (TRL applies it)."""
+    chosen = records[0]["chosen"]
+    if isinstance(chosen, list) and chosen and isinstance(chosen[0], dict) and not tokenizer.chat_template:
+        raise LoptError(
+            f"the preference data is in chat format but the tokenizer of {model_name} has no chat template; "
+            "use a chat model or text prompt/chosen/rejected records (--train_file)."
+        )
+
+
 def preference_records(
     preset: str | None = "gsm-symbolic-pairs",
     *,

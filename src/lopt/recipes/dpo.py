@@ -12,8 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lopt.config import DPOConfig
-from lopt.data.presets import preference_data_is_generated, preference_records, source_options, with_validation
-from lopt.errors import LoptError
+from lopt.data.presets import (
+    preference_data_is_generated,
+    preference_records,
+    require_chat_template,
+    source_options,
+    with_validation,
+)
 from lopt.output import plural
 from lopt.training.callbacks import Callback
 from lopt.training.run import build_model
@@ -37,10 +42,6 @@ DPO_METRICS = {
 }
 
 
-def _is_conversation(value) -> bool:
-    return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
-
-
 def build_dpo_trainer(config: DPOConfig, out: Path, callbacks: Sequence[Callback] = ()):
     """The LoPT (or E2E) DPO trainer for `config`, writing into `out`; `callbacks` listen next to metrics.jsonl."""
     from transformers import set_seed
@@ -61,11 +62,7 @@ def build_dpo_trainer(config: DPOConfig, out: Path, callbacks: Sequence[Callback
         **validation_arguments(config, DPO_METRICS),
     )  # fmt: skip
     wrapper, tokenizer = build_model(config, args.device)  # accelerate's device: this process's GPU, else CPU
-    if _is_conversation(records[0]["chosen"]) and not tokenizer.chat_template:
-        raise LoptError(
-            f"the DPO data is in chat format but the tokenizer of {config.model_name_or_path} has no chat template; "
-            "use a chat model or text prompt/chosen/rejected records (--train_file)."
-        )
+    require_chat_template(records, tokenizer, config.model_name_or_path)
     trainer = build_lopt_trainer(
         LoptDPOTrainer, config, wrapper, args, **pair_datasets(records, eval_records), processing_class=tokenizer
     )

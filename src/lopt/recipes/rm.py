@@ -15,7 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lopt.config import RMConfig
-from lopt.data.presets import preference_data_is_generated, preference_records, source_options, with_validation
+from lopt.data.presets import (
+    preference_data_is_generated,
+    preference_records,
+    require_chat_template,
+    source_options,
+    with_validation,
+)
 from lopt.errors import LoptError
 from lopt.output import plural
 from lopt.training.callbacks import Callback
@@ -61,6 +67,7 @@ def build_rm_trainer(config: RMConfig, out: Path, callbacks: Sequence[Callback] 
         center_rewards_coefficient=config.center_rewards_coefficient, **validation_arguments(config, RM_METRICS),
     )  # fmt: skip
     wrapper, tokenizer = build_model(config, args.device, reward_model=True)
+    require_chat_template(records, tokenizer, config.model_name_or_path)
     trainer = build_lopt_trainer(
         LoptRewardTrainer, config, wrapper, args, **pair_datasets(records, eval_records), processing_class=tokenizer
     )
