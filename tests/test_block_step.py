@@ -23,6 +23,7 @@ from lopt.parallel.fsdp import FSDPBackend, FSDPSettings
 from lopt.parallel.replicated import ReplicatedBackend
 from lopt.training.optim import build_optimizer
 from lopt.training.step import forward_backward
+from resume_check import assert_resumed_to, stop_after_checkpoint
 from tiny_models import FAMILIES, tiny_batch, tiny_model, tiny_model_dir
 
 MAX_GRAD_NORM = 0.005  # small enough that every block is clipped, and by its own factor
@@ -120,8 +121,6 @@ def _sft(model_dir, train_file, out, *extra) -> int:
 
 @pytest.mark.parametrize("optim", ["adamw_torch", "adamw_8bit"])  # --optim's state is checkpointed and restored
 def test_a_block_step_run_logs_its_norm_and_resumes_to_the_uninterrupted_weights(model_dir, tmp_path, capsys, optim):
-    from safetensors.torch import load_file
-
     train_file = tmp_path / "train.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     assert _sft(model_dir, train_file, tmp_path / "whole", "--optim", optim) == 0
@@ -130,15 +129,10 @@ def test_a_block_step_run_logs_its_norm_and_resumes_to_the_uninterrupted_weights
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["grad_norm"] > 0 for r in rows)
 
     out = tmp_path / "whole"
-    straight = load_file(out / "model.safetensors")
-    for name in ("model.safetensors", "config.json"):  # as if stopped after checkpoint-2
-        (out / name).unlink()
+    straight = stop_after_checkpoint(out)  # the latest checkpoint is checkpoint-2
     assert _sft(model_dir, train_file, out, "--optim", optim, "--resume_from_checkpoint", "latest") == 0
     assert "resumed from" in capsys.readouterr().err
-    resumed = load_file(out / "model.safetensors")
-    assert resumed.keys() == straight.keys()
-    for name, tensor in straight.items():
-        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert_resumed_to(out, straight)
 
 
 @pytest.mark.parametrize(

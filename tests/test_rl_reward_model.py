@@ -15,6 +15,7 @@ from lopt.errors import LoptError
 from lopt.evaluation.reward_model import heldout_pairs, pairwise_accuracy
 from lopt.recipes.grpo import build_grpo_trainer
 from lopt.training.metrics import contract_errors
+from resume_check import assert_resumed_to, stop_after_checkpoint
 from tiny_models import tiny_model_dir
 
 
@@ -86,13 +87,9 @@ def test_a_resumed_rloo_run_ends_on_the_uninterrupted_weights(model_dir, reward_
     out = tmp_path / "rloo"
     flags = rl_flags(model_dir, out, "--max_steps", "3", "--save_steps", "1", "--reward_model", str(reward_dir))
     assert main(["rloo", *flags]) == 0
-    straight = load_file(out / "model.safetensors")
-    for name in ("model.safetensors", "config.json"):  # as if stopped after checkpoint-2
-        (out / name).unlink()
+    straight = stop_after_checkpoint(out)
     assert main(["rloo", *flags, "--resume_from_checkpoint", str(out / "checkpoint-2")]) == 0
-    resumed = load_file(out / "model.safetensors")
-    for name, tensor in straight.items():
-        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    assert_resumed_to(out, straight)
 
 
 def _config(model_dir, out, *extra) -> RLOOConfig:

@@ -16,6 +16,7 @@ from lopt.data.presets import preference_records
 from lopt.errors import LoptError
 from lopt.recipes.rm import build_rm_trainer
 from lopt.training.metrics import contract_errors
+from resume_check import assert_resumed_to, stop_after_checkpoint
 from tiny_models import tiny_model_dir
 
 
@@ -93,13 +94,9 @@ def test_a_resumed_reward_model_run_ends_on_the_uninterrupted_weights(model_dir,
     # 8 pairs, 2 a step: 4 steps an epoch; resumed after the first epoch, the second must shuffle as it did
     flags = rm_flags(model_dir, out, "--method", "lopt", "--max_steps", "6", "--save_steps", "2")
     assert main(["rm", *flags]) == 0
-    straight = load_file(out / "model.safetensors")
-    for name in ("model.safetensors", "config.json"):  # as if stopped after checkpoint-4
-        (out / name).unlink()
+    straight = stop_after_checkpoint(out)
     assert main(["rm", *flags, "--resume_from_checkpoint", str(out / "checkpoint-4")]) == 0
-    resumed = load_file(out / "model.safetensors")
-    for name, tensor in straight.items():
-        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert_resumed_to(out, straight)
 
 
 def test_reasoning_pairs_differ_in_a_step_or_in_the_answer():
