@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, flag) < 1:
             raise LoptError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
     if args.reward_model:
-        _evaluate_reward_models(args.models, args.pairs, args.eval_samples or 200, args.batch_size)
+        _evaluate_reward_models(args.models, args.pairs, args.eval_samples, args.batch_size)
         return
     options = EvalOptions(
         **{k: v for k, v in vars(args).items() if k not in ("models", "harness", "log_level", "reward_model", "pairs")},
