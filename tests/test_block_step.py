@@ -157,32 +157,26 @@ def test_sharded_backends_refuse_block_steps(tmp_path):
         DeepSpeedBackend(torch.device("cpu"), ZeroSettings(stage=2), config)
 
 
-def _two_process_worker(rank: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
+def _two_process_worker(rank: int, out_dir: str) -> None:
     from lopt.parallel.distributed import all_reduce_gradients
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        backend = ReplicatedBackend(torch.device("cpu"), SimpleNamespace(max_grad_norm=0, fp16=False))  # no clip
-        stepped, whole = (LocalLearningLM(tiny_model(layers=6), num_blocks=3).train() for _ in range(2))
-        optimizers = [build_optimizer(m, 1e-2, None, 0.0) for m in (stepped, whole)]
-        half = {k: v[rank::2] for k, v in tiny_batch(batch=4, seq=10, seed=7).items()}
-        forward_backward(stepped, [half], step_block=_block_step(stepped, optimizers[0], backend, []))
-        forward_backward(whole, [half])
-        all_reduce_gradients([p for p in whole.parameters() if p.requires_grad])
-        optimizers[1].step()
-        torch.save({"stepped": stepped.state_dict(), "whole": whole.state_dict()}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    backend = ReplicatedBackend(torch.device("cpu"), SimpleNamespace(max_grad_norm=0, fp16=False))  # no clip
+    stepped, whole = (LocalLearningLM(tiny_model(layers=6), num_blocks=3).train() for _ in range(2))
+    optimizers = [build_optimizer(m, 1e-2, None, 0.0) for m in (stepped, whole)]
+    half = {k: v[rank::2] for k, v in tiny_batch(batch=4, seq=10, seed=7).items()}
+    forward_backward(stepped, [half], step_block=_block_step(stepped, optimizers[0], backend, []))
+    forward_backward(whole, [half])
+    all_reduce_gradients([p for p in whole.parameters() if p.requires_grad])
+    optimizers[1].step()
+    torch.save({"stepped": stepped.state_dict(), "whole": whole.state_dict()}, f"{out_dir}/rank{rank}.pt")
 
 
 def test_two_processes_reduce_each_blocks_gradients_before_its_step(tmp_path):
     """Data parallel: each block's gradients are averaged over the processes before its step, so without clipping
     the block steps end where the whole step does, on both processes."""
-    import torch.multiprocessing as mp
+    from test_distributed import spawn
 
-    mp.spawn(_two_process_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn(_two_process_worker, str(tmp_path / "init"), str(tmp_path))
     states = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for name, expected in states[0]["whole"].items():
         for state in states:

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM
 
 from lopt.config import SFTConfig
@@ -19,7 +17,7 @@ from lopt.errors import LoptError
 from lopt.parallel.deepspeed import DeepSpeedBackend, ZeroSettings, zero_settings_from_environment
 from lopt.training.checkpoint import load_training_state
 from lopt.training.step import forward_backward
-from test_distributed import WORLD, _halves, _wrapped
+from test_distributed import WORLD, _halves, _wrapped, spawn
 from test_fsdp import TORCHRUN, _micro_batches, _sft, _weights
 from tiny_models import tiny_batch, tiny_model_dir
 
@@ -28,23 +26,20 @@ deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is installed by `
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _zero_worker(
-    rank: int, init_file: str, out_dir: str, stage: int, num_blocks: int, micro: int, backward: str, checkpointing: bool
-):
+def _zero_worker(rank: int, out_dir: str, stage: int, num_blocks: int, micro: int, backward: str, checkpointing: bool):
     os.environ["LOCAL_RANK"] = str(rank)  # what a launcher sets; DeepSpeed asserts it
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    model = _wrapped(num_blocks)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # SGD with lr 1 and no clipping: each weight moves by exactly minus its gradient, which reads
+    # DeepSpeed's reduced gradient out of its partitions without DeepSpeed internals.
+    backend = DeepSpeedBackend(
+        torch.device("cpu"), ZeroSettings(stage), SFTConfig(max_grad_norm=0.0),
+        extra_config={"zero_allow_untested_optimizer": True},
+    )  # fmt: skip
+    backend.prepare_optimizer(model, torch.optim.SGD(model.parameters(), lr=1.0))
     try:
-        model = _wrapped(num_blocks)
-        if checkpointing:
-            model.enable_gradient_checkpointing()
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        # SGD with lr 1 and no clipping: each weight moves by exactly minus its gradient, which reads
-        # DeepSpeed's reduced gradient out of its partitions without DeepSpeed internals.
-        backend = DeepSpeedBackend(
-            torch.device("cpu"), ZeroSettings(stage), SFTConfig(max_grad_norm=0.0),
-            extra_config={"zero_allow_untested_optimizer": True},
-        )  # fmt: skip
-        backend.prepare_optimizer(model, torch.optim.SGD(model.parameters(), lr=1.0))
         window = _micro_batches(_halves(tiny_batch(batch=4, seed=5))[rank], micro)
         forward_backward(model, window, backward, backend.backward, lm_head_context=backend.lm_head_context)
         backend.step(model, None, lambda grad_norm, step_taken: None)
@@ -53,7 +48,7 @@ def _zero_worker(
             grads = {n: before[n] - p.detach() for n, p in params.items()}
         torch.save(grads, Path(out_dir) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        backend.close()  # as run_sft ends: DeepSpeed lets go of the model, and of its process groups
 
 
 @pytest.mark.parametrize(
@@ -84,12 +79,7 @@ def _zero_worker(
 def test_zero_gradients_match_one_process_on_the_global_batch(
     tmp_path, stage, num_blocks, micro, backward, checkpointing
 ):
-    mp.spawn(
-        _zero_worker,
-        args=(str(tmp_path / "init"), str(tmp_path), stage, num_blocks, micro, backward, checkpointing),
-        nprocs=WORLD,
-        join=True,
-    )
+    spawn(_zero_worker, str(tmp_path / "init"), str(tmp_path), stage, num_blocks, micro, backward, checkpointing)
     model = _wrapped(num_blocks)  # one process, no DeepSpeed, the same global batch in the same micro-batches
     forward_backward(
         model, [mb for half in _halves(tiny_batch(batch=4, seed=5)) for mb in _micro_batches(half, micro)], backward

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,12 +21,57 @@ import torch.multiprocessing as mp
 
 from lopt.models.local_learning import LocalLearningLM
 from lopt.models.lora import add_lora
-from lopt.parallel.distributed import all_reduce_gradients
+from lopt.parallel.distributed import all_reduce_gradients, shutdown
 from lopt.training.step import forward_backward
 from tiny_models import tiny_batch, tiny_model, tiny_model_dir
 
 WORLD = 2
 LORA = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules="all-linear")
+
+
+# ---- the processes' shared helper -------------------------------------------------------------------
+def spawn(work: Callable, init_file: str, *args, timeout_s: float | None = None) -> None:
+    """Run `work(rank, *args)` in WORLD processes that share a gloo process group (`init_file` names it): what every
+    multi-process test here does. A process fails its test if `work` raises, or if it ends with gloo threads alive."""
+    mp.spawn(_in_process_group, args=(init_file, timeout_s, work, *args), nprocs=WORLD, join=True)
+
+
+def _in_process_group(rank: int, init_file: str, timeout_s: float | None, work: Callable, *args) -> None:
+    timeout = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, **timeout)
+    try:
+        work(rank, *args)  # its model and backend are released when it returns
+    finally:
+        shutdown()  # as lopt's own runs end (lopt.parallel.distributed.shutdown)
+    assert_gloo_threads_ended()
+
+
+def assert_gloo_threads_ended() -> None:
+    """After lopt.parallel.distributed.shutdown: no gloo worker thread is left to outlive the process group.
+
+    One still running when Python exits can abort the process after its work is done (SIGABRT, "terminate called
+    without an active exception"; see shutdown's docstring). Checked every run, this also catches at once a new
+    reference that keeps a group alive (as DeepSpeed's module stack did), which would otherwise crash rarely.
+    """
+    deadline = time.monotonic() + 10  # a joined thread can be listed a moment longer, while the kernel reaps it
+    while gloo_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gloo_threads() == 0, (
+        f"{gloo_threads()} gloo worker threads outlived destroy_process_group(): something still references a "
+        "process group (a model, an engine, a library's module global)"
+    )
+
+
+def gloo_threads() -> int:
+    """This process's gloo worker threads (torch names them pt_gloo_runloop); 0 without Linux's /proc."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return 0
+    names = []
+    for task in tasks.iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            names.append((task / "comm").read_text())
+    return sum(name.startswith("pt_gloo") for name in names)
 
 
 def _halves(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -40,17 +89,13 @@ def _wrapped(backward_blocks: int, lora: bool = False) -> LocalLearningLM:
     return LocalLearningLM(copy.deepcopy(base), num_blocks=backward_blocks).train()
 
 
-def _worker(rank: int, init_file: str, out_dir: str, backward: str, num_blocks: int, lora: bool) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        model = _wrapped(num_blocks, lora)
-        batch = tiny_batch(batch=4, seed=5)
-        forward_backward(model, [_halves(batch)[rank]], backward=backward)
-        all_reduce_gradients([p for p in model.parameters() if p.requires_grad])
-        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        torch.save(grads, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, out_dir: str, backward: str, num_blocks: int, lora: bool) -> None:
+    model = _wrapped(num_blocks, lora)
+    batch = tiny_batch(batch=4, seed=5)
+    forward_backward(model, [_halves(batch)[rank]], backward=backward)
+    all_reduce_gradients([p for p in model.parameters() if p.requires_grad])
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    torch.save(grads, Path(out_dir) / f"rank{rank}.pt")
 
 
 @pytest.mark.parametrize(
@@ -59,8 +104,7 @@ def _worker(rank: int, init_file: str, out_dir: str, backward: str, num_blocks: 
     ids=["local-k2", "joint-k2", "e2e", "local-k2-lora"],
 )
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path, backward, num_blocks, lora):
-    args = (str(tmp_path / "init"), str(tmp_path), backward, num_blocks, lora)
-    mp.spawn(_worker, args=args, nprocs=WORLD, join=True)
+    spawn(_worker, str(tmp_path / "init"), str(tmp_path), backward, num_blocks, lora)
     # One process, the same global batch as two micro-batches (the per-process halves).
     model = _wrapped(num_blocks, lora)
     forward_backward(model, _halves(tiny_batch(batch=4, seed=5)), backward=backward)

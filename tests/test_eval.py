@@ -15,7 +15,7 @@ from lopt.data.generated import gsm_symbolic_records
 from lopt.errors import LoptError
 from lopt.evaluation.retention import perplexity, retention_text, token_windows
 from lopt.evaluation.task import generate_answers, score, training_questions
-from lopt.tasks import EVAL_SEED, heldout_gsm_symbolic
+from lopt.tasks import EVAL_SEED, TASKS
 from tiny_models import tiny_model, tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_heldout_problems_skip_the_training_questions(tmp_path):
     )
     seen = training_questions(tmp_path)
     assert seen == {r["question"] for r in pool[:3]}
-    assert heldout_gsm_symbolic(5, seen) == pool[3:8]
+    assert TASKS["gsm-symbolic"].heldout(5, seen) == pool[3:8]
 
 
 def test_perplexity_matches_a_hand_computed_value():
@@ -162,7 +162,7 @@ def test_lopt_eval_of_an_adapter_folder_loads_base_plus_adapter(base_dir, tmp_pa
     model.save_pretrained(adapter)  # peft names the base folder in adapter_config.json
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(adapter)
     monkeypatch.chdir(REPO)
-    monkeypatch.setenv("COLUMNS", "200")  # the table's model cell unwrapped
+    monkeypatch.setenv("COLUMNS", "300")  # the table's model cell unwrapped
     flags = ["--eval_samples", "0", "--retention_window", "16", "--retention_windows", "2"]
     harness = ["--harness", "lopt_tiny_arith", "--harness_include", "tests/data/lm_eval_tasks"]
     assert main(["eval", str(adapter), *flags, *harness]) == 0, capsys.readouterr().err

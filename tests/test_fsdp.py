@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -23,7 +21,7 @@ from lopt.parallel.replicated import ReplicatedBackend, load_optimizer_state
 from lopt.training.checkpoint import load_training_state
 from lopt.training.optim import build_optimizer
 from lopt.training.step import forward_backward
-from test_distributed import WORLD, _halves, _wrapped
+from test_distributed import WORLD, _halves, _wrapped, spawn
 from tiny_models import tiny_batch, tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,20 +31,16 @@ def _micro_batches(batch: dict[str, torch.Tensor], count: int) -> list[dict[str,
     return [{k: v[i::count] for k, v in batch.items()} for i in range(count)]
 
 
-def _sharded_worker(rank: int, init_file: str, out_dir: str, num_blocks: int, micro: int, settings: FSDPSettings):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        model = _wrapped(num_blocks)
-        full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        shard_model(model, settings, torch.device("cpu"))
-        local_bytes = sum(t.numel() * t.element_size() for t in fsdp.local_parameters(model))
-        window = _micro_batches(_halves(tiny_batch(batch=4, seed=5))[rank], micro)
-        forward_backward(model, window, backward="local")
-        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
-        result = {"grads": grads, "full_bytes": full_bytes, "local_bytes": local_bytes}
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _sharded_worker(rank: int, out_dir: str, num_blocks: int, micro: int, settings: FSDPSettings):
+    model = _wrapped(num_blocks)
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    shard_model(model, settings, torch.device("cpu"))
+    local_bytes = sum(t.numel() * t.element_size() for t in fsdp.local_parameters(model))
+    window = _micro_batches(_halves(tiny_batch(batch=4, seed=5))[rank], micro)
+    forward_backward(model, window, backward="local")
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+    result = {"grads": grads, "full_bytes": full_bytes, "local_bytes": local_bytes}
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
 @pytest.mark.parametrize(
@@ -59,12 +53,7 @@ def _sharded_worker(rank: int, init_file: str, out_dir: str, num_blocks: int, mi
     ids=["lopt-k2-accumulation", "e2e-tied-no-reshard", "lopt-k2-checkpointing"],
 )
 def test_sharded_gradients_match_one_process_on_the_global_batch(tmp_path, num_blocks, micro, settings):
-    mp.spawn(
-        _sharded_worker,
-        args=(str(tmp_path / "init"), str(tmp_path), num_blocks, micro, settings),
-        nprocs=WORLD,
-        join=True,
-    )
+    spawn(_sharded_worker, str(tmp_path / "init"), str(tmp_path), num_blocks, micro, settings)
     model = _wrapped(num_blocks)  # one process, unsharded, the same global batch in the same micro-batches
     forward_backward(model, [mb for half in _halves(tiny_batch(batch=4, seed=5)) for mb in _micro_batches(half, micro)])
     expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

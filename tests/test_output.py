@@ -44,7 +44,7 @@ def test_redirected_sft_and_eval_print_a_line_per_phase_and_no_noise(model_dir, 
     assert f"task loss {logged[0]['task_loss']:.4f}" in lines[4]  # the line shows the contract's values
     text = _run_to_file(["eval", str(out), "--eval_samples", "2", "--max_new_tokens", "4", "--retention_windows", "1",
                          "--retention_window", "16"], tmp_path / "eval.log")  # fmt: skip
-    for phase in ("answering 2 held-out gsm-symbolic problems: ", "perplexity of ", "wrote "):
+    for phase in ("answering 2 held-out gsm-symbolic problems: ", "per-layer CKA against ", "wrote "):
         assert phase in text
     assert not [noise for noise in NOISE if noise in "\n".join(lines) + text]
 

@@ -26,7 +26,8 @@ from test_dpo import dpo_flags
 from test_sft import RECORDS, sft_args
 from tiny_models import tiny_model_dir
 
-# The scalars every logged step must show, by metrics.jsonl field (aux_loss: one per block, added below).
+# The scalars every logged step must show, by metrics.jsonl field (aux_loss, block_grad_norm: one per block,
+# added below).
 SCALARS = {
     "task_loss": "train/lopt/task_loss",
     "lr": "train/lopt/lr",
@@ -77,6 +78,8 @@ def jsonl(path: Path) -> list[dict]:
 def expected_scalars(row: dict) -> dict[str, float]:
     values = {name: row[field] for field, name in SCALARS.items() if row[field] is not None}
     values.update({f"train/lopt/aux_loss_block_{i + 1}": loss for i, loss in enumerate(row["aux_loss"])})
+    norms = row.get("block_grad_norm") or []  # null where the recipe does not report them
+    values.update({f"train/lopt/grad_norm_block_{i + 1}": norm for i, norm in enumerate(norms)})
     return values
 
 

@@ -17,8 +17,10 @@ from transformers import TrainerCallback
 
 from lopt.config import DPOConfig, parse_config
 from lopt.errors import LoptError
+from lopt.parallel.distributed import shutdown
 from lopt.recipes.dpo import build_dpo_trainer
 from lopt.training.checkpoint import load_training_state
+from test_distributed import assert_gloo_threads_ended
 from tiny_models import tiny_model_dir
 
 WORLD = 2
@@ -94,8 +96,8 @@ def _dpo_worker(rank: int, port: int, model_dir: str, out: str) -> None:
     try:
         train_one_step(dpo_config(model_dir, out), Path(out) / f"grads_rank{rank}.pt")
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        shutdown()  # as `lopt dpo` ends
+    assert_gloo_threads_ended()
 
 
 def _free_port() -> int:

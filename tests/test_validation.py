@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from rich.console import Console
 from safetensors.torch import load_file
@@ -34,7 +31,7 @@ from lopt.training.checkpoint import prune_checkpoints
 from lopt.training.metrics import StepMetrics, contract_errors
 from lopt.training.step import EvalResult, evaluate
 from lopt.training.trackers import tracker_scalars
-from test_distributed import WORLD, _wrapped
+from test_distributed import WORLD, _wrapped, spawn
 from test_dpo import dpo_flags
 from test_fsdp import ACCELERATE_FSDP2, _sft
 from test_grpo import grpo_config
@@ -122,30 +119,22 @@ def _examples(n: int) -> list[dict]:
     ]
 
 
-def _validate_in_processes(rank: int, init_file: str, out_dir: str, fsdp: bool):
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
-    )
-    try:
-        model = _wrapped(2)
-        if fsdp:
-            shard_model(model, FSDPSettings(), torch.device("cpu"))
-        examples = _examples(5)  # 3 + 2: the second process repeats one example in a batch that does not count
-        batches = [
-            (collate([examples[i] for i in idx], 0), counted) for idx, counted in eval_batches(5, 2, WORLD, rank)
-        ]
-        result = evaluate(model, batches)
-        if fsdp:  # the final norm and LM head stay gathered after a forward without backward, until resharded
-            reshard(model)
-            assert all(isinstance(p, DTensor) for p in model.parameters())
-        torch.save([result.task_loss, *result.aux_losses], Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _validate_in_processes(rank: int, out_dir: str, fsdp: bool):
+    model = _wrapped(2)
+    if fsdp:
+        shard_model(model, FSDPSettings(), torch.device("cpu"))
+    examples = _examples(5)  # 3 + 2: the second process repeats one example in a batch that does not count
+    batches = [(collate([examples[i] for i in idx], 0), counted) for idx, counted in eval_batches(5, 2, WORLD, rank)]
+    result = evaluate(model, batches)
+    if fsdp:  # the final norm and LM head stay gathered after a forward without backward, until resharded
+        reshard(model)
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+    torch.save([result.task_loss, *result.aux_losses], Path(out_dir) / f"rank{rank}.pt")
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp2"])
 def test_two_processes_validate_like_one(tmp_path, fsdp):
-    mp.spawn(_validate_in_processes, args=(str(tmp_path / "init"), str(tmp_path), fsdp), nprocs=WORLD, join=True)
+    spawn(_validate_in_processes, str(tmp_path / "init"), str(tmp_path), fsdp, timeout_s=120)
     examples = _examples(5)
     expected = evaluate(_wrapped(2), [(collate([e], 0), True) for e in examples])
     for rank in range(WORLD):  # every process holds the whole sum

@@ -7,7 +7,8 @@ evaluation, so that what training asks for and rewards is exactly what evaluatio
   the final answer in that style.
 
 - ``extract_final_answer(text, "hash")``: the number after the last ``####`` (the GSM8K convention),
-  falling back to the last number in the text; ``"boxed"``: the content of the last ``\\boxed{...}``
+  falling back to the last number in the text (``"number"``, the short-answer style, reads it the same
+  way); ``"boxed"``: the content of the last ``\\boxed{...}``
   (the NuminaMath / MATH convention), nested braces included.
 - ``normalize_number``: a canonical numeric string (``"1,000.50"`` -> ``"1000.5"``) or None.
 - ``answers_match``: numeric equality when both sides are numbers, normalized text equality otherwise.
@@ -18,13 +19,19 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
-ANSWER_STYLES = ("hash", "boxed")
+ANSWER_STYLES = ("hash", "boxed", "number")
 GSM_ANSWER_INSTRUCTION = (
     "Solve the problem step by step, then write the final answer as a number on the last line "
     "in the form: #### <answer>"
 )
 BOXED_ANSWER_INSTRUCTION = "Solve the problem step by step, then write the final answer in \\boxed{}."
-ANSWER_INSTRUCTIONS = {"hash": GSM_ANSWER_INSTRUCTION, "boxed": BOXED_ANSWER_INSTRUCTION}
+# Short-answer tasks (aiw): the answer alone, so that generation stops after a few tokens.
+NUMBER_ANSWER_INSTRUCTION = "Answer with only the final number."
+ANSWER_INSTRUCTIONS = {
+    "hash": GSM_ANSWER_INSTRUCTION,
+    "boxed": BOXED_ANSWER_INSTRUCTION,
+    "number": NUMBER_ANSWER_INSTRUCTION,
+}
 
 # A number as people write it: optional sign, digits with optional thousands separators, optional
 # decimals, or a bare decimal such as ".5". A minus sign right before the digits belongs to it.
@@ -40,7 +47,7 @@ def with_answer_instruction(question: str, style: str = "hash") -> str:
 
 def extract_final_answer(text: str, style: str = "hash") -> str | None:
     """The final answer in `text` as written (e.g. ``"1,000"``, ``"-3"``, ``"\\frac{1}{2}"``), or None."""
-    if style == "hash":
+    if style in ("hash", "number"):  # a bare number is read as the last number, as a "####" line's fallback
         return _hash_answer(text)
     if style == "boxed":
         return _boxed_answer(text)

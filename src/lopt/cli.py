@@ -196,7 +196,18 @@ def main(argv: list[str] | None = None, *, reference: bool = False) -> int:
     except LoptError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """A command run under torchrun / accelerate launch leaves its process group before the process exits (see
+    lopt.parallel.distributed.shutdown). Only a command that imported lopt's distributed module can have joined
+    one: the others import no torch, and need not start to."""
+    distributed = sys.modules.get("lopt.parallel.distributed")
+    if distributed is not None:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -62,7 +62,14 @@ class RunConfig:
         "LoPT: recon (local reconstruction loss) or frozen (ablation: early blocks not trained)",
         choices=["recon", "frozen"],
     )
-    aux_loss: str = _opt("recon", "LoPT: local objective of the non-final blocks", choices=["recon"])
+    aux_loss: str = _opt(
+        "recon",
+        "LoPT: local objective of the non-final blocks: recon (the paper's: mean squared error between the head's "
+        "reconstruction and the block's input) or recon_normalized (that error divided by each token's variance of "
+        "the block's input over the hidden dimension, so every block's loss is on one scale, about 1, whatever the "
+        "residual stream's magnitude at its depth)",
+        choices=["recon", "recon_normalized"],
+    )
     lambda_aux: float = _opt(10.0, "LoPT: weight of the mean local loss in the objective")
     lr_k1: float | None = _opt(
         None, "LoPT: learning rate of embeddings, early blocks and heads (default: --learning_rate)"
@@ -208,7 +215,9 @@ class RunConfig:
 class SFTConfig(RunConfig):
     AT_LEAST_ONE: ClassVar[tuple[str, ...]] = RunConfig.AT_LEAST_ONE + ("max_seq_length",)
 
-    dataset_preset: str = _opt("gsm-symbolic", "data preset: gsm-symbolic (offline), alpaca, metamathqa, tulu3")
+    dataset_preset: str = _opt(
+        "gsm-symbolic", "data preset: gsm-symbolic, aiw, chain-sum (offline), alpaca, metamathqa, tulu3 (hub)"
+    )
     max_seq_length: int = _opt(1024, "truncate examples to this many tokens")
     prompt_format: str = _opt(
         "chat",
@@ -222,7 +231,13 @@ class SFTConfig(RunConfig):
         False,
         "LoPT: step each block's parameters right after that block's backward and free its gradients, so at most "
         "one block's gradients are alive (needs --backward local, --gradient_accumulation_steps 1); --max_grad_norm "
-        "then clips each block by its own gradient norm, not by the global norm",
+        "then clips each block by its own gradient norm, not by the global norm (as --clip_per_block)",
+    )
+    clip_per_block: bool = _opt(
+        False,
+        "LoPT: --max_grad_norm clips each block's gradients (embeddings with block 1, each head with its block, final "
+        "norm and LM head with the final block) by that block's own norm instead of all by the global norm, so one "
+        "block's large local gradient cannot shrink the final block's task gradient (--block_step always does)",
     )
     packing: bool = _opt(
         False,
@@ -262,7 +277,7 @@ class PolicyRLConfig(RunConfig):
     )
     task: str = _opt(
         "gsm-symbolic",
-        "gsm-symbolic (offline), gsm8k (openai/gsm8k), numinamath (AI-MO/NuminaMath-CoT)",
+        "gsm-symbolic, aiw, chain-sum (offline), gsm8k (openai/gsm8k), numinamath (AI-MO/NuminaMath-CoT)",
         choices=sorted(TASKS),
     )
     format_reward_weight: float = _opt(0.0, "weight of a reward for writing the answer in the task's format (0: off)")
@@ -410,6 +425,7 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "rewards": ("reward_funcs", "reward_model", "reward_weights", "format_reward_weight"),
     "method and LoPT": (
         "method", "num_blocks", "early_blocks", "aux_loss", "lambda_aux", "lr_k1", "backward", "block_step",
+        "clip_per_block",
     ),
     "LoRA / adapters": (
         "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit", "load_in_8bit",
@@ -542,7 +558,7 @@ def validate(config) -> None:
             f"--num_train_epochs {config.num_train_epochs} trains nothing; pass a number above 0, or --max_steps N."
         )
     if config.canonical_method == "e2e":
-        for name in ("num_blocks", "lr_k1", "backward", "early_blocks"):
+        for name in ("num_blocks", "lr_k1", "backward", "early_blocks", "aux_loss"):
             if name in config.explicit:
                 raise LoptError(f"--{name} applies to --method lopt only; drop it or use --method lopt.")
     elif config.num_blocks < 2:
@@ -565,6 +581,8 @@ def validate(config) -> None:
     _validate_validation(config)
     if getattr(config, "block_step", False):
         _validate_block_step(config)
+    if getattr(config, "clip_per_block", False):
+        _validate_clip_per_block(config)
     if getattr(config, "kl_beta", 0.0) < 0:
         raise LoptError(f"--kl_beta must be >= 0 (0 turns the KL term off), got {config.kl_beta}.")
     if getattr(config, "kl_beta", 0.0) > 0 and config.liger:
@@ -639,6 +657,19 @@ def _validate_block_step(config) -> None:
         raise LoptError(
             "--block_step with --fp16: the loss scaler unscales and skips whole steps, not blocks; use --bf16 or "
             "float32."
+        )
+
+
+def _validate_clip_per_block(config) -> None:
+    if config.canonical_method == "e2e":
+        raise LoptError(
+            "--clip_per_block needs --method lopt (2 or more blocks): end-to-end training has one block, whose norm "
+            "is the global norm; drop --clip_per_block."
+        )
+    if config.max_grad_norm <= 0:
+        raise LoptError(
+            f"--clip_per_block clips each block to --max_grad_norm, which is {config.max_grad_norm} (clipping off); "
+            "pass --max_grad_norm above 0, or drop --clip_per_block."
         )
 
 

@@ -35,20 +35,28 @@ def completion_text(completion) -> str:
     return completion[-1]["content"] if completion else ""
 
 
-def gsm8k_accuracy(completions, answer, **kwargs) -> list[float]:
-    """1.0 when the number after the last ``####`` (else the last number) equals the gold answer."""
-    return [
-        float(answers_match(extract_final_answer(completion_text(c), "hash"), gold))
-        for c, gold in zip(completions, answer, strict=True)
-    ]
+def _final_answer_accuracy(style: str, name: str, doc: str) -> RewardFunc:
+    """A correctness reward: 1.0 when the final answer written in `style` equals the gold answer (answers.py)."""
+
+    def reward(completions, answer, **kwargs) -> list[float]:
+        return [
+            float(answers_match(extract_final_answer(completion_text(c), style), gold))
+            for c, gold in zip(completions, answer, strict=True)
+        ]
+
+    reward.__name__, reward.__doc__ = name, doc  # TRL names the reward's metrics after the function
+    return reward
 
 
-def boxed_accuracy(completions, answer, **kwargs) -> list[float]:
-    """1.0 when the last ``\\boxed{...}`` equals the gold answer (numerically, or as normalized text)."""
-    return [
-        float(answers_match(extract_final_answer(completion_text(c), "boxed"), gold))
-        for c, gold in zip(completions, answer, strict=True)
-    ]
+gsm8k_accuracy = _final_answer_accuracy(
+    "hash", "gsm8k_accuracy", "1.0 when the number after the last ``####`` (else the last number) equals the gold."
+)
+boxed_accuracy = _final_answer_accuracy(
+    "boxed", "boxed_accuracy", "1.0 when the last ``\\boxed{...}`` equals the gold answer (numerically, or as text)."
+)
+number_accuracy = _final_answer_accuracy(
+    "number", "number_accuracy", "1.0 when the completion's last number equals the gold answer (short-answer tasks)."
+)
 
 
 @functools.cache
@@ -78,16 +86,20 @@ def gsm_symbolic_score(completions, answer, **kwargs) -> list[float]:
 
 # The last line of the completion is "#### <number>" and nothing follows it.
 _HASH_LAST_LINE = re.compile(r"####[ \t]*\$?[ \t]*[-\u2212]?[\d,]*\.?\d+\.?\Z")
+# The whole completion is one number (the "number" style's answer and nothing else).
+_BARE_NUMBER = re.compile(r"\A[-\u2212]?[\d,]*\.?\d+\.?\Z")
 
 
 def _well_formatted(text: str, style: str) -> bool:
     if style == "boxed":
         return extract_final_answer(text, "boxed") is not None  # a closed \boxed{...}
+    if style == "number":
+        return bool(_BARE_NUMBER.search(text.strip()))
     return bool(_HASH_LAST_LINE.search(text.strip()))
 
 
 def format_reward(style: str) -> RewardFunc:
-    """A reward of 1.0 for completions that give their answer in the format of `style` ("hash" or "boxed")."""
+    """A reward of 1.0 for completions that give their answer in the format of `style` (answers.ANSWER_STYLES)."""
     if style not in ANSWER_STYLES:
         raise ValueError(f"unknown answer style {style!r}; choose one of: {', '.join(ANSWER_STYLES)}")
 

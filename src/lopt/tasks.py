@@ -10,13 +10,14 @@ reward (rewards.py) and, if it can be evaluated, a held-out loader.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from lopt.answers import with_answer_instruction
-from lopt.data.generated import DEFAULT_GSM_SAMPLES, gsm_symbolic_records
+from lopt.data.generated import DEFAULT_GSM_SAMPLES, gsm_symbolic_records, reasoning_gym_records
 from lopt.data.sources import check_select_samples, load_hub
 from lopt.errors import LoptError, unknown_choice
 from lopt.rewards import (
@@ -26,14 +27,17 @@ from lopt.rewards import (
     gsm8k_accuracy,
     gsm_symbolic_score,
     load_reward_func,
+    number_accuracy,
     reward_model_name,
     reward_name,
     split_list,
 )
 
-# gsm-symbolic problems for evaluation are generated from this seed; any that also appears in the
-# training set is dropped (reasoning-gym's seeds are not disjoint, see `heldout_gsm_symbolic`).
+# Generated problems for evaluation come from this seed; any that also appears in the training set is
+# dropped (reasoning-gym's seeds are not disjoint, see `heldout_generated`).
 EVAL_SEED = 10_000
+
+Generator = Callable[[int, int], list[dict]]  # (size, seed) -> {"question", "answer"} records, offline
 
 
 @dataclass(frozen=True)
@@ -42,10 +46,15 @@ class Task:
     description: str
     style: str  # where the final answer is written: "hash" (#### <answer>) or "boxed" (\boxed{<answer>})
     reward: RewardFunc  # correctness of a completion against the gold answer, TRL's reward signature
-    hub_id: str | None = None  # None: generated offline by reasoning-gym
+    hub_id: str | None = None  # None: generated offline by `generate`
     hub_config: str | None = None
     # (n, questions to exclude) -> n held-out {"question", "answer"} records; None: not evaluable
     heldout: Callable[[int, set[str]], list[dict]] | None = None
+    generate: Generator | None = None  # the offline tasks' problems; their held-out ones come from it too
+
+    def __post_init__(self):
+        if self.generate is not None and self.heldout is None:
+            object.__setattr__(self, "heldout", functools.partial(heldout_generated, self.generate))
 
     def records(self, split: str, max_samples: int | None, seed: int, select_samples: str = "first") -> list[dict]:
         """The task's own training problems: hub rows as they are (`max_samples` picked as `select_samples`
@@ -54,18 +63,18 @@ class Task:
         if self.hub_id is not None:
             return load_hub(self.hub_id, self.hub_config, split, max_samples, select_samples, seed)
         size = DEFAULT_GSM_SAMPLES if max_samples is None else max_samples
-        return [{"prompt": r["question"], "answer": r["answer"]} for r in gsm_symbolic_records(size, seed)]
+        return [{"prompt": r["question"], "answer": r["answer"]} for r in self.generate(size, seed)]
 
 
-def heldout_gsm_symbolic(n: int, exclude: set[str], seed: int = EVAL_SEED) -> list[dict]:
-    """The first `n` problems generated from `seed` that are not in `exclude`.
+def heldout_generated(generate: Generator, n: int, exclude: set[str], seed: int = EVAL_SEED) -> list[dict]:
+    """The first `n` problems `generate` makes from `seed` that are not in `exclude`.
 
     reasoning-gym draws each problem from its own seed and index, so a generated set is a prefix of
     any larger one from the same seed; growing the set until `n` survive keeps the choice stable.
     """
     size = n
     while True:
-        kept = [r for r in gsm_symbolic_records(size, seed) if r["question"] not in exclude]
+        kept = [r for r in generate(size, seed) if r["question"] not in exclude]
         if len(kept) >= n:
             return kept[:n]
         size *= 2
@@ -91,7 +100,19 @@ TASKS: dict[str, Task] = {
     for task in (
         Task(
             "gsm-symbolic", "grade-school math word problems (reasoning-gym gsm_symbolic, offline)", "hash",
-            gsm_symbolic_score, heldout=heldout_gsm_symbolic,
+            gsm_symbolic_score, generate=gsm_symbolic_records,
+        ),
+        Task(
+            "aiw", "'Alice has N sisters...' sibling and friend counting, one-number answers (reasoning-gym aiw, "
+            "offline; the study's task)", "number", number_accuracy,
+            generate=functools.partial(reasoning_gym_records, "aiw", style="number"),
+        ),
+        Task(
+            "chain-sum", "one-digit sums and differences such as '5 - 9 =', asked as reasoning-gym states them "
+            "(chain_sum, offline; the study's retention task)", "number", number_accuracy,
+            generate=functools.partial(
+                reasoning_gym_records, "chain_sum", min_terms=2, max_terms=2, min_digits=1, max_digits=1
+            ),
         ),
         Task("gsm8k", "GSM8K grade-school math (hub)", "hash", gsm8k_accuracy, "openai/gsm8k", "main", gsm8k_test),
         Task("numinamath", "NuminaMath-CoT competition math (hub)", "boxed", boxed_accuracy, "AI-MO/NuminaMath-CoT"),

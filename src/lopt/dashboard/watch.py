@@ -26,7 +26,7 @@ from lopt.dashboard.panels import ComparisonView, DashboardView
 from lopt.dashboard.state import DashboardState
 from lopt.errors import LoptError
 from lopt.training.callbacks import RunInfo
-from lopt.training.metrics import EVAL_FIELDS, FIELDS, RECIPE_COLUMNS, StepMetrics
+from lopt.training.metrics import EVAL_FIELDS, FIELDS, LATER_FIELDS, RECIPE_COLUMNS, StepMetrics
 
 RECIPE_CONFIGS = {"sft": SFTConfig, "grpo": GRPOConfig, "rloo": RLOOConfig, "dpo": DPOConfig, "rm": RMConfig}
 # A checkpoint is complete once this file is in it: training/checkpoint.py writes it last.
@@ -40,13 +40,14 @@ NUMBER_FIELDS = ("task_loss", "lr", "lr_k1", "tokens_per_s", "peak_mem_bytes", "
 def step_metrics(row: dict) -> StepMetrics | None:
     """A metrics.jsonl row as the StepMetrics it was written from; None for a row that breaks the
     contract (a missing field, a step that is not an integer, a number that is not one)."""
-    if not all(name in row for name in FIELDS) or not isinstance(row["step"], int):
+    required = [name for name in FIELDS if name not in LATER_FIELDS]  # LATER_FIELDS: absent from older files
+    if not all(name in row for name in required) or not isinstance(row["step"], int):
         return None
     if not isinstance(row["aux_loss"], list) or not all(isinstance(row[name], int | float) for name in NUMBER_FIELDS):
         return None
     recipe = {name: value for name, value in row.items() if name not in FIELDS and name not in EVAL_FIELDS}
     validation = {name: row.get(name) for name in EVAL_FIELDS}  # absent from files older than validation
-    return StepMetrics(**{name: row[name] for name in FIELDS}, **validation, recipe=recipe)
+    return StepMetrics(**{name: row.get(name) for name in FIELDS}, **validation, recipe=recipe)
 
 
 def recipe_of(args: dict, row: dict | None) -> str:

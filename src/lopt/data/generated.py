@@ -37,6 +37,26 @@ def gsm_symbolic_records(size: int, seed: int) -> list[dict]:
     return records
 
 
+def reasoning_gym_records(dataset: str, size: int, seed: int, style: str | None = None, **options) -> list[dict]:
+    """``size`` problems of the reasoning-gym dataset ``dataset`` (made with its config ``options``) as
+    ``{"question", "answer"}`` records, the answer exactly reasoning-gym's (short: no worked steps).
+
+    ``style`` appends that answer style's instruction to each question (answers.py); None asks the question as
+    reasoning-gym states it (chain_sum's own prompt already says how to answer).
+    """
+    if size == 0:
+        return []
+    import reasoning_gym
+
+    return [
+        {
+            "question": with_answer_instruction(item["question"].strip(), style) if style else item["question"].strip(),
+            "answer": str(item["answer"]),
+        }
+        for item in reasoning_gym.create_dataset(dataset, size=size, seed=seed, **options)
+    ]
+
+
 def gsm_symbolic_pairs(size: int, seed: int) -> list[dict]:
     """Synthetic preference pairs: chosen = the correct worked solution; rejected = the same solution
     whose final ``#### <answer>`` line is changed to a wrong number (the answer plus a non-zero offset)."""

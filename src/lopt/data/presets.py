@@ -20,7 +20,6 @@ from lopt.data.generated import (
     DEFAULT_GSM_SAMPLES,
     gsm_symbolic_pairs,
     gsm_symbolic_reasoning_pairs,
-    gsm_symbolic_records,
 )
 from lopt.data.sources import load_hub, read_file, select_records
 from lopt.errors import LoptError, unknown_choice
@@ -32,15 +31,17 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Preset:
     description: str
-    hub_id: str | None = None  # None: generated offline
+    hub_id: str | None = None  # None: the problems of the offline task of the same name (lopt/tasks.py)
 
     @property
     def source(self) -> str:
-        return f"hub: {self.hub_id}" if self.hub_id else "offline: reasoning-gym gsm_symbolic"
+        return f"hub: {self.hub_id}" if self.hub_id else "offline: reasoning-gym"
 
 
 PRESETS: dict[str, Preset] = {
     "gsm-symbolic": Preset("grade-school math word problems with worked solutions (generated, offline)"),
+    "aiw": Preset("'Alice has N sisters...' counting problems with one-number answers (generated, offline)"),
+    "chain-sum": Preset("one-digit sums and differences with their results (generated, offline)"),
     "alpaca": Preset("52k general instructions (Alpaca)", "tatsu-lab/alpaca"),
     "metamathqa": Preset("395k augmented math questions with solutions (MetaMathQA)", "meta-math/MetaMathQA"),
     "tulu3": Preset("939k mixed chat conversations (Tulu 3 SFT mixture)", "allenai/tulu-3-sft-mixture"),
@@ -107,7 +108,7 @@ def _load_preset(name: str, split: str, max_samples: int | None, seed: int, sele
         raise unknown_choice("--dataset_preset", name, {n: f"{p.description} [{p.source}]" for n, p in PRESETS.items()})
     hub_id = PRESETS[name].hub_id
     if hub_id is None:
-        return gsm_symbolic_records(DEFAULT_GSM_SAMPLES if max_samples is None else max_samples, seed)
+        return get_task(name).generate(DEFAULT_GSM_SAMPLES if max_samples is None else max_samples, seed)
     return load_hub(hub_id, None, split, max_samples, select_samples, seed)
 
 

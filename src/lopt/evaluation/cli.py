@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 class EvalOptions:
     task: str = "gsm-symbolic"
     eval_samples: int = 200  # 0 skips task accuracy
+    second_task: str | None = None  # a task the model did not train on, scored too (what it kept)
+    second_samples: int = 200
     max_new_tokens: int = 256
     batch_size: int = 16
     retention_file: str | None = None
@@ -62,51 +64,81 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _perplexity_of(name: str, options: EvalOptions, text: str) -> float:
-    from lopt.evaluation.retention import token_windows
+def _load_base(name: str, options: EvalOptions):
     from lopt.models.registry import load_model_and_tokenizer
 
     try:
         what = "--base_model" if options.base_model else "the starting model"
-        model, tokenizer = load_model_and_tokenizer(name, device=_device(), what=what)
+        return load_model_and_tokenizer(name, device=_device(), what=what)[0]
     except LoptError as error:  # e.g. a training_args.json written on another machine names a path not here
         raise LoptError(
             f"cannot load the starting model {name!r} for the retention baseline: {error}\n"
             "Pass --base_model with a model available here."
         ) from error
-    windows = token_windows(tokenizer, text, options.retention_window, options.retention_windows)
-    return _measured_perplexity(model, windows, options.batch_size, f"the starting model {name}")
 
 
-def _measured_perplexity(model, windows: torch.Tensor, batch_size: int, whose: str) -> float:
-    from lopt.evaluation.retention import perplexity
+def _accuracy(net, tokenizer, task: str, records: list[dict], options: EvalOptions) -> dict:
+    from lopt.evaluation.task import task_accuracy
 
-    with phase(f"perplexity of {whose} on {windows.numel():,} tokens of general text") as measuring:
-        value = perplexity(model, windows, batch_size=batch_size)
-        measuring.result = f"{value:.2f}"
-    return value
+    with phase(f"answering {plural(len(records), 'held-out ' + task + ' problem')}") as answering:
+        scores = task_accuracy(
+            net, tokenizer, records, batch_size=options.batch_size, max_new_tokens=options.max_new_tokens,
+            style=get_task(task).style,
+        )  # fmt: skip
+        answering.result = (
+            f"{scores['correct']}/{scores['n']} correct ({scores['accuracy']:.1%}), "
+            f"{scores['generated_tokens'] / max(scores['generation_s'], 1e-9):.0f} generated tokens/s"
+        )
+    return {"task": task, **scores}
 
 
-def evaluate_model(
-    model: str,
-    options: EvalOptions,
-    base_perplexities: dict[str, float] | None = None,
-    heldout_from: Path | None = None,
-) -> dict:
+def _retention(net, model: str, base: str, tokenizer, options: EvalOptions) -> dict:
+    """Perplexity on general text, and, against the starting model, how far the model moved: per-token KL of
+    their next-token distributions, CKA of each decoder layer's hidden states, each layer's relative weight change."""
+    from lopt.evaluation.drift import drift, layer_weight_change
+    from lopt.evaluation.retention import DEFAULT_SOURCE, perplexity, relative_change, retention_text, token_windows
+
+    windows = token_windows(tokenizer, retention_text(options.retention_file), options.retention_window,
+                            options.retention_windows)  # fmt: skip
+    result = {"retention_source": options.retention_file or DEFAULT_SOURCE, "retention_tokens": windows.numel()}
+    if base == model:  # the starting model itself: nothing moved
+        with phase(f"perplexity of {model} on {windows.numel():,} tokens of general text") as measuring:
+            value = perplexity(net, windows, batch_size=options.batch_size)
+            measuring.result = f"{value:.2f}"
+        return {**result, "perplexity": value, "base_perplexity": value, "retention_change": 0.0, "kl_to_base": 0.0}
+    reference = _load_base(base, options)
+    with phase(f"perplexity, KL and per-layer CKA against {base} on {windows.numel():,} tokens") as measuring:
+        try:
+            moved = drift(net, reference, windows, batch_size=options.batch_size)
+            weight_change = layer_weight_change(net, reference)
+        except ValueError as error:  # another architecture: not the model this one started from
+            raise LoptError(f"{model} cannot be compared with the starting model {base}: {error}. "
+                            "Pass --base_model with the model it was trained from.") from None  # fmt: skip
+        measuring.result = (
+            f"perplexity {moved.perplexity:.2f} (start {moved.reference_perplexity:.2f}), KL {moved.kl:.4f}"
+        )
+    return {
+        **result,
+        "perplexity": moved.perplexity,
+        "base_perplexity": moved.reference_perplexity,
+        "retention_change": relative_change(moved.perplexity, moved.reference_perplexity),
+        "kl_to_base": moved.kl,
+        "layer_cka": moved.layer_cka,
+        "layer_weight_change": weight_change,
+    }
+
+
+def evaluate_model(model: str, options: EvalOptions, heldout_from: list[Path] | None = None) -> dict:
     """Evaluate one model (a folder, alias or hub id) and return its eval.json content.
 
-    The problems exclude those the run in `heldout_from` trained on (default: the model's own folder,
-    if it is a run), so a starting model can be scored on the same problems as the runs made from it.
-    `base_perplexities` caches the starting models' perplexities across calls (several runs usually
-    share one starting model, and its perplexity is the costliest part of retention).
+    The problems exclude those the runs in `heldout_from` trained on (default: the model's own folder, if it is a
+    run), so a starting model and several runs can be scored on the same problems, none of which any of them saw.
     """
-    from lopt.evaluation.retention import DEFAULT_SOURCE, relative_change, retention_text, token_windows
-    from lopt.evaluation.task import load_task, task_accuracy, training_questions
+    from lopt.evaluation.task import load_task, training_questions
     from lopt.models.registry import load_model_and_tokenizer
 
     if options.harness and not Path(model).is_dir():
         raise LoptError(f"--harness runs on a saved model folder; {model!r} is not one.")
-    base_perplexities = {} if base_perplexities is None else base_perplexities
     start = time.perf_counter()
     base = base_model_of(model, options)
     result: dict = {"model": str(model), "base_model": base}
@@ -114,33 +146,17 @@ def evaluate_model(
         result["adapter_parameters"] = saved_parameters(Path(model))
     net, tokenizer = load_model_and_tokenizer(model, device=_device(), what="MODEL_DIR")
     if options.eval_samples > 0:
-        run = Path(heldout_from or model)
-        exclude = training_questions(run) if run.is_dir() else set()
+        runs = heldout_from if heldout_from is not None else [Path(model)]
+        exclude = set().union(*(training_questions(run) for run in runs if run.is_dir()))
         records = load_task(options.task, options.eval_samples, exclude)
-        with phase(f"answering {plural(len(records), 'held-out ' + options.task + ' problem')}") as answering:
-            scores = task_accuracy(
-                net, tokenizer, records, batch_size=options.batch_size, max_new_tokens=options.max_new_tokens,
-                style=get_task(options.task).style,
-            )  # fmt: skip
-            answering.result = f"{scores['correct']}/{scores['n']} correct ({scores['accuracy']:.1%})"
-        result.update(task=options.task, max_new_tokens=options.max_new_tokens, **scores)
-    if options.retention_windows > 0:
-        text = retention_text(options.retention_file)
-        windows = token_windows(tokenizer, text, options.retention_window, options.retention_windows)
-        value = _measured_perplexity(net, windows, options.batch_size, str(model))
-        if base == model:
-            base_value = value
-        else:
-            if base not in base_perplexities:
-                base_perplexities[base] = _perplexity_of(base, options, text)
-            base_value = base_perplexities[base]
         result.update(
-            retention_source=options.retention_file or DEFAULT_SOURCE,
-            retention_tokens=windows.numel(),
-            perplexity=value,
-            base_perplexity=base_value,
-            retention_change=relative_change(value, base_value),
+            max_new_tokens=options.max_new_tokens, **_accuracy(net, tokenizer, options.task, records, options)
         )
+    if options.second_task and options.second_samples > 0:  # a task the run did not train on: what it kept
+        records = load_task(options.second_task, options.second_samples, set())
+        result["second_task"] = _accuracy(net, tokenizer, options.second_task, records, options)
+    if options.retention_windows > 0:
+        result.update(_retention(net, str(model), base, tokenizer, options))
     del net
     if options.harness:
         from lopt.evaluation.harness import run_harness
@@ -171,21 +187,34 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:+.1f}%"
 
 
+def _accuracy_cell(r: dict | None) -> str:
+    if not r or "accuracy" not in r:
+        return "-"
+    low, high = r.get("accuracy_interval", (None, None))
+    interval = f" [{100 * low:.1f}, {100 * high:.1f}]" if low is not None else ""
+    return f"{r['accuracy']:.1%}{interval} ({r['correct']}/{r['n']})"
+
+
 def results_table(rows: list[tuple[str, dict]], title: str = "lopt eval") -> Table:
-    """One row per evaluated model: accuracy, perplexity, retention change, harness scores."""
+    """One row per evaluated model: accuracy with its 95% interval, the second task's, perplexity, retention
+    change, KL to the starting model, harness scores."""
     harness_cols = sorted(
         {(task, metric) for _, r in rows for task, scores in r.get("harness", {}).items() for metric in scores}
     )
     table = Table(title=title)
-    for column in ("model", "task accuracy", "perplexity", "vs start", *(f"{t} {m}" for t, m in harness_cols)):
+    second = any("second_task" in r for _, r in rows)
+    columns = ["model", "task accuracy [95% interval]", *(["second task"] if second else []), "perplexity", "vs start",
+               "KL to start", *(f"{t} {m}" for t, m in harness_cols)]  # fmt: skip
+    for column in columns:
         table.add_column(column)
     for name, r in rows:
-        accuracy = f"{r['accuracy']:.1%} ({r['correct']}/{r['n']})" if "accuracy" in r else "-"
         ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "-"
+        kl = f"{r['kl_to_base']:.4f}" if "kl_to_base" in r else "-"
         harness = [f"{r.get('harness', {}).get(t, {}).get(m, float('nan')):.3f}" for t, m in harness_cols]
         if "adapter_parameters" in r:  # a LoRA folder: what it trained is what it holds
             name = f"{name} (LoRA adapter, {r['adapter_parameters']:,} trained parameters)"
-        table.add_row(name, accuracy, ppl, _percent(r.get("retention_change")), *harness)
+        second_cell = [_accuracy_cell(r.get("second_task"))] if second else []
+        table.add_row(name, _accuracy_cell(r), *second_cell, ppl, _percent(r.get("retention_change")), kl, *harness)
     return table
 
 
@@ -197,9 +226,17 @@ def main(argv: list[str] | None = None) -> None:
         "--task",
         default=defaults.task,
         choices=EVALUABLE_TASKS,
-        help="gsm-symbolic: generated offline, minus the run's training questions; gsm8k: test split (hub) "
-        "(default: %(default)s)",
+        help="gsm-symbolic, aiw, chain-sum: generated offline, minus the run's training questions; gsm8k: test split "
+        "(hub) (default: %(default)s)",
     )
+    parser.add_argument(
+        "--second_task", choices=EVALUABLE_TASKS,
+        help="also score a task the model did not train on (what it kept), e.g. chain-sum (default: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--second_samples", type=int, default=defaults.second_samples,
+        help="problems of --second_task (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument(
         "--eval_samples", type=int, default=defaults.eval_samples,
         help="problems to solve (0: skip task accuracy) (default: %(default)s)",
@@ -252,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         help="info: lopt's phases, libraries quiet; debug: also every library's bars and logs (default: info)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    for flag in ("eval_samples", "retention_windows"):
+    for flag in ("eval_samples", "second_samples", "retention_windows"):
         if getattr(args, flag) < 0:
             raise LoptError(f"--{flag} must be >= 0 (0 skips that measurement), got {getattr(args, flag)}.")
     for flag in ("max_new_tokens", "batch_size", "retention_window"):
@@ -265,9 +302,9 @@ def main(argv: list[str] | None = None) -> None:
         **{k: v for k, v in vars(args).items() if k not in ("models", "harness", "log_level", "reward_model", "pairs")},
         harness=tuple(t.strip() for t in args.harness.split(",") if t.strip()),
     )
-    rows, base_perplexities = [], {}
+    rows = []
     for model in args.models:
-        result = evaluate_model(model, options, base_perplexities)
+        result = evaluate_model(model, options)
         if Path(model).is_dir():
             console.print(f"wrote {write_eval(Path(model), result)}")
         rows.append((model, result))

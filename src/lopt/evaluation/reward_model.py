@@ -19,7 +19,7 @@ import torch
 from lopt.data.generated import DEFAULT_GSM_SAMPLES, answer_pairs, reasoning_pairs
 from lopt.data.presets import PREFERENCE_HUB, preference_records
 from lopt.errors import LoptError
-from lopt.tasks import EVAL_SEED, heldout_gsm_symbolic
+from lopt.tasks import EVAL_SEED, TASKS
 
 DEFAULT_PAIRS = "gsm-symbolic-reasoning-pairs"
 # the offline presets, built from held-out problems
@@ -35,7 +35,7 @@ def heldout_pairs(source: str, n: int, run_dir: Path | None) -> list[dict]:
     if source not in PAIR_BUILDERS:
         return preference_records(source)  # an unknown name: its error lists the presets
     exclude = _trained_questions(run_dir) if run_dir is not None else set()
-    return PAIR_BUILDERS[source](heldout_gsm_symbolic(n, exclude), EVAL_SEED)
+    return PAIR_BUILDERS[source](TASKS["gsm-symbolic"].heldout(n, exclude), EVAL_SEED)
 
 
 def _trained_questions(run_dir: Path) -> set[str]:

@@ -13,6 +13,8 @@ The model may carry LoRA adapters (a peft `PeftModel`, models/lora.py): the hook
 decoder layers, so each block's adapters learn from that block's objective.
 `early_blocks="frozen"` is the ablation that separates local reconstruction from merely freezing
 the bottom of the model: the boundaries stay, the non-final blocks and embeddings are not trained.
+`aux_loss` picks the reconstruction objective (RECONSTRUCTION_LOSSES): the paper's mean squared error, or that
+error relative to the block input's spread, which puts every block's local loss on one scale.
 """
 
 from __future__ import annotations
@@ -32,6 +34,27 @@ from lopt.models.lora import merged
 
 BackwardFn = Callable[[torch.Tensor], None]
 EARLY_BLOCK_MODES = ("recon", "frozen")
+# Keeps recon_normalized finite for a token whose block input is constant over the hidden dimension; far below
+# the per-token variance of any real residual stream, so it does not bend the loss's scale invariance.
+VARIANCE_EPS = 1e-6
+
+
+def squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """recon (the paper's): each token's mean squared error over the hidden dimension."""
+    return (prediction - target).pow(2).mean(dim=-1)
+
+
+def normalized_squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """recon_normalized: each token's mean squared error divided by the variance of its target over the hidden
+    dimension. Scaling a block's input (and a prediction at the same relative error) leaves it unchanged, so blocks
+    whose residual streams differ in magnitude by orders (as they do with depth) get losses on one scale: predicting
+    each token's mean value scores 1. The variance is a constant of the target, not trained through."""
+    variance = target.detach().var(dim=-1, unbiased=False)
+    return squared_error(prediction, target) / (variance + VARIANCE_EPS)
+
+
+# --aux_loss: the per-token reconstruction error of each value (config.py lists the same names for --help)
+RECONSTRUCTION_LOSSES = {"recon": squared_error, "recon_normalized": normalized_squared_error}
 
 
 def split_blocks(num_layers: int, num_blocks: int) -> list[range]:
@@ -121,15 +144,25 @@ class LocalLearningLM(nn.Module):
     """A Hugging Face causal LM (or a reward model: a sequence classifier with one label) split into `num_blocks`
     locally trained blocks."""
 
-    def __init__(self, model: nn.Module, num_blocks: int = 2, lambda_aux: float = 10.0, early_blocks: str = "recon"):
+    def __init__(
+        self,
+        model: nn.Module,
+        num_blocks: int = 2,
+        lambda_aux: float = 10.0,
+        early_blocks: str = "recon",
+        aux_loss: str = "recon",
+    ):
         super().__init__()
         if early_blocks not in EARLY_BLOCK_MODES:
             raise unknown_choice("--early_blocks", early_blocks, EARLY_BLOCK_MODES)
+        if aux_loss not in RECONSTRUCTION_LOSSES:
+            raise unknown_choice("--aux_loss", aux_loss, list(RECONSTRUCTION_LOSSES))
         self.model = model  # a transformers causal LM or reward model, or a PeftModel around one
         self.parts = model_parts(self.base_model)
         self.blocks = split_blocks(len(self.parts.layers), num_blocks)
         self.lambda_aux = lambda_aux
         self.early_blocks = early_blocks
+        self.aux_loss = aux_loss
         hidden_size = self.parts.embeddings[0].weight.shape[1]
         heads = len(self.blocks) - 1 if early_blocks == "recon" else 0
         self.aux_heads = nn.ModuleList(ReconstructionHead(hidden_size) for _ in range(heads))
@@ -180,8 +213,9 @@ class LocalLearningLM(nn.Module):
 
     def block_parameters(self) -> list[list[nn.Parameter]]:
         """The trained parameters each block's objective reaches, block by block: the embeddings with block 1, each
-        early block's reconstruction head with it, the final norm and LM head with the final block. With local
-        backward a block's gradients are final after its own backward (--block_step steps them there)."""
+        early block's reconstruction head with it, the final norm and LM head with the final block (end-to-end: one
+        block, all of them). With local backward a block's gradients are final after its own backward (--block_step
+        steps them there). The per-block gradient norms and clipping (training/optim.py) group by these too."""
         parts = self.parts
         modules = [[parts.layers[i] for i in block] for block in self.blocks]
         modules[0] += list(parts.embeddings)
@@ -190,14 +224,15 @@ class LocalLearningLM(nn.Module):
         modules[-1] += [parts.final_norm, parts.head]
         blocks, placed = [], set()
         for block_modules in modules:
-            block = [p for m in block_modules for p in m.parameters() if p.requires_grad and id(p) not in placed]
-            placed |= {id(p) for p in block}
-            blocks.append(block)
+            # keyed by id, so a weight shared within the block (E2E's tied embeddings and LM head) appears once
+            block = {id(p): p for m in block_modules for p in m.parameters() if p.requires_grad and id(p) not in placed}
+            placed |= block.keys()
+            blocks.append(list(block.values()))
         stray = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in placed]
         if stray:
             raise LoptError(
-                f"--block_step: trained parameters outside every block of this model: {', '.join(stray[:5])}; "
-                "train without --block_step."
+                f"Trained parameters outside every block of this model: {', '.join(stray[:5])}. Per-block steps, "
+                "clipping and gradient norms need each in a block; models/adapters.py names the parts of a family."
             )
         return blocks
 
@@ -250,14 +285,15 @@ class LocalLearningLM(nn.Module):
         return _with_hidden(output, hidden.detach())
 
     def _reconstruction_loss(self, block, hidden, target, token_mask) -> torch.Tensor:
-        """Mean squared error in float32 between head(block output) and the block input, over real tokens.
+        """The --aux_loss error (RECONSTRUCTION_LOSSES) in float32 between head(block output) and the block input,
+        averaged over real tokens.
 
         The heads are created in float32; DeepSpeed's bf16 mode casts them with the model, so the head
         runs in whatever dtype its weights have now.
         """
         head = self.aux_heads[block]
         prediction = head(hidden.to(head.net[0].weight.dtype)).float()
-        per_token = (prediction - target.float()).pow(2).mean(dim=-1)
+        per_token = RECONSTRUCTION_LOSSES[self.aux_loss](prediction, target.float())
         if token_mask is None:
             return per_token.mean()
         mask = token_mask.to(per_token.dtype)

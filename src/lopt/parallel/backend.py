@@ -8,7 +8,7 @@ methods below, in this order, and never names a backend:
     prepare_model -> (optimizer built) -> prepare_optimizer -> [load_state on resume]
     per step: autocast { forward_backward(backward=..., lm_head_context=...) } -> step
     per validation: autocast { evaluate(lm_head_context=...) } -> end_evaluation
-    per checkpoint: full_state, save_state, state_dict        at the end: full_state
+    per checkpoint: full_state, save_state, state_dict        at the end: full_state, close
 """
 
 from __future__ import annotations
@@ -56,8 +56,12 @@ class ParallelBackend:
     def end_evaluation(self, model: LocalLearningLM) -> None:
         """After a validation's forwards, which run no backward (FSDP2 reshards what they left gathered)."""
 
-    def step(self, model: LocalLearningLM, optimizer: torch.optim.Optimizer, check: FiniteCheck) -> float:
-        """Reduce the window's gradients over processes, clip, `check`, apply, zero; return the norm before clipping."""
+    def step(
+        self, model: LocalLearningLM, optimizer: torch.optim.Optimizer, check: FiniteCheck
+    ) -> tuple[float, list[float] | None]:
+        """Reduce the window's gradients over processes, clip (by the global norm, or with --clip_per_block each
+        block by its own), `check`, apply, zero. Return the global gradient norm before clipping and each block's
+        (`LocalLearningLM.block_parameters`), or None where the backend cannot tell them (DeepSpeed)."""
         raise NotImplementedError
 
     def step_block(
@@ -88,6 +92,11 @@ class ParallelBackend:
     ) -> None:
         """Resume: refuse a checkpoint this launch cannot restore, then restore the optimizer (and scaler)."""
         raise NotImplementedError
+
+    def close(self) -> None:
+        """After the run, also when it failed: release what the backend holds that would keep the model, and with
+        it the process group, alive once the run's own references are gone (DeepSpeed's engine). The model is not
+        trained further. See distributed.shutdown for why the process group must go before the process exits."""
 
 
 def adapters_sharded_error(backend_name: str) -> LoptError:

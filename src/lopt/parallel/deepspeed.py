@@ -24,6 +24,7 @@ processes (training_state.pt records both and a mismatch is refused before train
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -182,6 +183,11 @@ class DeepSpeedBackend(ParallelBackend):
         self.settings, self.config, self.extra_config = settings, config, extra_config or {}
         self.name = f"DeepSpeed ZeRO-{settings.stage}"
         refuse_unsharded_extras(config, self.name)
+        if getattr(config, "clip_per_block", False):
+            raise LoptError(
+                f"--clip_per_block under {self.name}: DeepSpeed clips by the global norm inside its own step; launch "
+                "with torchrun (data parallel) or the FSDP2 config, or drop --clip_per_block."
+            )
         self.engine = self.model = None
 
     def prepare_optimizer(self, model: LocalLearningLM, optimizer: torch.optim.Optimizer) -> None:
@@ -196,13 +202,13 @@ class DeepSpeedBackend(ParallelBackend):
     def lm_head_context(self):
         return gathered_lm_head(self.model)
 
-    def step(self, model: LocalLearningLM, optimizer: torch.optim.Optimizer, check: FiniteCheck) -> float:
+    def step(self, model: LocalLearningLM, optimizer: torch.optim.Optimizer, check: FiniteCheck) -> tuple[float, None]:
         check(0.0, step_taken=False)  # the losses, before the step: DeepSpeed computes the norm inside its step
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else 0.0
         check(grad_norm, step_taken=True)
-        return grad_norm
+        return grad_norm, None  # the engine computes the global norm only
 
     def full_state(self, model: LocalLearningLM, optimizer: torch.optim.Optimizer | None = None) -> FullState:
         """The whole model (gathered under ZeRO-3); the optimizer state is saved by `save_state`."""
@@ -238,6 +244,54 @@ class DeepSpeedBackend(ParallelBackend):
                 f"{checkpoint / ENGINE_FOLDER} could not be read by DeepSpeed (files missing?). Resume from "
                 "another checkpoint ('latest' takes the newest complete one)."
             )
+
+    def close(self) -> None:
+        """Release the engine: its hooks are removed, and ZeRO-3's module stack lets go of the model (whose
+        partitioned parameters hold their process group; see `release_module_stack`). The engine, its hooks
+        and the model still reference each other: distributed.shutdown collects them."""
+        engine, model = self.engine, self.model
+        self.engine = self.model = None
+        if engine is not None:
+            engine.destroy()
+            release_module_stack(model)
+
+
+def release_module_stack(model: LocalLearningLM) -> None:
+    """Take `model` and its submodules out of the stack ZeRO-3 keeps of the modules in forward (a module global of
+    DeepSpeed's parameter_offload). DeepSpeed pushes the root module there when it partitions it and leaves it after
+    engine.destroy() (0.19.8), and a layer recomputed by gradient checkpointing stays on it too: either keeps the
+    model, and with its partitioned parameters the process groups, alive until the process exits."""
+    from deepspeed.runtime.zero import parameter_offload
+
+    stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
+    if isinstance(stack, list):
+        ours = {id(module) for module in model.modules()}
+        stack[:] = [module for module in stack if id(module) not in ours]
+
+
+def destroy_process_group() -> None:
+    """Destroy torch's process groups, and what DeepSpeed keeps of them (distributed.shutdown calls it once DeepSpeed
+    is imported, by lopt or by transformers or accelerate wherever it is installed).
+
+    Besides the groups deepspeed.utils.groups keeps in module globals (released by deepspeed.comm's destroy),
+    TorchBackend.barrier and monitored_barrier (deepspeed.comm.torch, 0.19.8) take torch's world group as it is when
+    DeepSpeed is imported as their default `group`: imported after the group was made, they would keep it, and its
+    threads, alive until the process exits. None, their default when imported before, means the world group to both.
+    """
+    from deepspeed import comm
+
+    backend = importlib.import_module("deepspeed.comm.torch")  # the attribute `torch` of deepspeed.comm is torch
+    for name in ("barrier", "monitored_barrier"):
+        function = getattr(getattr(backend, "TorchBackend", None), name, None)
+        defaults = getattr(function, "__defaults__", None)
+        if defaults and any(isinstance(value, torch.distributed.ProcessGroup) for value in defaults):
+            function.__defaults__ = tuple(
+                None if isinstance(value, torch.distributed.ProcessGroup) else value for value in defaults
+            )
+    if comm.is_initialized():  # torch's groups, then DeepSpeed's references to them
+        comm.destroy_process_group()
+    else:
+        torch.distributed.destroy_process_group()
 
 
 def check_resumable(checkpoint: Path, saved: dict | None, now: dict | None) -> None:

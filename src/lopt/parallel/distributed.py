@@ -3,12 +3,15 @@
 Local backward runs one backward per block, and DistributedDataParallel expects exactly one per
 forward, so lopt keeps the model unwrapped and sums gradients across processes itself after the
 accumulation window (see training/step.py), or shards it with FSDP2 (see fsdp.py, which also reads what
-accelerate's config asks for). This module holds the process-group plumbing.
+accelerate's config asks for). This module holds the process-group plumbing: joining the group the launcher
+describes (`init_from_environment`), the few collectives lopt makes itself, and leaving it (`shutdown`).
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -53,6 +56,37 @@ def init_from_environment(sharded_by: str | None = None) -> torch.device:
         store = Path(tempfile.mkdtemp(prefix="lopt-pg-")) / "store"
         dist.init_process_group(backend=backend, init_method=f"file://{store}", rank=0, world_size=1)
     return device
+
+
+def shutdown() -> None:
+    """Leave the process group, and let its communication threads end while Python is still fully alive.
+
+    Call it at the end of a process's distributed work, once the model and the backend are released
+    (`ParallelBackend.close`); a later `init_from_environment` joins a new group.
+
+    Why not leave it to the interpreter's exit: gloo runs every collective on a worker thread of its process group,
+    and that thread drops its references to the collective's tensors after the caller's wait() has returned;
+    dropping the last C++ reference to a tensor that has a Python object takes the GIL. A process group and its
+    threads live until the last reference to it is gone, not until `destroy_process_group()`, and more than torch
+    holds them: DeepSpeed (module globals, default arguments, the ZeRO-3 model's parameters) and FSDP2's device meshes
+    (kept by DTensor's caches). Still alive when Python finalizes, a thread that asks for the GIL then is ended by
+    Python inside a noexcept destructor: the process aborts (SIGABRT, "terminate called without an active
+    exception") after its work is done. Here the groups are destroyed while Python runs normally: the meshes and
+    DeepSpeed let go of theirs, and collecting the reference cycles that still hold one (DeepSpeed's engine and
+    hooks) drops the last reference, which joins the group's threads once they have released their work.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    fsdp = sys.modules.get("lopt.parallel.fsdp")  # imported: it may have made device meshes
+    if fsdp is not None:
+        fsdp.release_process_groups()
+    if "deepspeed.comm" in sys.modules:  # imported by lopt, or by transformers or accelerate wherever it is installed
+        from lopt.parallel.deepspeed import destroy_process_group
+
+        destroy_process_group()
+    else:
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def world_size() -> int:

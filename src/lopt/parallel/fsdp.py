@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,7 @@ FSDP2_CONFIG = "configs/accelerate_fsdp2.yaml"
 # never runs forward (the LM head) and of several backward calls per forward.
 TESTED_TORCH = (2, 13)
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+_meshes: list[weakref.ref] = []  # the device meshes shard_model made, for release_process_groups
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ def shard_model(model: LocalLearningLM, settings: FSDPSettings, device: torch.de
     if settings.activation_checkpointing:
         model.enable_gradient_checkpointing()
     mesh = init_device_mesh(device.type, (distributed.world_size(),))
+    _meshes.append(weakref.ref(mesh))
     unit = dict(mesh=mesh, reshard_after_forward=settings.reshard_after_forward)
     held = dict(mesh=mesh, reshard_after_forward=False)
     parts = model.parts
@@ -183,6 +186,21 @@ def shard_model(model: LocalLearningLM, settings: FSDPSettings, device: torch.de
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # a plain sum, which every backend (gloo too) has
+
+
+def release_process_groups() -> None:
+    """Make the device meshes `shard_model` made let go of their process groups (distributed.shutdown calls it).
+
+    DTensor's sharding caches (module globals) keep the mesh of every DTensor operation that ran for the life of the
+    process, and a mesh keeps its process groups (DeviceMesh._pg_registry, torch 2.13), so the groups and their
+    threads would outlive destroy_process_group(). The registry only spares a name lookup under torch.compile, and a
+    mesh is never used once its groups are destroyed.
+    """
+    for ref in _meshes:
+        registry = getattr(ref(), "_pg_registry", None)
+        if isinstance(registry, dict):
+            registry.clear()
+    _meshes.clear()
 
 
 def reshard(model: nn.Module) -> None:

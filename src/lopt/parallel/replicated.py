@@ -12,6 +12,7 @@ API), so a run can resume on any number of processes, sharded by FSDP2 or not.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -24,6 +25,7 @@ from lopt.models.local_learning import LocalLearningLM
 from lopt.parallel.backend import FiniteCheck, FullState, ParallelBackend
 from lopt.parallel.deepspeed import check_resumable
 from lopt.parallel.distributed import all_reduce_gradients
+from lopt.training.optim import clip_gradients
 
 
 class ReplicatedBackend(ParallelBackend):
@@ -32,6 +34,8 @@ class ReplicatedBackend(ParallelBackend):
     def __init__(self, device: torch.device, config: RunConfig):
         super().__init__(device)
         self.max_grad_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+        # an SFT flag: other recipes' configs, and the plain namespaces of tests and the benchmark, lack it
+        self.clip_per_block = getattr(config, "clip_per_block", False)
         self.fp16 = config.fp16
         self.scaler: torch.amp.GradScaler | None = None
 
@@ -48,12 +52,15 @@ class ReplicatedBackend(ParallelBackend):
     def reduce_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
         all_reduce_gradients(parameters)
 
-    def step(self, model: LocalLearningLM, optimizer: torch.optim.Optimizer, check: FiniteCheck) -> float:
-        parameters = [p for p in model.parameters() if p.requires_grad]
-        self.reduce_gradients(parameters)
+    def step(
+        self, model: LocalLearningLM, optimizer: torch.optim.Optimizer, check: FiniteCheck
+    ) -> tuple[float, list[float]]:
+        blocks = model.block_parameters()
+        self.reduce_gradients([p for block in blocks for p in block])
         if self.scaler:
             self.scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, self.max_grad_norm))
+        block_norms = clip_gradients(blocks, self.max_grad_norm, self.clip_per_block)
+        grad_norm = math.hypot(*block_norms)
         check(0.0 if self.scaler else grad_norm, step_taken=False)  # with fp16 the scaler skips inf steps itself
         if self.scaler:
             self.scaler.step(optimizer)
@@ -61,7 +68,7 @@ class ReplicatedBackend(ParallelBackend):
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return grad_norm, block_norms
 
     def step_block(
         self, parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, check: Callable[[float], None]
@@ -69,7 +76,7 @@ class ReplicatedBackend(ParallelBackend):
         """--block_step: reduce, clip by the block's own norm, check, and step `parameters` (one block's), then free
         their gradients. AdamW skips parameters without gradients, so only this block moves."""
         self.reduce_gradients(parameters)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, self.max_grad_norm))
+        (grad_norm,) = clip_gradients([parameters], self.max_grad_norm, per_block=True)
         check(grad_norm)
         optimizer.step()
         for p in parameters:

@@ -151,8 +151,11 @@ def run_sft(config: SFTConfig, task_loss: TaskLoss | None = None, callbacks: lis
     entropy, training/task_loss.py); `callbacks` listen next to the progress bar and metrics.jsonl."""
     start = time.perf_counter()
     run = _set_up(config, task_loss, list(callbacks))
-    _train(run, start)
-    _finish(run)
+    try:
+        _train(run, start)
+        _finish(run)
+    finally:
+        run.backend.close()  # nothing of the backend outlives the run (the process group: distributed.shutdown)
     return SFTResult(
         output_dir=run.out,
         steps=run.last_step,
@@ -271,6 +274,7 @@ def _start_line(run: _Run) -> str:
         + adapter_summary(config, model)
         + (f" | KL to the starting model, beta {config.kl_beta}" if config.kl_beta > 0 else "")
         + (" | per-block optimizer steps (each block clipped by its own norm)" if config.block_step else "")
+        + (" | each block clipped by its own gradient norm" if config.clip_per_block and not config.block_step else "")
         + f" | {plural(run.data_stats['examples'], 'example')} ({run.data_stats['skipped_truncated']} skipped: "
         f"response truncated away)"
         + (
@@ -319,7 +323,8 @@ def _train(run: _Run, start: float) -> None:
                     grad_norm = math.sqrt(sum(norm**2 for norm in block_norms))
                     check_finite(result, grad_norm, step=step, step_taken=True)
                 else:
-                    grad_norm = backend.step(model, run.optimizer, functools.partial(check_finite, result, step=step))
+                    check = functools.partial(check_finite, result, step=step)
+                    grad_norm, block_norms = backend.step(model, run.optimizer, check)
                 run.scheduler.step()
                 run.losses.append(result.task_loss)
                 run.peak_activation = max(run.peak_activation, meter.peak_bytes)
@@ -336,7 +341,7 @@ def _train(run: _Run, start: float) -> None:
                 logged = step % config.logging_steps == 0 or step == run.total_steps or stopping
                 if run.main_process and (logged or validation is not None):
                     run.callbacks.on_log(
-                        _step_metrics(run, step, result, rates, grad_norm, meter, throughput, validation)
+                        _step_metrics(run, step, result, rates, grad_norm, block_norms, meter, throughput, validation)
                     )
                 periodic = config.save_steps > 0 and step % config.save_steps == 0
                 # --load_best_model_at_end restores the best validation's weights: they must be on disk
@@ -407,16 +412,18 @@ def _step_metrics(
     result: StepResult,
     rates: list[float],
     grad_norm: float,
+    block_norms: list[float] | None,
     meter: SavedTensorMeter,
     throughput: _Throughput,
     validation: EvalResult | None = None,
 ) -> StepMetrics:
-    """The logged step as the metrics contract's record; `rates` are the learning rates the step used, `validation`
-    the losses of a validation after it."""
+    """The logged step as the metrics contract's record; `rates` are the learning rates the step used, `block_norms`
+    each block's gradient norm before clipping (None: the backend cannot tell), `validation` the losses of a validation
+    after it."""
     epoch, index = run.position
     return StepMetrics(
         step=step, epoch=round(epoch + index / run.batches_per_epoch, 4), task_loss=result.task_loss,
-        aux_loss=result.aux_losses, lr=rates[-1], lr_k1=rates[0], grad_norm=grad_norm,
+        aux_loss=result.aux_losses, lr=rates[-1], lr_k1=rates[0], grad_norm=grad_norm, block_grad_norm=block_norms,
         tokens_per_s=throughput.rate(), peak_mem_bytes=device_peak_bytes(run.backend.device),
         activation_peak_bytes=meter.peak_bytes, elapsed_s=throughput.elapsed(),
         eval_task_loss=validation.task_loss if validation else None,

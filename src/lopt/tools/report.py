@@ -3,7 +3,9 @@
 It reads only the files a run leaves in its folder (training_args.json, metrics.jsonl, eval.json),
 so runs made on another machine can be compared here. A folder with only an eval.json (a starting
 model that was evaluated, as the demo does) appears as a "base" row without training columns.
-Writes report.md, report.html and PNG plots into --out.
+Each row says what it was evaluated on; a row evaluated differently from the first evaluated one is
+flagged, not mixed in. Losses of different recipes (SFT, GRPO, DPO, ...) are different objectives:
+each recipe gets its own plot. Writes report.md, report.html and PNG plots into --out.
 """
 
 from __future__ import annotations
@@ -11,16 +13,36 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from lopt.config import METHODS
 from lopt.errors import LoptError
+from lopt.evaluation.statistics import wilson_interval
 from lopt.models.lora import saved_parameters
 
 RUN_FILES = ("training_args.json", "metrics.jsonl", "eval.json")
 MiB = 2**20
+# Runs with fewer logged steps are drawn as points: a line through two points is not a learning curve.
+MIN_CURVE_POINTS = 3
+
+# What each recipe's task_loss is (training/metrics.py): the same column holds different objectives.
+RECIPE_LOSSES = {
+    "sft": "SFT: cross entropy per trained token",
+    "grpo": "GRPO: TRL's policy loss",
+    "rloo": "RLOO: TRL's policy loss",
+    "dpo": "DPO: TRL's preference loss",
+    "rm": "reward model: pairwise Bradley-Terry loss",
+}
+# The recipe's own column that says how training went (RECIPE_COLUMNS in training/metrics.py): key, label, format.
+RECIPE_METRICS = {
+    "grpo": ("reward", "reward", ".3f"),
+    "rloo": ("reward", "reward", ".3f"),
+    "dpo": ("reward_accuracy", "reward accuracy", ".1%"),
+    "rm": ("reward_accuracy", "reward accuracy", ".1%"),
+}
 
 
 @dataclass
@@ -40,17 +62,33 @@ class Run:
         return method + ("+lora" if self.args.get("use_peft") else "") + ("+kl" if self.args.get("kl_beta") else "")
 
     @property
+    def recipe(self) -> str | None:
+        """sft, grpo, rloo, dpo or rm; None for a folder without training_args.json (a starting model).
+
+        training_args.json names no recipe (it holds the config's flags), so this is the dashboard's inference:
+        the recipe's own metrics.jsonl columns, else the config whose flags the file holds.
+        """
+        if not self.args:
+            return None
+        from lopt.dashboard.watch import recipe_of  # here: the dashboard imports rich's live display
+
+        return recipe_of(self.args, self.metrics[0] if self.metrics else None)
+
+    @property
     def blocks(self) -> int | None:
         if not self.args:
             return None
-        return 1 if self.method == "e2e" else self.args.get("num_blocks")
+        return 1 if self.method.startswith("e2e") else self.args.get("num_blocks")
 
     def last(self, key: str):
         values = self.series(key)
         return values[-1][1] if values else None
 
     def series(self, key: str) -> list[tuple[int, object]]:
-        return [(m["step"], m[key]) for m in self.metrics if m.get(key) is not None]
+        """Every logged (step, value) of `key`, by step. A resumed run logs again the steps after its checkpoint:
+        the later row of a step is the one the continued run kept."""
+        rows = {m["step"]: m for m in self.metrics}
+        return [(step, row[key]) for step, row in sorted(rows.items()) if row.get(key) is not None]
 
     def mean(self, key: str) -> float | None:
         values = [v for _, v in self.series(key)]
@@ -61,7 +99,7 @@ class Run:
         return max(values) if values else None
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -77,7 +115,7 @@ def load_run(folder: Path) -> Run:
         raise LoptError(f"RUN_DIR {folder}: has none of {', '.join(RUN_FILES)}; pass the --output_dir of a run.")
     run = Run(name=folder.name)
     if (folder / "training_args.json").is_file():
-        run.args = _read_json(folder / "training_args.json")
+        run.args = read_json(folder / "training_args.json")
     if (folder / "metrics.jsonl").is_file():
         lines = (folder / "metrics.jsonl").read_text().splitlines()
         try:
@@ -85,7 +123,7 @@ def load_run(folder: Path) -> Run:
         except json.JSONDecodeError as error:
             raise LoptError(f"{folder / 'metrics.jsonl'}: a line is not valid JSON ({error}).") from None
     if (folder / "eval.json").is_file():
-        run.evaluation = _read_json(folder / "eval.json")
+        run.evaluation = read_json(folder / "eval.json")
     if run.args and not run.method.startswith("lopt-frozen"):  # the frozen ablation trains part of what it saves
         run.trained_parameters = saved_parameters(folder) or None
     return run
@@ -99,20 +137,129 @@ def _mib(value: float | None) -> float | None:
     return None if value is None else value / MiB
 
 
+def accuracy_cell(correct: int, n: int) -> str:
+    """An accuracy with its 95% Wilson interval and sample size, e.g. "62.5% [55.6, 68.9] n=200"."""
+    low, high = wilson_interval(correct, n)
+    return f"{correct / n if n else 0:.1%} [{100 * low:.1f}, {100 * high:.1f}] n={n}"
+
+
+def evaluation_setting(e: dict) -> dict[str, object]:
+    """What an eval.json's numbers were measured on; rows compare only where these agree (None: not recorded)."""
+    setting: dict[str, object] = {
+        # a reward model is scored on preference pairs (`lopt eval --reward_model`), not on a task
+        "task": e.get("task") or (f"pairs of {e['pairs']}" if "pairs" in e else None),
+        "problems": e.get("n"),
+        "max new tokens": e.get("max_new_tokens"),
+        "retention text": e.get("retention_source"),
+        "retention tokens": e.get("retention_tokens"),
+    }
+    second = e.get("second_task")
+    if second:
+        setting.update({"second task": second.get("task"), "second-task problems": second.get("n")})
+    return setting
+
+
+def setting_differences(setting: dict[str, object], reference: dict[str, object]) -> list[str]:
+    """How `setting` differs from `reference`, one "name value (reference value)" each; empty when they agree."""
+    names = list(reference) + [name for name in setting if name not in reference]
+    return [
+        f"{name} {_recorded(setting.get(name))} (reference {_recorded(reference.get(name))})"
+        for name in names
+        if setting.get(name) != reference.get(name)
+    ]
+
+
+def _recorded(value) -> str:
+    return "not recorded" if value is None else str(value)
+
+
+def describe_setting(setting: dict[str, object]) -> str:
+    """A table cell saying what a row was evaluated on, e.g. "200 aiw, ≤256 new tokens; ppl 4096 tokens"."""
+    parts = []
+    if setting.get("problems") is not None:
+        task = f"{setting['problems']} {_recorded(setting.get('task'))}"
+        if setting.get("max new tokens") is not None:
+            task += f", ≤{setting['max new tokens']} new tokens"
+        parts.append(task)
+    if setting.get("second task") is not None:
+        parts.append(f"{_recorded(setting.get('second-task problems'))} {setting['second task']}")
+    if setting.get("retention tokens") is not None:
+        parts.append(f"ppl {setting['retention tokens']} tokens")
+    return "; ".join(parts) or "-"
+
+
+def md_text(text: str) -> str:
+    """Text made safe for a Markdown table cell or paragraph: a | would end the cell, a newline the row, and a <
+    before a letter would start raw HTML in report.html."""
+    text = str(text).replace("|", "\\|").replace("\n", " ")
+    return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text)
+
+
+def md_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> list[str]:
+    """A Markdown table whose cells cannot break it."""
+    lines = ["| " + " | ".join(map(md_text, header)) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(map(md_text, row)) + " |" for row in rows]
+
+
+def markdown_to_html(title: str, text: str) -> str:
+    """report.html from report.md's text: the same content, tables as <table>, `code` as <code>, images as <img>."""
+    import markdown
+
+    body = markdown.markdown(text, extensions=["tables"], output_format="html")
+    return (
+        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
+        "<style>body{font-family:sans-serif;margin:2em;max-width:90em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
+        "img{max-width:100%}code{background:#f4f4f4;padding:0 3px}</style></head><body>\n"
+        f"{body}\n</body></html>\n"
+    )
+
+
 COLUMNS = (
     "run",
     "method",
     "k",
     "steps",
     "trained params",
+    "recipe",
+    "final training loss",
+    "final recipe metric",
     "tokens/s",
     "peak activation MiB",
     "peak memory MiB",
-    "final task loss",
     "task accuracy",
+    "evaluated on",
     "perplexity",
     "retention change",
 )
+
+
+def _reference_run(runs: list[Run]) -> Run | None:
+    """The first evaluated run: the others' evaluation settings are checked against its."""
+    return next((r for r in runs if r.evaluation), None)
+
+
+def differences(run: Run, runs: list[Run]) -> list[str]:
+    """How `run` was evaluated differently from the first evaluated run (empty: comparable, or not evaluated)."""
+    reference = _reference_run(runs)
+    if not run.evaluation or reference is None or reference is run:
+        return []
+    return setting_differences(evaluation_setting(run.evaluation), evaluation_setting(reference.evaluation))
+
+
+def _recipe_metric(run: Run) -> str:
+    if run.recipe not in RECIPE_METRICS:
+        return "-"
+    key, label, spec = RECIPE_METRICS[run.recipe]
+    value = run.last(key)
+    return "-" if value is None else f"{label} {value:{spec}}"
+
+
+def _task_accuracy(e: dict) -> str:
+    # a reward model's eval.json holds its pairwise accuracy on preference pairs; its setting says so
+    if "accuracy" not in e and "pairwise_accuracy" not in e:
+        return "-"
+    return accuracy_cell(e["correct"], e["n"])
 
 
 def table_rows(runs: list[Run]) -> list[list[str]]:
@@ -120,7 +267,7 @@ def table_rows(runs: list[Run]) -> list[list[str]]:
     rows = []
     for run in runs:
         e = run.evaluation
-        accuracy = f"{e['accuracy']:.1%} ({e['correct']}/{e['n']})" if "accuracy" in e else "-"
+        evaluated_on = describe_setting(evaluation_setting(e)) if e else "-"
         rows.append(
             [
                 run.name,
@@ -128,11 +275,14 @@ def table_rows(runs: list[Run]) -> list[list[str]]:
                 _number(run.blocks, "d"),
                 _number(run.last("step"), "d"),
                 _number(run.trained_parameters, ","),
+                run.recipe or "-",
+                _number(run.last("task_loss"), ".4f"),
+                _recipe_metric(run),
                 _number(run.mean("tokens_per_s"), ".0f"),
                 _number(_mib(run.peak("activation_peak_bytes")), ".1f"),
                 _number(_mib(run.peak("peak_mem_bytes")), ".0f"),
-                _number(run.last("task_loss"), ".4f"),
-                accuracy,
+                _task_accuracy(e),
+                ("⚠ " if differences(run, runs) else "") + evaluated_on,
                 _number(e.get("perplexity"), ".2f"),
                 _number(e.get("retention_change"), "+.1%"),
             ]
@@ -141,8 +291,94 @@ def table_rows(runs: list[Run]) -> list[list[str]]:
 
 
 def markdown_table(runs: list[Run]) -> list[str]:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    return lines + ["| " + " | ".join(row) + " |" for row in table_rows(runs)]
+    """The comparison table in Markdown."""
+    return md_table(COLUMNS, table_rows(runs))
+
+
+def table_notes(runs: list[Run]) -> list[str]:
+    """What the table's columns cannot say themselves: rows not comparable, losses that are different objectives."""
+    notes = []
+    reference = _reference_run(runs)
+    for run in runs:
+        found = differences(run, runs)
+        if found:
+            notes.append(
+                f"⚠ {run.name} was evaluated differently from {reference.name} (the first evaluated row): "
+                f"{'; '.join(found)}. Its accuracy and retention are not comparable with {reference.name}'s."
+            )
+    recipes = sorted({r.recipe for r in runs if r.recipe})
+    if len(recipes) > 1:
+        notes.append(
+            "The final training loss is each recipe's own objective ("
+            + "; ".join(RECIPE_LOSSES.get(r, r) for r in recipes)
+            + "): compare it only between rows of the same recipe."
+        )
+    return notes
+
+
+def curve(ax, points: list[tuple[int, float]], **style):
+    """Every logged point; runs with too few of them as markers only, so that no line suggests a trend."""
+    steps, values = zip(*points, strict=True)
+    linestyle = style.pop("linestyle", "-")
+    linestyle = linestyle if len(points) >= MIN_CURVE_POINTS else "none"
+    return ax.plot(steps, values, marker=style.pop("marker", "o"), linestyle=linestyle, **style)[0]
+
+
+def _short_runs(runs: list[Run], key: str) -> str:
+    short = [f"{r.name} ({len(r.series(key))})" for r in runs if 0 < len(r.series(key)) < MIN_CURVE_POINTS]
+    if not short:
+        return ""
+    return (
+        f"; drawn as points, too few logged steps for a curve: {', '.join(short)} (log more often with --logging_steps)"
+    )
+
+
+def _training_plot(plt, runs: list[Run], recipe: str):
+    """The figure of one recipe's runs: task loss (validation dashed), local losses per block, the recipe's metric."""
+    metric = RECIPE_METRICS.get(recipe)
+    local = [r for r in runs if any(v for _, v in r.series("aux_loss"))]
+    rewarded = [r for r in runs if metric and r.series(metric[0])]
+    panels = 1 + bool(local) + bool(rewarded)
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, panels, figsize=(5.6 * panels, 4), squeeze=False)
+    axes = list(axes[0])
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps
+    ax = axes.pop(0)
+    for run in runs:
+        line = curve(ax, run.series("task_loss"), label=run.name)
+        if run.series("eval_task_loss"):  # --eval_*: the validations, in the run's colour
+            curve(ax, run.series("eval_task_loss"), linestyle="--", marker="x", color=line.get_color(),
+                  label=f"{run.name} (validation)")  # fmt: skip
+    ax.set(xlabel="step", ylabel="task loss", title=RECIPE_LOSSES.get(recipe, recipe))
+    ax.legend(fontsize="small")
+    if local:
+        ax = axes.pop(0)
+        for run in local:
+            points = run.series("aux_loss")
+            for block in range(max(len(v) for _, v in points)):
+                # a block's value may be missing (null) in a row; the log axis also needs it positive
+                block_points = [(s, v[block]) for s, v in points if len(v) > block and v[block] and v[block] > 0]
+                if block_points:
+                    curve(ax, block_points, marker=".", label=f"{run.name} block {block + 1}")
+        ax.set(xlabel="step", ylabel="local reconstruction loss", title="Local loss per block", yscale="log")
+        ax.legend(fontsize="small")
+    if rewarded:
+        key, label, _ = metric
+        ax = axes.pop(0)
+        for run in rewarded:
+            curve(ax, run.series(key), label=run.name)
+        ax.set(xlabel="step", ylabel=label, title=label.capitalize())
+        ax.legend(fontsize="small")
+    caption = (
+        f"{recipe.upper()} runs: every logged step of the task loss"
+        + (" (dashed: validation)" if any(r.series("eval_task_loss") for r in runs) else "")
+        + (", each LoPT block's local loss (log scale)" if local else "")
+        + (f", the {metric[1]}" if rewarded else "")
+        + _short_runs(runs, "task_loss")
+    )
+    return fig, caption
 
 
 def make_plots(runs: list[Run], out: Path) -> list[tuple[str, str]]:
@@ -161,29 +397,9 @@ def make_plots(runs: list[Run], out: Path) -> list[tuple[str, str]]:
         plots.append((name, caption))
 
     trained = [r for r in runs if r.series("task_loss")]
-    if trained:
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        for run in trained:
-            steps, losses = zip(*run.series("task_loss"), strict=True)
-            (line,) = ax.plot(steps, losses, marker="o", label=run.name)
-            if run.series("eval_task_loss"):  # --eval_*: the validations, in the run's colour
-                steps, losses = zip(*run.series("eval_task_loss"), strict=True)
-                ax.plot(steps, losses, "--x", color=line.get_color(), label=f"{run.name} (validation)")
-        ax.set(xlabel="step", ylabel="task loss", title="Task loss")
-        ax.legend()
-        validated = any(run.series("eval_task_loss") for run in trained)
-        save(fig, "task_loss.png", "Task loss per logged step" + (" (dashed: validation)" if validated else ""))
-
-    aux = [r for r in runs if any(v for _, v in r.series("aux_loss"))]
-    if aux:
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        for run in aux:
-            steps, values = zip(*run.series("aux_loss"), strict=True)
-            for block in range(len(values[-1])):
-                ax.plot(steps, [v[block] for v in values], marker=".", label=f"{run.name} block {block + 1}")
-        ax.set(xlabel="step", ylabel="local reconstruction loss", title="Auxiliary loss per block")
-        ax.legend()
-        save(fig, "aux_loss.png", "Local (auxiliary) loss of each non-final block")
+    for recipe in sorted({r.recipe for r in trained}):  # one figure per recipe: their losses are different objectives
+        fig, caption = _training_plot(plt, [r for r in trained if r.recipe == recipe], recipe)
+        save(fig, f"training_{recipe}.png", caption)
 
     bars = [
         (key, label, scale)
@@ -205,11 +421,14 @@ def make_plots(runs: list[Run], out: Path) -> list[tuple[str, str]]:
         save(fig, "throughput_memory.png", "Throughput and peak memory")
 
     evaluated = [r for r in runs if "accuracy" in r.evaluation and "retention_change" in r.evaluation]
-    if evaluated:
+    comparable = [r for r in evaluated if not differences(r, runs)]
+    if comparable:
         fig, ax = plt.subplots(figsize=(6.4, 4))
-        for run in evaluated:
-            x, y = 100 * run.evaluation["retention_change"], 100 * run.evaluation["accuracy"]
-            ax.scatter(x, y)
+        for run in comparable:
+            e = run.evaluation
+            x, y = 100 * e["retention_change"], 100 * e["accuracy"]
+            low, high = wilson_interval(e["correct"], e["n"])
+            ax.errorbar(x, y, yerr=[[max(0.0, y - 100 * low)], [max(0.0, 100 * high - y)]], fmt="o", capsize=3)
             ax.annotate(run.name, (x, y), textcoords="offset points", xytext=(5, 5))
         ax.axvline(0, color="grey", linewidth=0.8)
         ax.set(
@@ -217,65 +436,52 @@ def make_plots(runs: list[Run], out: Path) -> list[tuple[str, str]]:
             ylabel="task accuracy (%)",
             title="Accuracy vs retention",
         )
-        save(fig, "accuracy_retention.png", "Task accuracy against the change of general-text perplexity")
+        left_out = [r.name for r in evaluated if r not in comparable]
+        save(
+            fig,
+            "accuracy_retention.png",
+            "Task accuracy (95% Wilson interval) against the change of general-text perplexity"
+            + (f"; left out, evaluated differently: {', '.join(left_out)}" if left_out else ""),
+        )
     return plots
 
 
 def _eval_note(runs: list[Run]) -> str:
-    e = next((r.evaluation for r in runs if r.evaluation), None)
-    if not e:
+    if not any(r.evaluation for r in runs):
         return "No run has an eval.json: run `lopt eval RUN_DIR` for accuracy and retention."
-    parts = []
-    if "task" in e:
-        parts.append(
-            f"Task accuracy: greedy answers to {e['n']} held-out {e['task']} problems, final answer exact match."
-        )
-    if "retention_source" in e:
-        parts.append(
-            f"Perplexity on {e['retention_tokens']} tokens of {e['retention_source']}; retention change is "
-            "relative to each run's starting model (positive: the model got worse on general text)."
-        )
-    return " ".join(parts)
+    return (
+        "Task accuracy: greedy answers to held-out problems, final answer exact match, with its 95% Wilson interval "
+        "and the number of problems n; the evaluated-on column says on what each row was measured (problems, task, "
+        "new-token limit, perplexity tokens). Retention change is the perplexity change on general text relative "
+        "to each run's starting model (positive: the model got worse on general text). Rows marked ⚠ were "
+        "evaluated differently from the first evaluated row and are not comparable with it."
+    )
 
 
-def write_markdown(path: Path, title: str, runs: list[Run], plots: list[tuple[str, str]]) -> None:
+def report_markdown(title: str, runs: list[Run], plots: list[tuple[str, str]]) -> str:
     lines = [
-        f"# {title}",
+        f"# {md_text(title)}",
         "",
-        f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {', '.join(r.name for r in runs)}.",
+        f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {md_text(', '.join(r.name for r in runs))}.",
         "",
         _eval_note(runs),
         "",
         *markdown_table(runs),
     ]
+    for note in table_notes(runs):
+        lines += ["", md_text(note)]
     for name, caption in plots:
-        lines += ["", f"![{caption}]({name})"]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def write_html(path: Path, title: str, runs: list[Run], plots: list[tuple[str, str]]) -> None:
-    esc = html.escape
-    header = "".join(f"<th>{esc(c)}</th>" for c in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>\n" for row in table_rows(runs))
-    figures = "".join(
-        f'<figure><img src="{esc(name)}" alt="{esc(caption)}"><figcaption>{esc(caption)}</figcaption></figure>\n'
-        for name, caption in plots
-    )
-    path.write_text(
-        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{esc(title)}</title>\n'
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>\n"
-        f"<h1>{esc(title)}</h1>\n<p>{esc(_eval_note(runs))}</p>\n"
-        f"<table><tr>{header}</tr>\n{body}</table>\n{figures}</body></html>\n"
-    )
+        lines += ["", f"![{md_text(caption)}]({name})", "", f"*{md_text(caption)}*"]
+    return "\n".join(lines) + "\n"
 
 
 def write_report(run_dirs: list[Path], out: Path, title: str = "lopt report") -> list[Run]:
     runs = [load_run(Path(d)) for d in run_dirs]
     out.mkdir(parents=True, exist_ok=True)
     plots = make_plots(runs, out)
-    write_markdown(out / "report.md", title, runs, plots)
-    write_html(out / "report.html", title, runs, plots)
+    text = report_markdown(title, runs, plots)
+    (out / "report.md").write_text(text)
+    (out / "report.html").write_text(markdown_to_html(title, text))
     return runs
 
 

@@ -12,6 +12,7 @@ import contextlib
 import resource
 import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -117,9 +118,28 @@ class GradientMeter:
                 handle.remove()
 
 
+_PROC_STATUS, _PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def reset_device_peak(device: torch.device) -> None:
+    """Start a new peak, so that a run's peak memory is its own and not an earlier run's in the same process (the
+    demo trains several): CUDA's peak statistics; on Linux the resident-set high-water mark (writing 5 to
+    /proc/self/clear_refs). Elsewhere the CPU peak stays the process's."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif _PROC_CLEAR_REFS.exists():
+        with contextlib.suppress(OSError):  # a kernel or sandbox that refuses it: the peak stays the process's
+            _PROC_CLEAR_REFS.write_text("5")
+
+
 def device_peak_bytes(device: torch.device) -> int:
-    """Peak memory so far: allocated CUDA memory on GPU, the process's peak resident set on CPU."""
+    """Peak memory since the last `reset_device_peak` (or the process's start): allocated CUDA memory on GPU, the
+    peak resident set on CPU (Linux: VmHWM, which the reset clears; elsewhere getrusage's, which nothing clears)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    if _PROC_STATUS.exists():
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux

@@ -6,14 +6,14 @@ per logged optimizer step, with the common fields below in this order, then the 
 (`RECIPE_EVAL_COLUMNS`). A step that validates (--eval_*) is always logged, and its row holds the
 validation values; every other row holds null there, so each row has the same columns and a reader
 that knows no validation reads the rows as before (files written before validation existed lack the
-validation columns). Reports, benchmarks, the dashboard and trackers read these files (or the
-`StepMetrics` records the callbacks receive), never a recipe's private state, so a new recipe that
-writes this contract is shown by all of them.
+validation columns, and files written before a field of `LATER_FIELDS` existed lack that field).
+Reports, benchmarks, the dashboard and trackers read these files (or the `StepMetrics` records the
+callbacks receive), never a recipe's private state, so a new recipe that writes this contract is
+shown by all of them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -29,11 +29,17 @@ FIELDS: dict[str, str] = {
     "lr": "learning rate the step used for the final block, final norm and LM head (all of E2E)",
     "lr_k1": "learning rate the step used for the embeddings, early blocks and reconstruction heads",
     "grad_norm": "global gradient norm before clipping (null where the trainer did not report one)",
+    "block_grad_norm": "each block's gradient L2 norm before clipping, one per block, block 1 first: block 1's "
+    "includes the embeddings, each non-final block's its reconstruction head, the final block's the final norm and "
+    "LM head; their squares sum to grad_norm's square (E2E: one entry, grad_norm; null where the trainer did not "
+    "report them: DeepSpeed, the TRL recipes)",
     "tokens_per_s": "input tokens per second since the previous logged step, all processes",
     "peak_mem_bytes": "peak device memory so far: CUDA max allocated, or the process's peak RSS on CPU",
     "activation_peak_bytes": "peak bytes saved for backward during the logged steps (deterministic)",
     "elapsed_s": "seconds since training started (this process, this launch)",
 }
+# Common fields added after the first release: files written before them lack them, and readers take them as null.
+LATER_FIELDS = ("block_grad_norm",)
 
 # The validation fields after the common ones: values in the rows of steps that validated, null in the others.
 EVAL_FIELDS: dict[str, str] = {
@@ -110,11 +116,12 @@ class StepMetrics:
     elapsed_s: float
     eval_task_loss: float | None = None  # None but on steps that validated
     eval_aux_loss: list[float | None] | None = None
+    block_grad_norm: list[float] | None = None  # a LATER_FIELDS field: defaulted, so every writer writes its column
     recipe: dict[str, float | None] = field(default_factory=dict)  # the recipe's own columns, validation ones after
 
     def to_json(self) -> dict:
-        row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "recipe"}
-        return {**row, **self.recipe}
+        """The metrics.jsonl row: the fields in the contract's order (FIELDS, EVAL_FIELDS), then the recipe's."""
+        return {**{name: getattr(self, name) for name in (*FIELDS, *EVAL_FIELDS)}, **self.recipe}
 
 
 def contract_errors(row: dict, recipe: str) -> list[str]:
@@ -132,6 +139,11 @@ def contract_errors(row: dict, recipe: str) -> list[str]:
             errors.append(f"{name} must be a finite number, got {value!r}")
     if not isinstance(row.get("aux_loss"), list):
         errors.append(f"aux_loss must be a list (one entry per non-final block), got {row.get('aux_loss')!r}")
+    norms = row.get("block_grad_norm")
+    if norms is not None and not (
+        isinstance(norms, list) and norms and all(isinstance(n, int | float) and n >= 0 for n in norms)
+    ):
+        errors.append(f"block_grad_norm must be null or a list of norms >= 0, one per block; got {norms!r}")
     eval_loss, eval_aux = row.get("eval_task_loss"), row.get("eval_aux_loss")
     if eval_loss is not None and (not isinstance(eval_loss, int | float) or not math.isfinite(eval_loss)):
         errors.append(f"eval_task_loss must be a finite number or null, got {eval_loss!r}")

@@ -1,4 +1,5 @@
-"""Optimizer and schedule: AdamW (32-bit, or 8-bit state with bitsandbytes) over LoPT's two learning-rate groups."""
+"""Optimizer, schedule and clipping: AdamW (32-bit, or 8-bit state with bitsandbytes) over LoPT's two learning-rate
+groups, and the gradient clip by the global norm or block by block."""
 
 from __future__ import annotations
 
@@ -93,3 +94,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_ratio: f
     return get_scheduler(
         kind, optimizer, num_warmup_steps=int(round(warmup_ratio * total_steps)), num_training_steps=total_steps
     )
+
+
+def clip_gradients(blocks: list[list[torch.nn.Parameter]], max_norm: float, per_block: bool) -> list[float]:
+    """Clip the gradients of `blocks` (`LocalLearningLM.block_parameters()`, or one block's list) to `max_norm`
+    (inf: leave them) and return each block's gradient L2 norm before clipping.
+
+    `per_block` (--clip_per_block, --block_step) clips each block by its own norm, so a block whose local loss
+    gives large gradients cannot shrink another's; otherwise all are scaled by one factor from the global norm, the
+    norm of the blocks' norms: one `torch.nn.utils.clip_grad_norm_` over every parameter, up to rounding.
+    """
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    grads = [[p.grad for p in block if p.grad is not None] for block in blocks]
+    norms = [get_total_norm(block_grads) for block_grads in grads]
+    if per_block:
+        for block, norm in zip(blocks, norms, strict=True):
+            clip_grads_with_norm_(block, max_norm, norm)
+    else:
+        # a block without gradients (frozen) is left out: its norm, a CPU zero, would not stack with the others
+        total = get_total_norm([norm for norm, block_grads in zip(norms, grads, strict=True) if block_grads])
+        clip_grads_with_norm_([p for block in blocks for p in block], max_norm, total)
+    return [float(norm) for norm in norms]

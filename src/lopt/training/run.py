@@ -105,8 +105,9 @@ def build_model(config: RunConfig, device: torch.device, weights: str | None = N
         model = load_adapter(model, weights, trainable=True) if weights else add_lora(model, config)
     num_blocks = config.num_blocks if config.canonical_method == "lopt" else 1
     wrapped = LocalLearningLM(
-        model, num_blocks=num_blocks, lambda_aux=config.lambda_aux, early_blocks=config.early_blocks
-    )
+        model, num_blocks=num_blocks, lambda_aux=config.lambda_aux, early_blocks=config.early_blocks,
+        aux_loss=config.aux_loss,
+    )  # fmt: skip
     if quantization is None:  # quantized weights were placed on the GPU by bitsandbytes and cannot move
         wrapped.to(device)
     if config.gradient_checkpointing:

@@ -24,7 +24,8 @@ so sibling runs are compared in one project; run `sft-lopt-<YYYYmmdd-HHMMSS>`, o
   says otherwise (`wandb sync <folder>` uploads later); project `$WANDB_PROJECT` or `outputs`.
 
 Metric names are the same in every recipe: `train/<name>` where `<name>` is the Trainer's own for what
-it logs itself (`epoch`, `grad_norm`), `lopt/aux_loss_block_<i>` for block i's local loss and
+it logs itself (`epoch`, `grad_norm`), `lopt/aux_loss_block_<i>` for block i's local loss,
+`lopt/grad_norm_block_<i>` for block i's gradient norm (where the recipe reports it) and
 `lopt/<field>` for every other contract field (`lopt/task_loss`, `lopt/lr`, `lopt/lr_k1`,
 `lopt/tokens_per_s`, `lopt/peak_mem_bytes`, `lopt/activation_peak_bytes`, `lopt/elapsed_s`); the x axis
 is the optimizer step (`train/global_step` in Trackio and wandb). GRPO and DPO add every metric TRL logs
@@ -63,6 +64,9 @@ INSTALL = "pip install 'lopt[tracking]'"
 # Contract fields the Trainer logs itself, under these names; lopt keeps them (GRPO/DPO log them as TRL does).
 TRAINER_NAMES = ("epoch", "grad_norm")
 AUX_LOSS_KEY = "lopt/aux_loss_block_{}"  # block i's local loss (1-based)
+BLOCK_GRAD_NORM_KEY = "lopt/grad_norm_block_{}"  # block i's gradient norm before clipping (1-based)
+# The list fields, one scalar per block each.
+PER_BLOCK = {"aux_loss": AUX_LOSS_KEY, "block_grad_norm": BLOCK_GRAD_NORM_KEY}
 CONFIG_TEXT = "lopt_config"  # TensorBoard's text tag for the run's config
 
 
@@ -112,8 +116,8 @@ def tracker_scalars(metrics: StepMetrics) -> dict[str, float]:
         section, name = ("eval", column.removeprefix("eval_")) if column in EVAL_FIELDS else ("train", column)
         if name == "step":
             continue  # the x axis
-        if name == "aux_loss":
-            scalars.update({f"{section}/{AUX_LOSS_KEY.format(i + 1)}": loss for i, loss in enumerate(value or [])})
+        if name in PER_BLOCK:
+            scalars.update({f"{section}/{PER_BLOCK[name].format(i + 1)}": v for i, v in enumerate(value or [])})
         elif name in TRAINER_NAMES or name not in FIELDS:  # the Trainer's own names; a recipe's columns
             scalars[f"{section}/{name}"] = value
         else:
