@@ -16,7 +16,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from lopt.answers import GSM_ANSWER_INSTRUCTION
+from lopt.answers import ANSWER_INSTRUCTIONS, GSM_ANSWER_INSTRUCTION
 from lopt.data import generated
 from lopt.data.collate import IGNORE_INDEX, build_prompt, collate, tokenize_sft
 from lopt.data.formats import SHAPES, detect_format, to_messages, to_reference_text
@@ -594,10 +594,19 @@ def test_generated_gsm_symbolic_is_the_same_under_either_select_samples():
 def test_preset_hub_ids():
     assert {n: p.hub_id for n, p in PRESETS.items()} == {
         "gsm-symbolic": None,
+        "aiw": None,
+        "chain-sum": None,
         "alpaca": "tatsu-lab/alpaca",
         "metamathqa": "meta-math/MetaMathQA",
         "tulu3": "allenai/tulu-3-sft-mixture",
     }
+
+
+def test_short_answer_presets_train_on_the_answer_alone_asked_as_their_task_asks():
+    # aiw's questions carry lopt's one-number instruction; chain-sum's own prompt already says how to answer
+    aiw, chain_sum = load_records(preset="aiw", max_samples=3, seed=1), load_records(preset="chain-sum", max_samples=3)
+    assert all(r["question"].endswith(ANSWER_INSTRUCTIONS["number"]) and r["answer"].isdigit() for r in aiw)
+    assert all(r["question"].endswith("=") and r["answer"].lstrip("-").isdigit() for r in chain_sum)
 
 
 def test_dataset_name_passes_config_and_split(fake_hub):
