@@ -19,7 +19,7 @@ commands:
   rm        a reward model on preference pairs on TRL's RewardTrainer, --method lopt or e2e
   eval      task accuracy, retention (perplexity vs the starting model) and lm-eval benchmarks of saved models
   report    tables and plots comparing runs, from their training_args.json, metrics.jsonl and eval.json
-  demo      the E2E-vs-LoPT study on the embedded SmolLM2-135M: train, evaluate, report
+  demo      the E2E / LoPT / LoRA study on the embedded SmolLM2-135M: train, evaluate, report
   bench     activation memory and step time of E2E vs LoPT (local and joint backward)
   watch     the live dashboard of runs from their folders (metrics.jsonl, completions.jsonl), side by side
   generate  completions of a model for prompts (flags or a file), one JSON object per prompt
