@@ -25,6 +25,7 @@ import torch
 from lopt.config import SFTConfig, validate
 from lopt.dashboard import Dashboard, tui_enabled
 from lopt.dashboard.state import StudyRun
+from lopt.data.presets import PRESETS
 from lopt.evaluation.cli import EvalOptions, evaluate_model, write_eval
 from lopt.models.registry import DEFAULT_MODEL
 from lopt.output import console
@@ -47,6 +48,8 @@ FULL_METHODS = {
     "kl-sft": {"method": "e2e", "kl_beta": 0.1},
     "lopt-k2-lora": {"method": "lopt", "num_blocks": 2, "use_peft": True, "learning_rate": 1e-3},
 }
+# The tasks the study can train on (an SFT preset of the same name) and score (held-out problems).
+STUDY_TASKS = tuple(task for task in EVALUABLE_TASKS if task in PRESETS)
 REFERENCE = "e2e"
 BASE = "base"  # the folder that holds the starting model's eval.json
 
@@ -57,8 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--model", default=DEFAULT_MODEL, help="starting model: alias, folder or hub id (default: %(default)s)"
     )
     parser.add_argument(
-        "--task", default="aiw", choices=EVALUABLE_TASKS, help="task to train and score (default: %(default)s)"
-    )
+        "--task", default="aiw", choices=STUDY_TASKS,
+        help="task to train and score: an evaluable task with training data of its own (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument(
         "--second_task", default="chain-sum", choices=EVALUABLE_TASKS,
         help="task no run trains on, scored for retention (default: %(default)s)",
