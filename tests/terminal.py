@@ -25,14 +25,17 @@ class Terminal:
     def type(self, *keys: str) -> None:
         subprocess.run([*self.server, "send-keys", "-t", self.name, *keys], check=True)
 
-    def wait_for(self, text: str, seconds: float = 10.0) -> str:
+    def wait_for(self, *texts: str, seconds: float = 10.0) -> str:
+        """The first captured screen that shows every one of `texts`: a screen captured while the program
+        is still drawing a frame holds only part of it, so waiting for one text and asserting the others races."""
         shown = ""
         for _ in range(int(seconds * 10)):
             shown = self.screen()
-            if text in shown:
+            if all(text in shown for text in texts):
                 return shown
             time.sleep(0.1)
-        raise AssertionError(f"{text!r} never appeared on the terminal:\n{shown}")
+        missing = [text for text in texts if text not in shown]
+        raise AssertionError(f"{missing!r} never appeared on the terminal:\n{shown}")
 
     def close(self) -> None:
         subprocess.run([*self.server, "kill-server"], capture_output=True)

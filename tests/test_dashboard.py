@@ -502,8 +502,7 @@ def test_watch_in_a_real_terminal_draws_the_panels_and_ctrl_c_gives_the_shell_ba
         terminal.type(
             f"{sys.executable} -m lopt.dashboard.watch {tmp_path / 'run'} --interval 0.2; echo watch-exit-$?", "Enter"
         )
-        shown = terminal.wait_for("task loss by step")
-        assert "layers 0-5 | 6-11" in shown and "40 / 100" in shown and "checkpoint saved" in shown
+        terminal.wait_for("task loss by step", "layers 0-5 | 6-11", "40 / 100", "checkpoint saved")
         terminal.type("C-c")
         shown = terminal.wait_for("watch-exit-0")
         assert "task loss by step" not in shown  # the full screen is gone: the shell's own screen is back
@@ -526,8 +525,7 @@ def test_sft_tui_in_a_real_terminal_draws_the_run_and_ctrl_c_saves_and_gives_the
     terminal = Terminal("sft")
     try:
         terminal.type(command, "Enter")
-        shown = terminal.wait_for("task loss by step", seconds=60)
-        assert "LoPT · k=2 · local backward" in shown and "layers 0-1 | 2-3" in shown and "no GPU" in shown
+        terminal.wait_for("task loss by step", "LoPT · k=2 · local backward", "layers 0-1 | 2-3", "no GPU", seconds=60)
         terminal.wait_for("recon loss · block 1", seconds=30)
         terminal.type("C-c")
         shown = terminal.wait_for("sft-exit-130", seconds=60)
