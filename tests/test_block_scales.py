@@ -30,6 +30,7 @@ from lopt.training.run import build_model
 from lopt.training.step import forward_backward
 from lopt.training.trackers import tracker_scalars
 from test_distributed import WORLD, _halves, _wrapped, spawn
+from test_dpo import dpo_flags
 from test_sft import RECORDS, sft_args
 from tiny_models import tiny_batch, tiny_model, tiny_model_dir
 
@@ -258,3 +259,23 @@ def test_fsdp_shards_give_the_blocks_norms_of_one_process(tmp_path, num_blocks):
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["norms"] == pytest.approx(norms, rel=1e-5) and got["clipped"] == pytest.approx(clipped, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("flags", "blocks", "said"),
+    [
+        (["--method", "e2e"], 1, None),
+        (["--num_blocks", "2", "--clip_per_block", "--max_grad_norm", "0.01"], 2, "each block clipped by its own"),
+    ],
+    ids=["e2e", "lopt-clip-per-block"],
+)
+def test_a_trl_run_logs_each_blocks_gradient_norm(sft_model, tmp_path, capsys, flags, blocks, said):
+    out = tmp_path / "dpo"
+    assert main(["dpo", *dpo_flags(sft_model, out, "--max_steps", "2", *flags)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(contract_errors(row, "dpo") == [] for row in rows)
+    for row in rows:  # the norms before clipping, as SFT logs them: their squares sum to grad_norm's
+        assert len(row["block_grad_norm"]) == blocks
+        assert math.hypot(*row["block_grad_norm"]) == pytest.approx(row["grad_norm"], rel=1e-5)
+    printed = capsys.readouterr()
+    assert said is None or said in printed.out + printed.err

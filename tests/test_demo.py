@@ -56,3 +56,36 @@ def test_second_task_must_differ_from_the_trained_task(capsys):
     with pytest.raises(SystemExit):
         demo.parse_args(["--task", "chain-sum", "--second_task", "chain-sum"])
     assert "--second_task must differ from --task" in capsys.readouterr().err
+
+
+def test_sweep_plans_each_knob_alone_at_each_k_and_trains_a_setting_the_study_has_once():
+    runs = {run["dir"]: run for run in demo.planned_runs(demo.parse_args(["--sweep", "--learning_rate", "2e-4"]))}
+    knobs = [name.split("=")[0] for name in demo.SWEEP_KNOBS]
+    # the study's lopt-k2 (lr_k1 a tenth of the learning rate) is the sweep's lr_k1 run at k=2: one run, its name
+    k2 = [f"lopt-k2-{knob}" if knob != "lr_k1" else "lopt-k2" for knob in knobs]
+    assert [name for name in runs if "lopt" in name] == [
+        "lopt-k2", "lopt-k2-paper", *(name for name in k2 if name != "lopt-k2"), "lopt-k4-paper",
+        *(f"lopt-k4-{knob}" for knob in knobs),
+    ]  # fmt: skip
+    assert runs["lopt-k2"]["fields"] == {"method": "lopt", "num_blocks": 2, "lr_k1": pytest.approx(2e-5)}
+    assert runs["lopt-k2"]["sweep"] == {"k": 2, "knob": "lr_k1=lr/10", "paper": "lopt-k2-paper"}
+    assert runs["lopt-k2-paper"]["fields"] == {"method": "lopt", "num_blocks": 2}
+    assert runs["lopt-k4-recon_normalized"]["fields"] == {
+        "method": "lopt",
+        "num_blocks": 4,
+        "aux_loss": "recon_normalized",
+    }
+    assert runs["lopt-k4-recon_normalized"]["sweep"] == {"k": 4, "knob": "recon_normalized", "paper": "lopt-k4-paper"}
+    assert "sweep" not in runs["e2e"] and "sweep" not in runs["lora"]
+    every = [run["dir"] for run in demo.planned_runs(demo.parse_args(["--sweep", "--full"]))]
+    assert "lopt-k4-lr_k1" not in every and every.count("lopt-k4") == 1  # --full's lopt-k4 is the sweep's lr_k1 run
+    for run in runs.values():  # every swept setting is a valid lopt sft configuration
+        if run.get("fields"):
+            demo.run_config(demo.parse_args([]), run["dir"], run["fields"], 42)
+
+
+def test_a_methods_lr_k1_is_a_fraction_of_its_own_learning_rate():
+    runs = {run["dir"]: run for run in demo.planned_runs(demo.parse_args(["--full", "--seeds", "1"]))}
+    assert runs["lopt-k2"]["fields"]["lr_k1"] == pytest.approx(1e-5)  # 1e-4 / 10
+    assert runs["lopt-k2-lora"]["fields"]["lr_k1"] == pytest.approx(1e-4)  # LoRA's 1e-3 / 10
+    assert "lr_k1" not in runs["e2e"]["fields"] and "lr_k1" not in runs["frozen-k2"]["fields"]

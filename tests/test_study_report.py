@@ -92,13 +92,9 @@ def study(tmp_path) -> Path:
     settings = {"steps": 5, "batch_size": 4, "max_seq_length": 128, "seeds": [42, 43], "eval_samples": N,
                 "second_samples": N, "retention_windows": 4, "retention_window": 1024,
                 "max_new_tokens": 32}  # fmt: skip
-    sweep = [
-        {"setting": "lr 1e-4 | k=2", "task_loss": 1.23456, "accuracy": 0.8},
-        {"setting": "lr 3e-4", "accuracy": 0.7},
-    ]
     (out / "study.json").write_text(json.dumps({
         "title": "study", "task": "aiw", "second_task": "chain-sum", "reference": "e2e", "settings": settings,
-        "runs": runs, "sweep": sweep,
+        "runs": runs,
     }))  # fmt: skip
     return out
 
@@ -118,15 +114,17 @@ def test_study_table_aggregates_seeds_and_tests_against_the_reference(study):
     # 16/20, p = 0.8, z^2 = 3.841459: center (0.8 + 0.0960365) / 1.1920729 = 0.7516649,
     # half 1.959964 * sqrt(0.008 + 0.0024009) / 1.1920729 = 0.1676824 -> [58.4, 91.9].
     # McNemar vs e2e seed 42: 6 problems only lopt-k2 got, none only e2e got: p = 2 * (1/2)^6 = 0.03125.
-    # Second task 9/20 = 45% vs the starting model's 10/20: -5.0 points.
+    # Second task 9/20 = 45% vs the starting model's 10/20: -5.0 points; 1 problem only the starting model got: p=1.
     assert cells["lopt-k2"][1:] == [
-        "42", "80.0% [58.4, 91.9] n=20", "+25.0 pts, p=0.031", "45.0% [25.8, 65.8] n=20", "-5.0 pts", "+2.0%",
+        "42", "80.0% [58.4, 91.9] n=20", "+25.0 pts, p=0.031", "45.0% [25.8, 65.8] n=20", "-5.0 pts, p=1", "+2.0%",
         "0.0200", "-", "120", "10.0", "900",
     ]  # fmt: skip
     # Two seeds: 10/20 and 12/20 -> mean 55.0%, std sqrt(2 * 0.05^2 / 1) = 7.1 points; pooled 22/40 -> [39.8, 69.3].
-    # Second task 6/20 and 8/20 vs 10/20: -20 and -10 points -> -15.0 ± 7.1. Perplexity +10% and +12%: +11.0 ± 1.4.
+    # Second task 6/20 and 8/20 vs 10/20: -20 and -10 points -> -15.0 ± 7.1; McNemar on seed 42: 4 problems only the
+    # starting model got, p = 2 * (1/2)^4 = 0.125. Perplexity +10% and +12%: +11.0 ± 1.4.
     assert cells["e2e"][1:] == [
-        "42, 43", "55.0% ± 7.1 [39.8, 69.3] n=2×20", "-", "35.0% ± 7.1 [22.1, 50.5] n=2×20", "-15.0 pts ± 7.1 pts",
+        "42, 43", "55.0% ± 7.1 [39.8, 69.3] n=2×20", "-", "35.0% ± 7.1 [22.1, 50.5] n=2×20",
+        "-15.0 pts ± 7.1 pts, p=0.12",
         "+11.0% ± 1.4%", "0.0600 ± 0.0141", "3,005", "120 ± 0", "40.0 ± 0.0", "900 ± 0",
     ]  # fmt: skip
     # kl-sft vs e2e seed 42: 4 problems only kl-sft got, 2 only e2e got: p = 2 * (1 + 6 + 15) / 64 = 0.6875.
@@ -159,12 +157,51 @@ def test_study_report_writes_plots_html_conclusions_and_sweep(study):
     assert "vs kl-sft (60.0%): +20.0 points, not significant (p=0.12)" in text  # 4 vs 0 discordant: 2/16
     # the demo prints the table as report.md's third block
     assert text.split("\n\n", 2)[-1].split("\n\n")[0].startswith("| method | seeds |")
-    # the sweep's cells cannot break its table
-    assert "| lr 1e-4 \\| k=2 | 1.235 | 0.8 |" in text and "| lr 3e-4 | - | 0.7 |" in text
-    assert "k=2 \\| local losses" in text
+    assert "k=2 \\| local losses" in text  # a note's | cannot break the setup's Markdown
     page = (study / "report.html").read_text()
     assert "`" not in page and "<table>" in page and '<img alt="' in page and 'src="layers.png"' in page
-    assert "<td>lr 1e-4 | k=2</td>" in page
+
+
+def test_second_task_changes_are_tested_against_the_starting_model(study):
+    text = (write_study_report(study), (study / "report.md").read_text())[1]
+    # e2e seed 42 6/20 vs 10/20 (p=0.125), lopt-k2 9/20 (p=1), kl-sft 10/20 (no discordant problem: p=1)
+    assert (
+        "- The change in chain-sum accuracy vs the starting model is significant for no method; not significant for "
+        "e2e (p=0.12), lopt-k2 (p=1) and kl-sft (p=1) (exact McNemar on the same problems, first seed)."
+    ) in text
+
+
+def test_sweep_section_compares_each_knob_with_the_papers_setting_at_its_k(study):
+    write_run(study, "lopt-k2-lambda_aux", evaluation([True] * 18 + [False] * 2, 10, 0.03, kl=0.03),
+              {"method": "lopt", "num_blocks": 2, "lambda_aux": 1.0}, blocks=1)  # fmt: skip
+    write_run(study, "lopt-k4-paper", evaluation(E2E_42, 4, 0.2, kl=0.1), {"method": "lopt", "num_blocks": 4},
+              blocks=3)  # fmt: skip
+    spec = json.loads((study / "study.json").read_text())
+    for entry in spec["runs"]:
+        if entry["name"] == "lopt-k2":
+            entry["sweep"] = {"k": 2, "knob": "paper", "paper": "lopt-k2"}
+    spec["runs"] += [
+        {"name": "lopt-k2-lambda_aux", "method": "lopt-k2-lambda_aux", "seed": 42, "dir": "lopt-k2-lambda_aux",
+         "sweep": {"k": 2, "knob": "lambda_aux=1", "paper": "lopt-k2"}},
+        {"name": "lopt-k4-paper", "method": "lopt-k4-paper", "seed": 42, "dir": "lopt-k4-paper",
+         "sweep": {"k": 4, "knob": "paper", "paper": "lopt-k4-paper"}},
+    ]  # fmt: skip
+    (study / "study.json").write_text(json.dumps(spec))
+    write_study_report(study)
+    sweep = (study / "report.md").read_text().split("## LoPT's knobs (--sweep)")[1]
+    rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in sweep.splitlines() if line.startswith("| ")]
+    assert rows[0][:5] == ["k", "knob", "method", "task accuracy", "Δ vs paper's setting (McNemar)"]
+    assert [row[:3] for row in rows[1:]] == [
+        ["2", "paper", "lopt-k2"], ["2", "lambda_aux=1", "lopt-k2-lambda_aux"], ["4", "paper", "lopt-k4-paper"]
+    ]  # fmt: skip
+    # 18/20 vs the paper setting's 16/20: 2 problems only the variant got, p = 2 * (1/2)^2 = 0.5
+    assert rows[2][3:] == ["90.0% [69.9, 97.2] n=20", "+10.0 pts, p=0.5", "+0.0 pts", "+3.0%", "0.0300"]
+    assert rows[1][4] == "-"
+    assert (
+        "- k=2: best task accuracy lopt-k2-lambda_aux (lambda_aux=1) with 90.0%, +10.0 points over the paper's "
+        "setting (80.0%): not significant (p=0.5)."
+    ) in sweep
+    assert "- k=4: no knob beats the paper's setting (lopt-k4-paper, 50.0%)." in sweep
 
 
 def test_study_report_needs_its_study_json(tmp_path):

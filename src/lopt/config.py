@@ -74,6 +74,13 @@ class RunConfig:
     lr_k1: float | None = _opt(
         None, "LoPT: learning rate of embeddings, early blocks and heads (default: --learning_rate)"
     )
+    clip_per_block: bool = _opt(
+        False,
+        "LoPT: --max_grad_norm clips each block's gradients (embeddings with block 1, each head with its block, final "
+        "norm and LM head with the final block) by that block's own norm instead of all by the global norm, so one "
+        "block's large local gradient cannot shrink the final block's task gradient (`lopt sft --block_step` "
+        "always does)",
+    )
     backward: str = _opt(
         "local",
         "LoPT: local (block by block, frees activations) or joint (one backward, as the reference)",
@@ -232,12 +239,6 @@ class SFTConfig(RunConfig):
         "LoPT: step each block's parameters right after that block's backward and free its gradients, so at most "
         "one block's gradients are alive (needs --backward local, --gradient_accumulation_steps 1); --max_grad_norm "
         "then clips each block by its own gradient norm, not by the global norm (as --clip_per_block)",
-    )
-    clip_per_block: bool = _opt(
-        False,
-        "LoPT: --max_grad_norm clips each block's gradients (embeddings with block 1, each head with its block, final "
-        "norm and LM head with the final block) by that block's own norm instead of all by the global norm, so one "
-        "block's large local gradient cannot shrink the final block's task gradient (--block_step always does)",
     )
     packing: bool = _opt(
         False,

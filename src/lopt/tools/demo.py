@@ -9,7 +9,9 @@ each method changed it (per-layer CKA and weight change). It writes study.json, 
 
 The default task is aiw ("Alice has 3 sisters and 2 brothers. How many sisters does her brother have?"): one-number
 answers, so that generation is cheap; the starting model answers few of them, E2E SFT learns them within minutes
-on a CPU. The default methods fit `make demo` in about 15 minutes on a 2-core CPU; --full adds the rest.
+on a CPU. The default methods fit `make demo` in about 15 minutes on a 2-core CPU; --full adds the rest. --sweep
+adds LoPT with each of its own knobs changed alone from the paper's setting, at k=2 and k=4, so that the study can
+say which setting LoPT does best with (the report's "LoPT's knobs" section).
 """
 
 from __future__ import annotations
@@ -34,20 +36,36 @@ from lopt.tasks import EVALUABLE_TASKS
 from lopt.tools.study_report import markdown_table, write_study_report
 from lopt.training.memory import reset_device_peak
 
+# A method's lr_k1 as a fraction of its own learning rate; not an SFTConfig field (config_fields makes it lr_k1).
+LR_K1_FRACTION = "lr_k1_fraction"
+# LoPT's setting in the study: the best of `lopt demo --full --sweep` on aiw (README, "The demo"): lr_k1 a tenth of
+# the learning rate won at k=2 (86.0% vs the paper's setting's 63.0%, McNemar p<0.001, and the least KL to the
+# starting model) and was best at k=4 (20.0% vs 18.5%, not significant); lambda_aux 1 came second at k=2,
+# recon_normalized and clip_per_block did not help. The paper's objective (recon, lambda_aux 10) stays.
+LOPT_SETTING = {LR_K1_FRACTION: 0.1}
 # name -> the SFTConfig fields that make the method; everything else is shared by all runs. LoRA trains at a higher
 # learning rate, as usual practice has it (its update starts at zero and is scaled by alpha / r).
 METHODS = {
     "e2e": {"method": "e2e"},
-    "lopt-k2": {"method": "lopt", "num_blocks": 2},
+    "lopt-k2": {"method": "lopt", "num_blocks": 2, **LOPT_SETTING},
     "lora": {"method": "e2e", "use_peft": True, "learning_rate": 1e-3},
 }
 # --full adds these, in the order they leave the default study when the budget is short (the issue's order reversed).
 FULL_METHODS = {
     "frozen-k2": {"method": "lopt", "num_blocks": 2, "early_blocks": "frozen"},
-    "lopt-k4": {"method": "lopt", "num_blocks": 4},
+    "lopt-k4": {"method": "lopt", "num_blocks": 4, **LOPT_SETTING},
     "kl-sft": {"method": "e2e", "kl_beta": 0.1},
-    "lopt-k2-lora": {"method": "lopt", "num_blocks": 2, "use_peft": True, "learning_rate": 1e-3},
+    "lopt-k2-lora": {"method": "lopt", "num_blocks": 2, "use_peft": True, "learning_rate": 1e-3, **LOPT_SETTING},
 }
+# --sweep: each of LoPT's own knobs changed alone from the paper's setting (the config's defaults: aux_loss recon,
+# lambda_aux 10, lr_k1 = learning rate, global gradient clipping), at k=2 and at k=4. knob -> the fields it changes.
+SWEEP_KNOBS = {
+    "lambda_aux=1": {"lambda_aux": 1.0},
+    "lr_k1=lr/10": {LR_K1_FRACTION: 0.1},
+    "recon_normalized": {"aux_loss": "recon_normalized"},
+    "clip_per_block": {"clip_per_block": True},
+}
+SWEEP_BLOCKS = (2, 4)
 # The tasks the study can train on (an SFT preset of the same name) and score (held-out problems).
 STUDY_TASKS = tuple(task for task in EVALUABLE_TASKS if task in PRESETS)
 REFERENCE = "e2e"
@@ -87,6 +105,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--full", action="store_true",
         help=f"also train {', '.join(FULL_METHODS)}, and 2 seeds each (hours on a CPU; minutes on a GPU)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sweep", action="store_true",
+        help=f"also train LoPT at k={' and k='.join(map(str, SWEEP_BLOCKS))} with each of its knobs changed alone "
+        f"from the paper's setting ({', '.join(SWEEP_KNOBS)}); the report compares each with the paper's setting",
     )  # fmt: skip
     parser.add_argument("--bf16", action="store_true", help="bfloat16 weights (GPU)")
     parser.add_argument(
@@ -133,17 +156,58 @@ def run_config(args: argparse.Namespace, folder: str, method: dict, seed: int) -
     return config
 
 
+def config_fields(method: dict, learning_rate: float) -> dict:
+    """A method's SFTConfig fields: its lr_k1 fraction, if it has one, made a rate of its own learning rate."""
+    fields = {name: value for name, value in method.items() if name != LR_K1_FRACTION}
+    if LR_K1_FRACTION in method:
+        fields["lr_k1"] = method[LR_K1_FRACTION] * method.get("learning_rate", learning_rate)
+    return fields
+
+
+def sweep_methods(learning_rate: float) -> dict[str, tuple[dict, dict]]:
+    """--sweep's runs: name -> (SFTConfig fields, what the report needs: k and the knob). The paper's setting is the
+    config's defaults, so it is `{"method": "lopt", "num_blocks": k}`."""
+    runs = {}
+    for blocks in SWEEP_BLOCKS:
+        paper = {"method": "lopt", "num_blocks": blocks}
+        runs[f"lopt-k{blocks}-paper"] = (paper, {"k": blocks, "knob": "paper"})
+        for knob, change in SWEEP_KNOBS.items():
+            fields = config_fields({**paper, **change}, learning_rate)
+            runs[f"lopt-k{blocks}-{knob.split('=')[0]}"] = (fields, {"k": blocks, "knob": knob})
+    return runs
+
+
+def _methods(args: argparse.Namespace) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The study's methods (name -> SFTConfig fields) and, with --sweep, each swept method's sweep entry. A sweep run
+    whose fields are those of a study method already planned is that method: trained once, under its own name."""
+    chosen = {**METHODS, **(FULL_METHODS if args.full else {})}
+    methods = {name: config_fields(method, args.learning_rate) for name, method in chosen.items()}
+    sweep: dict[str, dict] = {}
+    if args.sweep:
+        renamed = {}
+        for name, (fields, entry) in sweep_methods(args.learning_rate).items():
+            same = next((known for known, known_fields in methods.items() if known_fields == fields), None)
+            renamed[name] = same or name
+            methods.setdefault(renamed[name], fields)
+            sweep[renamed[name]] = entry
+        for entry in sweep.values():
+            entry["paper"] = renamed[f"lopt-k{entry['k']}-paper"]
+    return methods, sweep
+
+
 def planned_runs(args: argparse.Namespace) -> list[dict]:
-    """study.json's runs: the starting model, then each method once per seed (folder `name`, then `name-seed<S>`)."""
-    methods = {**METHODS, **(FULL_METHODS if args.full else {})}
+    """study.json's runs: the starting model, then each method once per seed (folder `name`, then `name-seed<S>`);
+    a swept method's runs carry their sweep entry (k, knob, the paper-setting method it is compared with)."""
+    methods, sweep = _methods(args)
     runs = [{"name": BASE, "method": BASE, "seed": None, "dir": BASE}]
     for index in range(args.seeds):
         seed = args.seed + index
         for name, method in methods.items():
             folder = name if index == 0 else f"{name}-seed{seed}"
             learning_rate = method.get("learning_rate", args.learning_rate)
-            runs.append({"name": name, "method": name, "seed": seed, "dir": folder, "learning_rate": learning_rate,
-                         "fields": method})  # fmt: skip
+            run = {"name": name, "method": name, "seed": seed, "dir": folder, "learning_rate": learning_rate,
+                   "fields": method}  # fmt: skip
+            runs.append({**run, "sweep": sweep[name]} if name in sweep else run)
     return runs
 
 
@@ -196,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         "learning_rate": args.learning_rate, "seeds": [args.seed + i for i in range(args.seeds)],
         "eval_samples": args.eval_samples, "second_samples": args.second_samples,
         "retention_windows": args.retention_windows, "retention_window": options.retention_window,
-        "max_new_tokens": args.max_new_tokens, "bf16": args.bf16,
+        "max_new_tokens": args.max_new_tokens, "bf16": args.bf16, "sweep": args.sweep,
     }  # fmt: skip
     title = (
         f"lopt demo: {args.model} on {args.task}, {args.steps} steps x {args.batch_size} sequences, "

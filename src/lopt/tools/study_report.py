@@ -83,7 +83,9 @@ class MethodRow:
     per_problem: list[bool] | None = None  # the first seed's correctness, problem by problem: for paired tests
     p_vs_reference: float | None = None  # exact McNemar on the first seeds' per-problem results
     second_accuracy: Accuracy | None = None
+    second_per_problem: list[bool] | None = None  # the first seed's second-task correctness
     second_change: Measure | None = None  # second-task accuracy minus the starting model's, in points
+    second_p_vs_base: float | None = None  # exact McNemar of that change, on the first seed
     perplexity_change: Measure | None = None  # relative, +0.05: 5% worse than the starting model
     kl_to_base: Measure | None = None
     trainable_parameters: int | None = None
@@ -143,6 +145,7 @@ def _row(name: str, group: Group) -> MethodRow:
         accuracy=_accuracy(evaluations),
         per_problem=first.get("per_problem"),
         second_accuracy=_accuracy([e.get("second_task") for e in evaluations]),
+        second_per_problem=(first.get("second_task") or {}).get("per_problem"),
         perplexity_change=_measure([e.get("retention_change") for e in evaluations]),
         kl_to_base=_measure([e.get("kl_to_base") for e in evaluations]),
         trainable_parameters=group[0][1].trained_parameters,
@@ -176,6 +179,8 @@ def method_rows(study: dict, groups: dict[str, Group]) -> list[MethodRow]:
             row.second_change = Measure(
                 [100 * (v - base.second_accuracy.mean) for v in row.second_accuracy.measure.values]
             )
+            if not row.is_base:
+                row.second_p_vs_base = _paired_p(row.second_per_problem, base.second_per_problem)
     return rows
 
 
@@ -219,12 +224,17 @@ def _delta_cell(row: MethodRow, reference: MethodRow | None) -> str:
     return delta + (f", {p_text(row.p_vs_reference)}" if row.p_vs_reference is not None else ", no paired test")
 
 
+def _second_change_cell(row: MethodRow) -> str:
+    text = _with_spread(row.second_change, "+.1f", unit=" pts")
+    return text + (f", {p_text(row.second_p_vs_base)}" if row.second_p_vs_base is not None else "")
+
+
 def table_header(study: dict, rows: list[MethodRow]) -> list[str]:
     reference = next((r.name for r in rows if r.is_reference), "reference")
     second = study.get("second_task") or "second task"
     return [
         "method", "seeds", f"task accuracy ({study.get('task', 'task')})", f"Δ vs {reference} (McNemar)",
-        f"{second} accuracy", f"{second} Δ vs base", "perplexity change vs start", "KL to start",
+        f"{second} accuracy", f"{second} Δ vs base (McNemar)", "perplexity change vs start", "KL to start",
         "trainable params", "tokens/s", "peak activation MiB", "peak memory MiB",
     ]  # fmt: skip
 
@@ -239,7 +249,7 @@ def table_rows(rows: list[MethodRow]) -> list[list[str]]:
             accuracy_text(row.accuracy),
             _delta_cell(row, reference),
             accuracy_text(row.second_accuracy),
-            _with_spread(row.second_change, "+.1f", unit=" pts"),
+            _second_change_cell(row),
             _with_spread(row.perplexity_change, "+.1f", 100, "%"),
             _with_spread(row.kl_to_base, ".4f"),
             "-" if row.trainable_parameters is None else f"{row.trainable_parameters:,}",
@@ -341,6 +351,19 @@ def _accuracy_conclusions(rows: list[MethodRow]) -> list[str]:
     return lines
 
 
+def _second_significance(rows: list[MethodRow], second: str) -> list[str]:
+    """Which methods' change in second-task accuracy the problems support (McNemar against the starting model)."""
+    tested = [r for r in rows if r.second_p_vs_base is not None]
+    if not tested:
+        return []
+    significant = [f"{r.name} ({p_text(r.second_p_vs_base)})" for r in tested if r.second_p_vs_base < SIGNIFICANCE]
+    not_significant = [f"{r.name} ({p_text(r.second_p_vs_base)})" for r in tested if r.second_p_vs_base >= SIGNIFICANCE]
+    text = f"The change in {second} accuracy vs the starting model is "
+    text += f"significant for {_names(significant)}" if significant else "significant for no method"
+    text += f"; not significant for {_names(not_significant)}" if not_significant else ""
+    return [text + " (exact McNemar on the same problems, first seed)."]
+
+
 def conclusions(rows: list[MethodRow]) -> list[str]:
     """What the numbers say, one sentence each: the best task accuracy and whether its lead over each other method
     is significant, which trained method retains best on each retention measure, which uses least memory."""
@@ -361,6 +384,7 @@ def conclusions(rows: list[MethodRow]) -> list[str]:
             f"Keeps the {second} accuracy best (change vs the starting model; higher kept more)",
             retaining, lambda r: r.second_change and r.second_change.mean, False, lambda v: f"{v:+.1f} points",
         ),
+        *_second_significance(retaining, second),
         _ranking(
             "Keeps general-text perplexity best (change vs the starting model; lower kept more)",
             retaining, lambda r: r.perplexity_change and r.perplexity_change.mean, True, lambda v: f"{v:+.1%}",
@@ -390,11 +414,24 @@ def _errors(accuracy: Accuracy, scale: float = 100.0) -> list[list[float]]:
     return [[max(0.0, (accuracy.mean - low) * scale)], [max(0.0, (high - accuracy.mean) * scale)]]
 
 
+NAMED_POINTS = 6  # up to this many methods a scatter names each point; more would overlap: the legend names them
+
+
+def _method_legend(fig, names: list[str], colours: dict[str, str]) -> None:
+    """One legend for the whole figure, outside the plots on the right: a method's colour is the same in every
+    panel, and a legend inside would hide lines once a study has more than a few methods."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colours[name], marker="o", label=name) for name in names]
+    fig.legend(handles=handles, loc="outside right upper", fontsize="small")
+
+
 def _scatter(ax, points: list[tuple[MethodRow, float, list[list[float]] | None]], colours: dict[str, str]) -> None:
     for row, x, xerr in points:
         y = 100 * row.accuracy.mean
         ax.errorbar(x, y, xerr=xerr, yerr=_errors(row.accuracy), fmt="o", capsize=3, color=colours[row.name])
-        ax.annotate(row.name, (x, y), textcoords="offset points", xytext=(5, 5))
+        if len(points) <= NAMED_POINTS:
+            ax.annotate(row.name, (x, y), textcoords="offset points", xytext=(5, 5))
     ax.axvline(0, color="grey", linewidth=0.8)
 
 
@@ -422,10 +459,12 @@ def _retention_plot(plt, rows: list[MethodRow], study: dict, colours: dict[str, 
     ]  # fmt: skip
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.4), squeeze=False, layout="constrained")
     for ax, (points, xlabel, title, _) in zip(axes[0], panels, strict=True):
         _scatter(ax, points, colours)
         ax.set(xlabel=xlabel, ylabel="task accuracy (%)", title=title)
+    if max(len(points) for points, *_ in panels) > NAMED_POINTS:
+        _method_legend(fig, [r.name for r in scored], colours)
     left_out = [r.name for r in rows if r.differences]
     caption = (
         f"Task accuracy against {' and against '.join(c for *_, c in panels)}, one point per method; error bars: 95% "
@@ -444,7 +483,7 @@ def _layer_plot(plt, rows: list[MethodRow], groups: dict[str, Group], colours: d
     ]
     if not any(cka or change for _, cka, change in layered):
         return None
-    fig, (cka_ax, change_ax) = plt.subplots(1, 2, figsize=(12.8, 4.2))
+    fig, (cka_ax, change_ax) = plt.subplots(1, 2, figsize=(12.8, 4.2), layout="constrained")
     for name, cka, change in layered:
         for ax, values in ((cka_ax, cka), (change_ax, change)):
             if values:
@@ -455,40 +494,48 @@ def _layer_plot(plt, rows: list[MethodRow], groups: dict[str, Group], colours: d
     change_ax.set(xlabel="decoder layer", ylabel="relative weight change", title="Weights (‖ΔW‖ / ‖W‖)")
     for ax in (cka_ax, change_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if ax.lines:
-            ax.legend(fontsize="small")
+    _method_legend(fig, [name for name, cka, change in layered if cka or change], colours)
     return fig, "Where each method changed the model, decoder layer by layer (mean over seeds)."
 
 
+BLOCK_STYLES = ("-", "--", ":", "-.")
+
+
 def _loss_plot(plt, groups: dict[str, Group], colours: dict[str, str]):
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     trained = [(name, entry, run) for name, group in groups.items() for entry, run in group if run.series("task_loss")]
     if not trained:
         return None
     local = [(name, entry, run) for name, entry, run in trained if any(v for _, v in run.series("aux_loss"))]
-    fig, axes = plt.subplots(1, 1 + bool(local), figsize=(6.4 * (1 + bool(local)), 4.2), squeeze=False)
+    panels = 1 + bool(local)
+    fig, axes = plt.subplots(1, panels, figsize=(6.4 * panels, 4.2), squeeze=False, layout="constrained")
     ax = axes[0][0]
-    labelled = set()
-    for name, _, run in trained:  # seeds in their method's colour, the method named once
-        curve(ax, run.series("task_loss"), marker=".", color=colours[name],
-              label=name if name not in labelled else "_nolegend_")  # fmt: skip
-        labelled.add(name)
+    for name, _, run in trained:  # seeds in their method's colour
+        curve(ax, run.series("task_loss"), marker=".", color=colours[name])
     ax.set(xlabel="step", ylabel="task loss", title="Task loss")
     if local:
         ax = axes[0][1]
-        for name, entry, run in local:
+        for name, _, run in local:
             points = run.series("aux_loss")
             for block in range(max(len(v) for _, v in points)):
                 # a block's value may be null in a row; the log axis also needs it positive
                 kept = [(s, v[block]) for s, v in points if len(v) > block and v[block] and v[block] > 0]
                 if kept:
-                    curve(ax, kept, marker=".", color=colours[name], linestyle=("-", "--", ":", "-.")[block % 4],
-                          label=f"{name} seed {entry.get('seed')} block {block + 1}")  # fmt: skip
+                    curve(ax, kept, marker=".", color=colours[name], linestyle=BLOCK_STYLES[block % len(BLOCK_STYLES)])
         ax.set(xlabel="step", ylabel="local reconstruction loss", title="Local loss per LoPT block", yscale="log")
+        blocks = max(len(v) for _, _, run in local for _, v in run.series("aux_loss"))
+        ax.legend(  # the line style tells the block; the figure's legend, the method
+            handles=[
+                Line2D([], [], color="grey", linestyle=BLOCK_STYLES[b % len(BLOCK_STYLES)], label=f"block {b + 1}")
+                for b in range(blocks)
+            ],
+            fontsize="small",
+        )
     for ax in axes[0]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize="small")
+    _method_legend(fig, list(dict.fromkeys(name for name, _, _ in trained)), colours)
     counts = ", ".join(f"{run.name} {len(run.series('task_loss'))}" for _, _, run in trained)
     caption = f"Every logged step of each run's task loss (logged points: {counts})" + (
         "; each LoPT block's local loss, log scale." if local else "."
@@ -503,7 +550,9 @@ def make_plots(rows: list[MethodRow], groups: dict[str, Group], study: dict, out
     matplotlib.use("Agg")  # files only: no display needed (servers, CI)
     import matplotlib.pyplot as plt
 
-    colours = {row.name: f"C{i % 10}" for i, row in enumerate(rows)}  # a method has one colour in every plot
+    # a method has one colour in every plot; past ten methods, twenty colours (tab20) before any repeats
+    palette = matplotlib.colormaps["tab10" if len(rows) <= 10 else "tab20"]
+    colours = {row.name: palette(i % palette.N) for i, row in enumerate(rows)}
     plots = []
     for name, made in (
         ("accuracy_retention.png", _retention_plot(plt, rows, study, colours)),
@@ -511,8 +560,7 @@ def make_plots(rows: list[MethodRow], groups: dict[str, Group], study: dict, out
         ("training_loss.png", _loss_plot(plt, groups, colours)),
     ):
         if made is not None:
-            fig, caption = made
-            fig.tight_layout()
+            fig, caption = made  # laid out by matplotlib's constrained layout, the legend outside the plots
             fig.savefig(out / name, dpi=110)
             plt.close(fig)
             plots.append((name, caption))
@@ -568,15 +616,48 @@ def _setup(study: dict, groups: dict[str, Group]) -> list[str]:
     return lines
 
 
-def _sweep(sweep: list[dict]) -> list[str]:
-    header = list(dict.fromkeys(key for item in sweep for key in item))
-
-    def cell(value) -> str:
-        if value is None:
-            return "-"
-        return format(value, ".4g") if isinstance(value, float) else str(value)
-
-    return md_table(header, [[cell(item.get(key)) for key in header] for item in sweep])
+def _sweep(study: dict, rows: list[MethodRow]) -> list[str]:
+    """`lopt demo --sweep`'s section: each LoPT knob changed alone, against the paper's setting at the same k (paired
+    McNemar on the first seed), then the best setting at each k."""
+    entries = {entry["name"]: entry["sweep"] for entry in study["runs"] if entry.get("sweep")}
+    by_name = {row.name: row for row in rows}
+    second = study.get("second_task") or "second task"
+    header = ["k", "knob", "method", "task accuracy", "Δ vs paper's setting (McNemar)", f"{second} Δ vs base",
+              "perplexity change", "KL to start"]  # fmt: skip
+    cells, best_lines = [], []
+    for blocks in sorted({entry["k"] for entry in entries.values()}):
+        swept = [(name, entry) for name, entry in entries.items() if entry["k"] == blocks and name in by_name]
+        paper = by_name.get(next((entry["paper"] for _, entry in swept), ""))
+        for name, entry in swept:
+            row = by_name[name]
+            delta = "-"
+            if row is not paper and paper is not None and row.accuracy and paper.accuracy:
+                p = _paired_p(row.per_problem, paper.per_problem)
+                delta = f"{100 * (row.accuracy.mean - paper.accuracy.mean):+.1f} pts"
+                delta += f", {p_text(p)}" if p is not None else ", no paired test"
+            cells.append([
+                str(blocks), entry["knob"], name, accuracy_text(row.accuracy), delta,
+                _with_spread(row.second_change, "+.1f", unit=" pts"),
+                _with_spread(row.perplexity_change, "+.1f", 100, "%"), _with_spread(row.kl_to_base, ".4f"),
+            ])  # fmt: skip
+        scored = [by_name[name] for name, _ in swept if by_name[name].accuracy]
+        if scored and paper is not None and paper.accuracy:
+            best = max(scored, key=lambda r: r.accuracy.mean)
+            if best is paper or best.accuracy.mean == paper.accuracy.mean:
+                best_lines.append(
+                    f"k={blocks}: no knob beats the paper's setting ({paper.name}, {paper.accuracy.mean:.1%})."
+                )
+            else:
+                p = _paired_p(best.per_problem, paper.per_problem)
+                verdict = "no paired test" if p is None else (
+                    f"significant (McNemar {p_text(p)})" if p < SIGNIFICANCE else f"not significant ({p_text(p)})"
+                )  # fmt: skip
+                best_lines.append(
+                    f"k={blocks}: best task accuracy {best.name} ({entries[best.name]['knob']}) with "
+                    f"{best.accuracy.mean:.1%}, {100 * (best.accuracy.mean - paper.accuracy.mean):+.1f} points over "
+                    f"the paper's setting ({paper.accuracy.mean:.1%}): {verdict}."
+                )
+    return [*md_table(header, cells), "", *(f"- {md_text(line)}" for line in best_lines)]
 
 
 def study_markdown(study: dict, groups: dict[str, Group], rows: list[MethodRow], plots: list[tuple[str, str]]) -> str:
@@ -592,8 +673,8 @@ def study_markdown(study: dict, groups: dict[str, Group], rows: list[MethodRow],
         for name, caption in plots:
             lines += ["", f"![{md_text(caption)}]({name})", "", f"*{md_text(caption)}*"]
     lines += ["", "## Setup", "", *_setup(study, groups)]
-    if study.get("sweep"):
-        lines += ["", "## Sweep", "", *_sweep(study["sweep"])]
+    if any(entry.get("sweep") for entry in study["runs"]):
+        lines += ["", "## LoPT's knobs (--sweep)", "", *_sweep(study, rows)]
     return "\n".join(lines) + "\n"
 
 

@@ -32,7 +32,7 @@ FIELDS: dict[str, str] = {
     "block_grad_norm": "each block's gradient L2 norm before clipping, one per block, block 1 first: block 1's "
     "includes the embeddings, each non-final block's its reconstruction head, the final block's the final norm and "
     "LM head; their squares sum to grad_norm's square (E2E: one entry, grad_norm; null where the trainer did not "
-    "report them: DeepSpeed, the TRL recipes)",
+    "report them: lopt sft under DeepSpeed, GRPO/DPO/reward models with --max_grad_norm 0)",
     "tokens_per_s": "input tokens per second since the previous logged step, all processes",
     "peak_mem_bytes": "peak device memory so far: CUDA max allocated, or the process's peak RSS on CPU",
     "activation_peak_bytes": "peak bytes saved for backward during the logged steps (deterministic)",

@@ -12,8 +12,10 @@ changes a TRL trainer at the narrowest hooks only, and never TRL's loss code:
   as TRL's loss is for gradient accumulation. Reference-model, old-log-prob and generation passes
   run without gradients, where the boundary hooks do nothing.
 - `create_optimizer` uses lopt's `build_optimizer` (the `--lr_k1` groups, heads included).
-- `_clip_grad_norm` clips over the model and the heads together, as the SFT loop does; after the
-  optimizer step a callback zeroes the heads' gradients, as the Trainer does the model's.
+- `_clip_grad_norm` clips over the model and the heads together, as the SFT loop does (LoPT:
+  `training/optim.clip_gradients` over the blocks, by the global norm or, with --clip_per_block, each
+  block by its own), and keeps each block's norm for `block_grad_norm`; after the optimizer step a
+  callback zeroes the heads' gradients, as the Trainer does the model's.
 - `training_step` counts the bytes saved for backward (`SavedTensorMeter`) for `metrics.jsonl`.
   With several processes (torchrun / accelerate launch) and LoPT, it runs TRL's step under
   `accelerator.no_sync`, so DistributedDataParallel never all-reduces, and at the end of each
@@ -41,7 +43,6 @@ changes a TRL trainer at the narrowest hooks only, and never TRL's loss code:
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import math
@@ -77,12 +78,13 @@ from lopt.training.checkpoint import (
 )
 from lopt.training.memory import SavedTensorMeter, device_peak_bytes
 from lopt.training.metrics import RECIPE_EVAL_COLUMNS, StepMetrics
-from lopt.training.optim import build_optimizer
+from lopt.training.optim import build_optimizer, clip_gradients
 from lopt.training.run import adapter_summary, prepare_output_dir, validation_summary
 from lopt.training.signals import StopRequest
 from lopt.training.step import stop_unless_finite
 from lopt.training.trackers import (
     AUX_LOSS_KEY,
+    BLOCK_GRAD_NORM_KEY,
     CONFIG_TEXT,
     TRACKERS,
     config_text,
@@ -179,12 +181,15 @@ class LoptTrainerMixin:
         lopt: LocalLearningLM,
         backward: str = "local",
         lr_k1: float | None = None,
+        clip_per_block: bool = False,
         save_total_limit: int | None = None,
         **kwargs,
     ):
         self.lopt = lopt
         self.lopt_backward = backward
         self.lopt_lr_k1 = lr_k1
+        self.lopt_clip_per_block = clip_per_block
+        self.block_grad_norms: list[float] | None = None  # the last optimizer step's, block 1 first
         self.lopt_save_total_limit = save_total_limit
         self.saved_meter = SavedTensorMeter(lopt.parameters())
         self.last_task_loss = float("nan")  # the latest micro-batch's, for listeners' on_step_end
@@ -215,6 +220,8 @@ class LoptTrainerMixin:
         if self.model.training and pending.get(TASK_LOSS_KEY):
             tokens = pending.get("num_tokens")  # TRL's running count of input tokens, all processes
             logs = {**logs, **self.lopt_clock.window(tokens[-1] if tokens else None, self.args.device)}
+            for i, norm in enumerate(self.block_grad_norms or []):  # as grad_norm: the window's last step's
+                logs[BLOCK_GRAD_NORM_KEY.format(i + 1)] = norm
         super().log(logs, start_time)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -284,9 +291,17 @@ class LoptTrainerMixin:
         return self.optimizer
 
     def _clip_grad_norm(self, model):
-        # The heads are not part of the model TRL trains; the clip is global over both (as in SFT).
-        params = itertools.chain(model.parameters(), self.lopt.aux_heads.parameters())
-        return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+        if self.lopt.num_blocks == 1:  # E2E: accelerate's clip, which FSDP and DeepSpeed need; one block's norm
+            norm = self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+            self.block_grad_norms = None if norm is None else [float(norm)]
+            return norm
+        # LoPT (data-parallel, gradients averaged in training_step): the SFT loop's clip over the blocks, the heads
+        # (outside the model TRL trains) with theirs; fp16's loss scale comes off first, as accelerate's clip does.
+        self.accelerator.unscale_gradients()
+        self.block_grad_norms = clip_gradients(
+            self.lopt.block_parameters(), self.args.max_grad_norm, self.lopt_clip_per_block
+        )
+        return torch.tensor(math.hypot(*self.block_grad_norms))
 
     def _save_checkpoint(self, model, trial):
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
@@ -438,6 +453,7 @@ class TRLBridge(TrainerCallback):
         row = StepMetrics(
             step=state.global_step, epoch=logs.get("epoch"), task_loss=logs[TASK_LOSS_KEY],
             aux_loss=[logs.get(AUX_LOSS_KEY.format(i)) for i in blocks], grad_norm=logs.get("grad_norm"), **window,
+            block_grad_norm=_block_grad_norms(logs),
             recipe={column: logs.get(key) for column, key in self.columns.items()}
             | dict.fromkeys(RECIPE_EVAL_COLUMNS[self.recipe]),
         )  # fmt: skip
@@ -472,6 +488,14 @@ class TRLBridge(TrainerCallback):
             self.callbacks.on_train_end(state.global_step)
 
 
+def _block_grad_norms(logs: dict) -> list[float] | None:
+    """The logged step's per-block gradient norms (LoptTrainerMixin.log put them there); None where not clipped."""
+    norms = []
+    while BLOCK_GRAD_NORM_KEY.format(len(norms) + 1) in logs:
+        norms.append(logs[BLOCK_GRAD_NORM_KEY.format(len(norms) + 1)])
+    return norms or None
+
+
 def pair_datasets(records: list[dict], eval_records: list[dict] | None) -> dict:
     """The train_dataset / eval_dataset arguments of a TRL preference trainer (DPO, reward model)."""
     import datasets
@@ -490,7 +514,7 @@ def build_lopt_trainer(trainer_class, config: RunConfig, wrapper: LocalLearningL
     try:
         trainer = trainer_class(
             model=wrapper.model, args=args, lopt=wrapper, backward=config.backward, lr_k1=config.lr_k1,
-            save_total_limit=config.save_total_limit, **trl_kwargs,
+            clip_per_block=config.clip_per_block, save_total_limit=config.save_total_limit, **trl_kwargs,
         )  # fmt: skip
     except (ValueError, ImportError, TypeError) as error:  # TRL's checks of the settings and the data
         trl_name = next(c.__name__ for c in trainer_class.__mro__[1:] if c.__module__.startswith("trl."))
@@ -592,6 +616,7 @@ def run_trl_recipe(name: str, config: RunConfig, build_trainer: Callable, descri
         console.print(
             f"[bold]lopt {name}[/]: {config.canonical_method}"
             + (f" k={wrapper.num_blocks}, {config.backward} backward" if wrapper.num_blocks > 1 else "")
+            + (" | each block clipped by its own gradient norm" if config.clip_per_block else "")
             + adapter_summary(config, wrapper)
             + f" | {describe(trainer)} | {plural(trainer.accelerator.num_processes, 'process', 'processes')}"
             + f", device {trainer.args.device}"
