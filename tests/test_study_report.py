@@ -195,7 +195,7 @@ def test_sweep_section_compares_each_knob_with_the_papers_setting_at_its_k(study
         ["2", "paper", "lopt-k2"], ["2", "lambda_aux=1", "lopt-k2-lambda_aux"], ["4", "paper", "lopt-k4-paper"]
     ]  # fmt: skip
     # 18/20 vs the paper setting's 16/20: 2 problems only the variant got, p = 2 * (1/2)^2 = 0.5
-    assert rows[2][3:] == ["90.0% [69.9, 97.2] n=20", "+10.0 pts, p=0.5", "+0.0 pts", "+3.0%", "0.0300"]
+    assert rows[2][3:] == ["90.0% [69.9, 97.2] n=20", "+10.0 pts, p=0.5", "+0.0 pts, p=1", "+3.0%", "0.0300"]
     assert rows[1][4] == "-"
     assert (
         "- k=2: best task accuracy lopt-k2-lambda_aux (lambda_aux=1) with 90.0%, +10.0 points over the paper's "

@@ -220,8 +220,13 @@ def _delta_cell(row: MethodRow, reference: MethodRow | None) -> str:
         return "-"
     if row.differences:
         return "not comparable"
-    delta = f"{100 * (row.accuracy.mean - reference.accuracy.mean):+.1f} pts"
-    return delta + (f", {p_text(row.p_vs_reference)}" if row.p_vs_reference is not None else ", no paired test")
+    return _accuracy_delta(row, reference, row.p_vs_reference)
+
+
+def _accuracy_delta(row: MethodRow, other: MethodRow, p: float | None) -> str:
+    """A cell: row's accuracy minus other's, in points, with the paired test's p."""
+    delta = f"{100 * (row.accuracy.mean - other.accuracy.mean):+.1f} pts"
+    return delta + (f", {p_text(p)}" if p is not None else ", no paired test")
 
 
 def _second_change_cell(row: MethodRow) -> str:
@@ -310,6 +315,13 @@ def _ranking(
     return text + "."
 
 
+def _verdict(p: float | None) -> str:
+    """What a paired test says about a difference in accuracy."""
+    if p is None:
+        return "no paired test (per-problem results missing, or not of the same problems)"
+    return f"significant (McNemar {p_text(p)})" if p < SIGNIFICANCE else f"not significant ({p_text(p)})"
+
+
 def _accuracy_conclusions(rows: list[MethodRow]) -> list[str]:
     # The best trained method, compared with every other row, the starting model included (did it learn at all?).
     measured = sorted((r for r in rows if r.accuracy is not None and not r.is_base), key=lambda r: -r.accuracy.mean)
@@ -330,14 +342,7 @@ def _accuracy_conclusions(rows: list[MethodRow]) -> list[str]:
     for other in measured[1:]:
         gap = 100 * (best.accuracy.mean - other.accuracy.mean)
         text = f"vs {other.name} ({other.accuracy.mean:.1%}): {gap:+.1f} points, "
-        p = _paired_p(best.per_problem, other.per_problem)
-        if p is None:
-            text += "no paired test (per-problem results missing, or not of the same problems)"
-        elif p < SIGNIFICANCE:
-            text += f"significant (McNemar {p_text(p)})"
-        else:
-            text += f"not significant ({p_text(p)})"
-        comparisons.append(text)
+        comparisons.append(text + _verdict(_paired_p(best.per_problem, other.per_problem)))
     if comparisons:
         several_seeds = any(len(r.accuracy.n) > 1 for r in measured)
         lines.append(
@@ -622,7 +627,8 @@ def _sweep(study: dict, rows: list[MethodRow]) -> list[str]:
     entries = {entry["name"]: entry["sweep"] for entry in study["runs"] if entry.get("sweep")}
     by_name = {row.name: row for row in rows}
     second = study.get("second_task") or "second task"
-    header = ["k", "knob", "method", "task accuracy", "Δ vs paper's setting (McNemar)", f"{second} Δ vs base",
+    header = ["k", "knob", "method", "task accuracy", "Δ vs paper's setting (McNemar)",
+              f"{second} Δ vs base (McNemar)",
               "perplexity change", "KL to start"]  # fmt: skip
     cells, best_lines = [], []
     for blocks in sorted({entry["k"] for entry in entries.values()}):
@@ -632,12 +638,9 @@ def _sweep(study: dict, rows: list[MethodRow]) -> list[str]:
             row = by_name[name]
             delta = "-"
             if row is not paper and paper is not None and row.accuracy and paper.accuracy:
-                p = _paired_p(row.per_problem, paper.per_problem)
-                delta = f"{100 * (row.accuracy.mean - paper.accuracy.mean):+.1f} pts"
-                delta += f", {p_text(p)}" if p is not None else ", no paired test"
+                delta = _accuracy_delta(row, paper, _paired_p(row.per_problem, paper.per_problem))
             cells.append([
-                str(blocks), entry["knob"], name, accuracy_text(row.accuracy), delta,
-                _with_spread(row.second_change, "+.1f", unit=" pts"),
+                str(blocks), entry["knob"], name, accuracy_text(row.accuracy), delta, _second_change_cell(row),
                 _with_spread(row.perplexity_change, "+.1f", 100, "%"), _with_spread(row.kl_to_base, ".4f"),
             ])  # fmt: skip
         scored = [by_name[name] for name, _ in swept if by_name[name].accuracy]
@@ -648,10 +651,7 @@ def _sweep(study: dict, rows: list[MethodRow]) -> list[str]:
                     f"k={blocks}: no knob beats the paper's setting ({paper.name}, {paper.accuracy.mean:.1%})."
                 )
             else:
-                p = _paired_p(best.per_problem, paper.per_problem)
-                verdict = "no paired test" if p is None else (
-                    f"significant (McNemar {p_text(p)})" if p < SIGNIFICANCE else f"not significant ({p_text(p)})"
-                )  # fmt: skip
+                verdict = _verdict(_paired_p(best.per_problem, paper.per_problem))
                 best_lines.append(
                     f"k={blocks}: best task accuracy {best.name} ({entries[best.name]['knob']}) with "
                     f"{best.accuracy.mean:.1%}, {100 * (best.accuracy.mean - paper.accuracy.mean):+.1f} points over "
