@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from lopt import runs
 from lopt.config import DPOConfig, GRPOConfig, SFTConfig
 from lopt.dashboard import hardware, watch
 from lopt.dashboard.follow import JsonlFollower
@@ -480,8 +481,8 @@ def test_watch_shows_several_runs_side_by_side(tmp_path, capsys, monkeypatch):
 
 def test_watch_tells_the_recipe_from_the_metrics_columns_or_the_training_args():
     for name, config in (("sft", SFTConfig), ("grpo", GRPOConfig), ("dpo", DPOConfig)):
-        assert watch.recipe_of(config(output_dir="out").to_json(), None) == name
-        assert watch.recipe_of({}, step_metrics(2, recipe=name).to_json()) == name
+        assert runs.recipe_of(config(output_dir="out").to_json(), None) == name
+        assert runs.recipe_of({}, step_metrics(2, recipe=name).to_json()) == name
     assert watch.step_metrics({"step": 1}) is None  # a row missing fields is not a step
 
 

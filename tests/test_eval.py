@@ -150,7 +150,8 @@ def test_lopt_eval_rejects_bad_flags(base_dir, capsys):
 def test_lopt_eval_of_an_adapter_folder_loads_base_plus_adapter(base_dir, tmp_path, capsys, monkeypatch):
     from types import SimpleNamespace
 
-    from lopt.models.lora import add_lora, saved_parameters
+    from lopt.models.lora import add_lora
+    from lopt.runs import saved_parameters
 
     adapter = tmp_path / "adapter"
     lora = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules="all-linear")

@@ -17,14 +17,15 @@ from lopt.cli import main
 from lopt.config import SFTConfig, parse_config
 from lopt.errors import LoptError
 from lopt.models.local_learning import LocalLearningLM
-from lopt.models.lora import add_lora, is_adapter_folder, saved_parameters
+from lopt.models.lora import add_lora, is_adapter_folder
 from lopt.models.registry import load_model_and_tokenizer
 from lopt.parallel.deepspeed import DeepSpeedBackend, ZeroSettings
 from lopt.parallel.fsdp import FSDPBackend, FSDPSettings
 from lopt.parallel.replicated import ReplicatedBackend
 from lopt.recipes.grpo import run_grpo
 from lopt.recipes.sft import run_sft
-from lopt.tools.report import load_run, table_rows
+from lopt.runs import load_run, saved_parameters
+from lopt.tools.report import table_rows
 from lopt.training.memory import SavedTensorMeter
 from lopt.training.step import forward_backward
 from lopt.training.task_loss import CausalLMLoss

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from lopt.cli import main
 from lopt.errors import LoptError
-from lopt.tools.report import Run, curve, load_run, write_report
+from lopt.runs import Run, load_run
+from lopt.tools.report import curve, write_report
 
 MiB = 2**20
 

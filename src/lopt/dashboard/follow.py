@@ -45,12 +45,3 @@ class JsonlFollower:
             else:
                 self.unreadable_lines += 1
         return rows
-
-
-def read_json(path: Path) -> dict | None:
-    """The JSON object in `path`, or None while it is missing or not complete (being written)."""
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, ValueError):  # missing, unreadable, or half written
-        return None
-    return value if isinstance(value, dict) else None

@@ -29,10 +29,11 @@ from rich.console import Console
 from rich.live import Live
 
 from lopt.dashboard.capture import TerminalCapture
-from lopt.dashboard.follow import JsonlFollower, read_json
+from lopt.dashboard.follow import JsonlFollower
 from lopt.dashboard.hardware import HardwareSampler
 from lopt.dashboard.panels import DashboardView, summary
 from lopt.dashboard.state import DashboardState, StudyRun
+from lopt.runs import COMPLETIONS, TRAINING_ARGS, read_json_if_complete
 from lopt.training.callbacks import Callback, RunInfo
 from lopt.training.metrics import StepMetrics
 
@@ -169,7 +170,7 @@ class Dashboard(Callback):
         )
         completions: JsonlFollower | None = None
         if self.state.recipe in ("grpo", "rloo") and self.state.run is not None:
-            completions = JsonlFollower(self.state.run.output_dir / "completions.jsonl")
+            completions = JsonlFollower(self.state.run.output_dir / COMPLETIONS)
         sampler = HardwareSampler()
         next_sample = 0.0
         try:
@@ -204,7 +205,7 @@ class Dashboard(Callback):
         state.elapsed_s = time.monotonic() - self._started_at
         state.dropped_updates = self.dropped
         if state.args is None and state.run is not None:
-            state.args = read_json(state.run.output_dir / "training_args.json")
+            state.args = read_json_if_complete(state.run.output_dir / TRAINING_ARGS)
             changed = changed or state.args is not None
         for row in completions.read_new() if completions is not None else []:
             state.record_completion(row)

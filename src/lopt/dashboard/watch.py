@@ -11,7 +11,6 @@ it retrained.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -19,19 +18,22 @@ from pathlib import Path
 from rich.console import Console, RenderableType
 from rich.live import Live
 
-from lopt.config import DPOConfig, GRPOConfig, RLOOConfig, RMConfig, SFTConfig
-from lopt.dashboard.follow import JsonlFollower, read_json
+from lopt.dashboard.follow import JsonlFollower
 from lopt.dashboard.hardware import HardwareSampler
 from lopt.dashboard.panels import ComparisonView, DashboardView
 from lopt.dashboard.state import DashboardState
 from lopt.errors import LoptError
+from lopt.runs import (
+    COMPLETIONS,
+    METRICS,
+    MODEL_CONFIG,
+    TRAINING_ARGS,
+    checkpoints,
+    read_json_if_complete,
+    recipe_of,
+)
 from lopt.training.callbacks import RunInfo
-from lopt.training.metrics import EVAL_FIELDS, FIELDS, LATER_FIELDS, RECIPE_COLUMNS, StepMetrics
-
-RECIPE_CONFIGS = {"sft": SFTConfig, "grpo": GRPOConfig, "rloo": RLOOConfig, "dpo": DPOConfig, "rm": RMConfig}
-# A checkpoint is complete once this file is in it: training/checkpoint.py writes it last.
-CHECKPOINT_COMPLETE = "training_state.pt"
-
+from lopt.training.metrics import EVAL_FIELDS, FIELDS, LATER_FIELDS, StepMetrics
 
 # The fields a row must hold as numbers to be drawn (training/metrics.py; epoch and grad_norm may be null).
 NUMBER_FIELDS = ("task_loss", "lr", "lr_k1", "tokens_per_s", "peak_mem_bytes", "activation_peak_bytes", "elapsed_s")
@@ -50,34 +52,14 @@ def step_metrics(row: dict) -> StepMetrics | None:
     return StepMetrics(**{name: row.get(name) for name in FIELDS}, **validation, recipe=recipe)
 
 
-def recipe_of(args: dict, row: dict | None) -> str:
-    """The recipe that wrote the run: its metrics columns tell, else the config whose flags the
-    training_args.json holds (the closest, so a file from another lopt version still matches)."""
-
-    def mismatch(recipe: str) -> int:
-        return len(set(args) ^ {f.name for f in dataclasses.fields(RECIPE_CONFIGS[recipe])})
-
-    # GRPO and RLOO log the same columns: their flags tell them apart
-    matching = [r for r, columns in RECIPE_COLUMNS.items() if row is not None and columns and set(columns) <= set(row)]
-    if matching:
-        return min(matching, key=mismatch) if args else matching[0]
-    if row is not None or not args:
-        return "sft"  # the one recipe that adds no columns
-    return min(RECIPE_CONFIGS, key=mismatch)
-
-
 def layer_count(folder: Path, args: dict) -> int | None:
     """The model's decoder layers, from a config.json the run left (final model, newest checkpoint) or
     the starting model's, when it is a local folder."""
-    checkpoints = sorted(
-        (path for path in folder.glob("checkpoint-*") if _checkpoint_step(path) is not None),
-        key=_checkpoint_step,
-        reverse=True,
-    )
+    newest_first = checkpoints(folder, complete_only=False)[::-1]
     start = args.get("model_name_or_path")
-    candidates = [folder, *checkpoints] + ([Path(start)] if start else [])
-    for path in (candidate / "config.json" for candidate in candidates):
-        config = read_json(path) or {}
+    candidates = [folder, *newest_first] + ([Path(start)] if start else [])
+    for path in (candidate / MODEL_CONFIG for candidate in candidates):
+        config = read_json_if_complete(path) or {}
         layers = config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
         if isinstance(layers, int) and layers > 0:
             return layers
@@ -91,8 +73,8 @@ class RunFolder:
         self.path = Path(path)
         self.hardware = hardware
         self.state = DashboardState()
-        self.metrics = JsonlFollower(self.path / "metrics.jsonl")
-        self.completions = JsonlFollower(self.path / "completions.jsonl")
+        self.metrics = JsonlFollower(self.path / METRICS)
+        self.completions = JsonlFollower(self.path / COMPLETIONS)
         self._args_mtime: float | None = None
         self._first_row: dict | None = None
         self._checkpoints: set[str] = set()
@@ -116,8 +98,8 @@ class RunFolder:
             state.record_completion(row)
         self._note_unreadable()
         self._note_checkpoints()
-        metrics_written = _mtime(self.path / "metrics.jsonl")
-        final_model = _mtime(self.path / "config.json")  # save_final_model writes config.json last
+        metrics_written = _mtime(self.path / METRICS)
+        final_model = _mtime(self.path / MODEL_CONFIG)  # save_final_model writes config.json last
         state.last_row_time = metrics_written
         # a config.json older than the metrics is an earlier run's, overwritten by this one
         state.finished = final_model is not None and (metrics_written is None or final_model >= metrics_written)
@@ -126,9 +108,9 @@ class RunFolder:
         return state
 
     def _read_args(self) -> None:
-        mtime = _mtime(self.path / "training_args.json")
+        mtime = _mtime(self.path / TRAINING_ARGS)
         if mtime is not None and mtime != self._args_mtime:
-            args = read_json(self.path / "training_args.json")
+            args = read_json_if_complete(self.path / TRAINING_ARGS)
             if args is not None:  # None: being written, read it next time
                 self.state.args, self._args_mtime = args, mtime
 
@@ -168,21 +150,10 @@ class RunFolder:
             )
 
     def _note_checkpoints(self) -> None:
-        complete = [
-            (step, path)
-            for path in self.path.glob("checkpoint-*")
-            if (step := _checkpoint_step(path)) is not None and (path / CHECKPOINT_COMPLETE).is_file()
-        ]
-        for _, path in sorted(complete):
+        for path in checkpoints(self.path):
             if path.name not in self._checkpoints:
                 self._checkpoints.add(path.name)
                 self.state.record_checkpoint(path)
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    """N for checkpoint-N (the temporary folders a checkpoint is built in have other names)."""
-    suffix = path.name.partition("-")[2]
-    return int(suffix) if suffix.isdigit() else None
 
 
 def _mtime(path: Path) -> float | None:

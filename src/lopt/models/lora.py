@@ -20,7 +20,6 @@ a CUDA GPU.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,17 +108,6 @@ def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
 def adapter_parameters(model: PeftModel) -> int:
     """How many parameters the adapters add (what a LoRA run trains)."""
     return sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
-
-
-def saved_parameters(folder: Path) -> int:
-    """Parameters stored in a folder's safetensors files (the adapter's, in an adapter folder), read from
-    the files' headers without loading a tensor."""
-    total = 0
-    for file in sorted(folder.glob("*.safetensors")):
-        with file.open("rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        total += sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
-    return total
 
 
 def quantization_config(load_in_4bit: bool, load_in_8bit: bool, device: torch.device, compute_dtype: torch.dtype):

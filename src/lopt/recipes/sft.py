@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from lopt.config import SFTConfig, eval_steps, save_config
+from lopt.config import SFTConfig, eval_steps
 from lopt.data.collate import collate, pack_examples, packing_summary, tokenize_sft
 from lopt.data.order import batches_from, batches_per_epoch, eval_batches
 from lopt.data.presets import sft_data_is_generated, sft_records, with_validation
@@ -39,6 +39,7 @@ from lopt.output import console, phase, plural
 from lopt.parallel import distributed
 from lopt.parallel.backend import ParallelBackend
 from lopt.parallel.launch import backend_from_environment
+from lopt.runs import write_training_args
 from lopt.tools.publish import publish_run
 from lopt.training.callbacks import Callback, Callbacks, MetricsFile, ProgressBar, RunInfo
 from lopt.training.checkpoint import (
@@ -222,7 +223,7 @@ def _set_up(config: SFTConfig, task_loss: TaskLoss | None, listeners: list[Callb
     if state is not None:
         _restore(run, state)
     if main_process:
-        save_config(config, out / "training_args.json")
+        write_training_args(out, "sft", config.to_json())
         console.print(_start_line(run))
     return run
 

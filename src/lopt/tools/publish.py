@@ -37,7 +37,7 @@ from lopt.config import METHODS
 from lopt.errors import LoptError
 from lopt.models.lora import ADAPTER_CONFIG, is_adapter_folder
 from lopt.output import console, phase
-from lopt.tools.report import RUN_FILES, Run, load_run
+from lopt.runs import Run, is_run_folder, load_run
 
 README, MODEL_CARD = "README.md", "MODEL_CARD.md"
 CARD_MARKER = (
@@ -236,12 +236,10 @@ def write_model_card(folder: Path, repo_id: str) -> Path:
 
 def model_card(folder: Path, repo_id: str) -> str:
     """lopt's card for the model in `folder`, loaded as `repo_id` (a hub id, or the folder itself)."""
-    from lopt.dashboard.watch import recipe_of
-
-    run = load_run(folder) if any((folder / name).is_file() for name in RUN_FILES) else Run(name=folder.name)
+    run = load_run(folder) if is_run_folder(folder) else Run(name=folder.name)
     args = run.args
     adapter = json.loads((folder / ADAPTER_CONFIG).read_text()) if is_adapter_folder(folder) else None
-    recipe = recipe_of(args, run.metrics[0] if run.metrics else None) if args else None
+    recipe = run.recipe
     base = args.get("model_name_or_path") or (adapter or {}).get("base_model_name_or_path")
     base_id = _hub_model_id(base)
     local_learning = METHODS.get(args.get("method", "")) == "lopt"

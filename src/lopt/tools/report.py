@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import re
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lopt.config import METHODS
-from lopt.errors import LoptError
 from lopt.evaluation.statistics import wilson_interval
-from lopt.models.lora import saved_parameters
+from lopt.runs import Run, load_run
 
-RUN_FILES = ("training_args.json", "metrics.jsonl", "eval.json")
 MiB = 2**20
 # Runs with fewer logged steps are drawn as points: a line through two points is not a learning curve.
 MIN_CURVE_POINTS = 3
@@ -43,90 +38,6 @@ RECIPE_METRICS = {
     "dpo": ("reward_accuracy", "reward accuracy", ".1%"),
     "rm": ("reward_accuracy", "reward accuracy", ".1%"),
 }
-
-
-@dataclass
-class Run:
-    name: str
-    args: dict = field(default_factory=dict)
-    metrics: list[dict] = field(default_factory=list)
-    evaluation: dict = field(default_factory=dict)
-    trained_parameters: int | None = None  # the adapter's (LoRA), or the saved model's (full training)
-
-    @property
-    def method(self) -> str:
-        if not self.args:
-            return "base"
-        method = METHODS.get(self.args.get("method", ""), self.args.get("method", "?"))
-        method = "lopt-frozen" if method == "lopt" and self.args.get("early_blocks") == "frozen" else method
-        return method + ("+lora" if self.args.get("use_peft") else "") + ("+kl" if self.args.get("kl_beta") else "")
-
-    @property
-    def recipe(self) -> str | None:
-        """sft, grpo, rloo, dpo or rm; None for a folder without training_args.json (a starting model).
-
-        training_args.json names no recipe (it holds the config's flags), so this is the dashboard's inference:
-        the recipe's own metrics.jsonl columns, else the config whose flags the file holds.
-        """
-        if not self.args:
-            return None
-        from lopt.dashboard.watch import recipe_of  # here: the dashboard imports rich's live display
-
-        return recipe_of(self.args, self.metrics[0] if self.metrics else None)
-
-    @property
-    def blocks(self) -> int | None:
-        if not self.args:
-            return None
-        return 1 if self.method.startswith("e2e") else self.args.get("num_blocks")
-
-    def last(self, key: str):
-        values = self.series(key)
-        return values[-1][1] if values else None
-
-    def series(self, key: str) -> list[tuple[int, object]]:
-        """Every logged (step, value) of `key`, by step. A resumed run logs again the steps after its checkpoint:
-        the later row of a step is the one the continued run kept."""
-        rows = {m["step"]: m for m in self.metrics}
-        return [(step, row[key]) for step, row in sorted(rows.items()) if row.get(key) is not None]
-
-    def mean(self, key: str) -> float | None:
-        values = [v for _, v in self.series(key)]
-        return sum(values) / len(values) if values else None
-
-    def peak(self, key: str) -> float | None:
-        values = [v for _, v in self.series(key)]
-        return max(values) if values else None
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise LoptError(
-            f"{path}: not valid JSON ({error}); re-create it by re-running the run or `lopt eval`."
-        ) from None
-
-
-def load_run(folder: Path) -> Run:
-    if not folder.is_dir():
-        raise LoptError(f"RUN_DIR {folder}: no such folder; pass the --output_dir of a run.")
-    if not any((folder / name).is_file() for name in RUN_FILES):
-        raise LoptError(f"RUN_DIR {folder}: has none of {', '.join(RUN_FILES)}; pass the --output_dir of a run.")
-    run = Run(name=folder.name)
-    if (folder / "training_args.json").is_file():
-        run.args = read_json(folder / "training_args.json")
-    if (folder / "metrics.jsonl").is_file():
-        lines = (folder / "metrics.jsonl").read_text().splitlines()
-        try:
-            run.metrics = [json.loads(line) for line in lines if line.strip()]
-        except json.JSONDecodeError as error:
-            raise LoptError(f"{folder / 'metrics.jsonl'}: a line is not valid JSON ({error}).") from None
-    if (folder / "eval.json").is_file():
-        run.evaluation = read_json(folder / "eval.json")
-    if run.args and not run.method.startswith("lopt-frozen"):  # the frozen ablation trains part of what it saves
-        run.trained_parameters = saved_parameters(folder) or None
-    return run
 
 
 def _number(value, spec: str) -> str:

@@ -17,16 +17,14 @@ from pathlib import Path
 
 from lopt.errors import LoptError
 from lopt.evaluation.statistics import mcnemar_exact, mean_std, wilson_interval
+from lopt.runs import Run, load_run, read_json
 from lopt.tools.report import (
     MiB,
-    Run,
     curve,
     evaluation_setting,
-    load_run,
     markdown_to_html,
     md_table,
     md_text,
-    read_json,
     setting_differences,
 )
 

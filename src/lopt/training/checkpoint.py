@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from lopt.errors import LoptError
+from lopt.runs import TRAINING_STATE
 
-TRAINING_STATE = "training_state.pt"
 MODEL_CONFIGS = ("config.json", "adapter_config.json")  # a full model's, a LoRA adapter folder's
 TEMP_PREFIX = ".tmp-"  # the folders a save builds in; one a second signal interrupted is left empty
 

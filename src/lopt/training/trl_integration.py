@@ -58,13 +58,14 @@ from accelerate.utils import DistributedType
 from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from lopt.config import RunConfig, eval_steps, save_config, validates
+from lopt.config import RunConfig, eval_steps, validates
 from lopt.errors import LoptError
 from lopt.models.local_learning import LocalLearningLM
 from lopt.output import console, phase, plural
 from lopt.parallel import distributed
 from lopt.parallel.backend import adapters_sharded_error, optimizer_sharded_error
 from lopt.parallel.distributed import all_reduce_gradients
+from lopt.runs import write_training_args
 from lopt.tools.publish import publish_run
 from lopt.training.callbacks import Callback, Callbacks, MetricsFile, ProgressBar, RunInfo
 from lopt.training.checkpoint import (
@@ -612,7 +613,7 @@ def run_trl_recipe(name: str, config: RunConfig, build_trainer: Callable, descri
     wrapper = trainer.lopt
     if main_process:
         check_writable(out, wrapper)
-        save_config(config, out / "training_args.json")
+        write_training_args(out, name, config.to_json())
         console.print(
             f"[bold]lopt {name}[/]: {config.canonical_method}"
             + (f" k={wrapper.num_blocks}, {config.backward} backward" if wrapper.num_blocks > 1 else "")
