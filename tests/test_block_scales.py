@@ -24,6 +24,7 @@ from lopt.models.local_learning import (
 from lopt.parallel.deepspeed import DeepSpeedBackend, ZeroSettings
 from lopt.parallel.fsdp import FSDPSettings, shard_model
 from lopt.parallel.replicated import ReplicatedBackend
+from lopt.recipes.registry import RECIPES
 from lopt.training.metrics import FIELDS, StepMetrics, contract_errors
 from lopt.training.optim import clip_gradients
 from lopt.training.run import build_model
@@ -164,8 +165,8 @@ def test_block_grad_norm_is_a_common_field_read_and_tracked_per_block():
     row = _row(block_grad_norm=[3.0, 4.0])
     written = row.to_json()
     assert list(written)[: len(FIELDS)] == list(FIELDS) and list(FIELDS).index("block_grad_norm") == 7
-    assert contract_errors(written, "sft") == [] and contract_errors(_row().to_json(), "sft") == []
-    assert contract_errors({**written, "block_grad_norm": []}, "sft")  # a list holds one norm per block
+    assert contract_errors(written, RECIPES["sft"]) == [] and contract_errors(_row().to_json(), RECIPES["sft"]) == []
+    assert contract_errors({**written, "block_grad_norm": []}, RECIPES["sft"])  # a list holds one norm per block
     assert step_metrics(written) == row
     older = {k: v for k, v in written.items() if k != "block_grad_norm"}  # a file from before the field
     assert step_metrics(older) == _row()
@@ -203,7 +204,7 @@ def _sft_rows(sft_model, tmp_path, capsys, *flags) -> tuple[list[dict], str]:
 )
 def test_an_sft_run_logs_each_blocks_gradient_norm(sft_model, tmp_path, capsys, flags, blocks, said):
     rows, err = _sft_rows(sft_model, tmp_path, capsys, *flags)
-    assert all(contract_errors(row, "sft") == [] for row in rows)
+    assert all(contract_errors(row, RECIPES["sft"]) == [] for row in rows)
     for row in rows:
         assert len(row["block_grad_norm"]) == blocks
         assert math.hypot(*row["block_grad_norm"]) == pytest.approx(row["grad_norm"], rel=1e-6)
@@ -273,7 +274,7 @@ def test_a_trl_run_logs_each_blocks_gradient_norm(sft_model, tmp_path, capsys, f
     out = tmp_path / "dpo"
     assert main(["dpo", *dpo_flags(sft_model, out, "--max_steps", "2", *flags)]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(contract_errors(row, "dpo") == [] for row in rows)
+    assert len(rows) == 2 and all(contract_errors(row, RECIPES["dpo"]) == [] for row in rows)
     for row in rows:  # the norms before clipping, as SFT logs them: their squares sum to grad_norm's
         assert len(row["block_grad_norm"]) == blocks
         assert math.hypot(*row["block_grad_norm"]) == pytest.approx(row["grad_norm"], rel=1e-5)

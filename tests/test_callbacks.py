@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from lopt.config import DPOConfig, SFTConfig, parse_config
-from lopt.recipes.dpo import DPO_METRICS, build_dpo_trainer
+from lopt.recipes.dpo import build_dpo_trainer
+from lopt.recipes.registry import RECIPES
 from lopt.recipes.sft import run_sft
 from lopt.training.callbacks import Callback
-from lopt.training.metrics import RECIPE_EVAL_COLUMNS
 from lopt.training.step import forward_backward
 from lopt.training.task_loss import CausalLMLoss
 from test_distributed import _wrapped
@@ -69,8 +69,8 @@ def test_trl_events_reach_lopt_listeners_through_the_bridge(model_dir, tmp_path)
     run = recorder.events[0][1]
     assert (run.recipe, run.method, run.total_steps) == ("dpo", "lopt", 2)
     logs = [value for kind, value in recorder.events if kind == "log"]
-    assert [m.step for m in logs] == [1, 2] and set(logs[0].recipe) == set(DPO_METRICS) | set(
-        RECIPE_EVAL_COLUMNS["dpo"]
+    assert [m.step for m in logs] == [1, 2] and set(logs[0].recipe) == set(RECIPES["dpo"].columns) | set(
+        RECIPES["dpo"].eval_columns
     )
     assert all(m.eval_task_loss is None and m.recipe["eval_reward_accuracy"] is None for m in logs)  # no validation
 

@@ -12,6 +12,7 @@ from lopt.data.generated import gsm_symbolic_pairs
 from lopt.data.presets import preference_records
 from lopt.errors import LoptError
 from lopt.recipes.dpo import build_dpo_trainer
+from lopt.recipes.registry import RECIPES
 from lopt.training.metrics import contract_errors
 from tiny_models import tiny_model_dir
 
@@ -57,7 +58,7 @@ def test_two_step_dpo_run_through_the_cli(model_dir, tmp_path):
         "reward_margin",
     } <= set(metrics[0])
     assert len(metrics[0]["aux_loss"]) == 1 and metrics[0]["activation_peak_bytes"] > 0
-    assert all(contract_errors(m, "dpo") == [] for m in metrics)
+    assert all(contract_errors(m, RECIPES["dpo"]) == [] for m in metrics)
     assert [m["lr"] for m in metrics] == pytest.approx([1e-3, 5e-4])  # the rate each step used (linear decay)
     args = json.loads((out / "training_args.json").read_text())
     assert (args["beta"], args["loss_type"], args["dataset_preset"]) == (0.2, "ipo", "gsm-symbolic-pairs")

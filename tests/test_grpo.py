@@ -15,6 +15,7 @@ from lopt.config import GRPOConfig, parse_config
 from lopt.data.presets import grpo_records
 from lopt.errors import LoptError
 from lopt.recipes.grpo import build_grpo_trainer, prepare_prompts, run_grpo
+from lopt.recipes.registry import RECIPES
 from lopt.training.metrics import contract_errors
 from lopt.training.trl_integration import trl_arguments
 from tiny_models import tiny_model_dir
@@ -81,7 +82,7 @@ def test_two_step_grpo_run_writes_a_plain_model_metrics_and_completions(model_di
     assert sft_schema | {"reward", "reward_std", "completion_length"} <= set(metrics[0])
     assert len(metrics[0]["aux_loss"]) == 1 and metrics[0]["aux_loss"][0] > 0
     assert metrics[0]["activation_peak_bytes"] > 0 and metrics[0]["grad_norm"] > 0
-    assert all(contract_errors(m, "grpo") == [] for m in metrics)
+    assert all(contract_errors(m, RECIPES["grpo"]) == [] for m in metrics)
     assert [m["lr"] for m in metrics] == pytest.approx([1e-3, 5e-4])  # the rate each step used (linear decay)
     completions = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     # each step trains on a generation batch of 2 x 2 micro-batch rows: 2 prompts x 2 completions

@@ -400,8 +400,8 @@ def test_an_unreachable_hub_is_named(hub, full_run, tmp_path, capsys):
                 "[me/math](https://huggingface.co/datasets/me/math), split test",
             ],
         ),
-        (  # a GRPO run on its task's hub data: the flags tell the recipe
-            {**GRPOConfig().to_json(), "task": "gsm8k", "max_samples": 64, "method": "e2e"},
+        (  # a GRPO run on its task's hub data: training_args.json names the recipe
+            {**GRPOConfig().to_json(), "recipe": "grpo", "task": "gsm8k", "max_samples": 64, "method": "e2e"},
             {"datasets": ["openai/gsm8k"], "tags": ["lopt", "grpo"]},
             ["the gsm8k task: GSM8K grade-school math (hub)", "64 records (first)", "end-to-end (E2E)"],
         ),

@@ -14,6 +14,7 @@ from lopt.config import RLOOConfig, parse_config
 from lopt.errors import LoptError
 from lopt.evaluation.reward_model import heldout_pairs, pairwise_accuracy
 from lopt.recipes.grpo import build_grpo_trainer
+from lopt.recipes.registry import RECIPES
 from lopt.training.metrics import contract_errors
 from resume_check import assert_resumed_to, stop_after_checkpoint
 from tiny_models import tiny_model_dir
@@ -53,7 +54,7 @@ def test_lopt_rl_against_a_reward_model_steps_and_saves_a_plain_model(command, m
     said = capsys.readouterr().err
     assert f"lopt {command}: lopt k=2" in said and "gsm_symbolic_score x0.5, scorer x1" in said
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2] and all(contract_errors(r, command) == [] for r in rows)
+    assert [r["step"] for r in rows] == [1, 2] and all(contract_errors(r, RECIPES[command]) == [] for r in rows)
     completions = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     # 2 steps x 2 completions (one prompt's group per step)
     assert len(completions) == 4 and all(set(c["rewards"]) == {"gsm_symbolic_score", "scorer"} for c in completions)

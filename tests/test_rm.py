@@ -14,6 +14,7 @@ from lopt.config import RMConfig, parse_config
 from lopt.data.generated import gsm_symbolic_reasoning_pairs
 from lopt.data.presets import preference_records
 from lopt.errors import LoptError
+from lopt.recipes.registry import RECIPES
 from lopt.recipes.rm import build_rm_trainer
 from lopt.training.metrics import contract_errors
 from resume_check import assert_resumed_to, stop_after_checkpoint
@@ -70,7 +71,7 @@ def test_a_reward_model_run_saves_a_plain_reward_model_that_scores_as_trained(mo
     out = tmp_path / "rm"
     assert main(["rm", *rm_flags(model_dir, out, "--method", "lopt", "--max_steps", "3")]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3] and all(contract_errors(r, "rm") == [] for r in rows)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(contract_errors(r, RECIPES["rm"]) == [] for r in rows)
     assert {"reward_accuracy", "reward_margin", "reward_mean"} <= set(rows[0]) and len(rows[0]["aux_loss"]) == 1
 
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()

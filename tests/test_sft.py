@@ -16,6 +16,7 @@ from lopt.cli import main
 from lopt.config import SFTConfig, parse_config
 from lopt.errors import LoptError
 from lopt.recipes import sft
+from lopt.recipes.registry import RECIPES
 from lopt.training.metrics import contract_errors
 from lopt.training.step import StepResult
 from tiny_models import tiny_model_dir
@@ -100,7 +101,7 @@ def test_lopt_sft_writes_metrics_checkpoints_and_a_plain_model(model_dir, train_
         "elapsed_s",
     }
     assert all(keys <= set(r) for r in lines)
-    assert all(contract_errors(r, "sft") == [] for r in lines)
+    assert all(contract_errors(r, RECIPES["sft"]) == [] for r in lines)
     assert all(len(r["aux_loss"]) == 1 and r["activation_peak_bytes"] > 0 for r in lines)
     # the rate each step used (linear decay from 1e-3 over 4 steps, no warm-up), as TRL logs it
     assert [r["lr"] for r in lines] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])

@@ -27,6 +27,7 @@ from lopt.data.presets import hold_out, sft_records, with_validation
 from lopt.errors import LoptError
 from lopt.parallel.fsdp import FSDPSettings, reshard, shard_model
 from lopt.recipes import sft
+from lopt.recipes.registry import RECIPES
 from lopt.training.checkpoint import prune_checkpoints
 from lopt.training.metrics import StepMetrics, contract_errors
 from lopt.training.step import EvalResult, evaluate
@@ -222,7 +223,7 @@ def test_validation_rows_pass_the_contract_and_hold_the_final_models_loss(
     assert "validating on 5 examples every 2 steps" in " ".join(err.split())
     logged = rows(tmp_path / "steps")
     assert [r["step"] for r in logged] == [2, 4, 5]  # each validation logs its step, and the last step validates
-    assert all(contract_errors(r, "sft") == [] for r in logged)
+    assert all(contract_errors(r, RECIPES["sft"]) == [] for r in logged)
     assert all(isinstance(r["eval_task_loss"], float) and len(r["eval_aux_loss"]) == 1 for r in logged)
     # the last validation is the saved model's loss on the validation records
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "steps")
@@ -395,7 +396,7 @@ def test_readers_take_validation_rows_and_rows_from_before_validation():
         peak_mem_bytes=7, activation_peak_bytes=5, elapsed_s=1.0, eval_task_loss=1.75, eval_aux_loss=[0.5],
         recipe={"kl": None},
     )  # fmt: skip
-    assert contract_errors(row.to_json(), "sft") == []
+    assert contract_errors(row.to_json(), RECIPES["sft"]) == []
     scalars = tracker_scalars(row)
     assert scalars["eval/lopt/task_loss"] == 1.75 and scalars["eval/lopt/aux_loss_block_1"] == 0.5
     assert scalars["train/lopt/task_loss"] == 1.5
@@ -409,9 +410,10 @@ def test_readers_take_validation_rows_and_rows_from_before_validation():
     old = {k: v for k, v in row.to_json().items() if not k.startswith("eval_")}
     assert step_metrics(old).eval_task_loss is None  # a file written before validation existed
     broken = {**row.to_json(), "eval_aux_loss": None}
-    assert any("null together" in e for e in contract_errors(broken, "sft"))
+    assert any("null together" in e for e in contract_errors(broken, RECIPES["sft"]))
     assert any(
-        "eval_task_loss must be" in e for e in contract_errors({**row.to_json(), "eval_task_loss": math.nan}, "sft")
+        "eval_task_loss must be" in e
+        for e in contract_errors({**row.to_json(), "eval_task_loss": math.nan}, RECIPES["sft"])
     )
 
 
@@ -426,7 +428,7 @@ def test_dpo_with_eval_ratio_logs_validation_rows(model_dir, tmp_path, capsys):
     assert code == 0, err
     logged = rows(out)
     assert [r["step"] for r in logged] == [2, 3]  # validated at step 2 and at the end
-    assert all(contract_errors(r, "dpo") == [] for r in logged)
+    assert all(contract_errors(r, RECIPES["dpo"]) == [] for r in logged)
     for r in logged:
         assert r["eval_task_loss"] > 0 and len(r["eval_aux_loss"]) == 1 and r["eval_aux_loss"][0] > 0
         assert 0 <= r["eval_reward_accuracy"] <= 1
@@ -443,7 +445,7 @@ def test_grpo_with_eval_ratio_logs_validation_rows_and_no_validation_completions
     )  # fmt: skip
     result = run_grpo(config)
     assert [r["step"] for r in result.metrics] == [1, 2]
-    assert all(contract_errors(r, "grpo") == [] for r in result.metrics)
+    assert all(contract_errors(r, RECIPES["grpo"]) == [] for r in result.metrics)
     assert all(r["eval_reward"] is not None and len(r["eval_aux_loss"]) == 1 for r in result.metrics)
     completions = (out / "completions.jsonl").read_text().splitlines()
     assert len(completions) == 2 * 2  # the training steps' completions only, 2 per step

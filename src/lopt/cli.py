@@ -1,4 +1,4 @@
-"""The `lopt` command. Subcommands map one-to-one onto recipes."""
+"""The `lopt` command: each training subcommand is a record of the recipe registry, each other one a tool's `main`."""
 
 from __future__ import annotations
 
@@ -6,145 +6,94 @@ import functools
 import importlib
 import sys
 
+from lopt.config import parse_config
 from lopt.errors import LoptError, unknown_choice
 from lopt.output import log_level_from, quiet_libraries
+from lopt.recipes.registry import RECIPES, Recipe
 
-USAGE = """usage: lopt <command> [flags]
-
-commands:
-  sft       supervised fine-tuning, --method lopt (local learning, default) or e2e
-  grpo      GRPO with verifiable rewards or a reward model on TRL's GRPOTrainer, --method lopt or e2e
-  rloo      RLOO, the same rewards, on TRL's RLOOTrainer, --method lopt or e2e
-  dpo       DPO on preference pairs on TRL's DPOTrainer, --method lopt or e2e
-  rm        a reward model on preference pairs on TRL's RewardTrainer, --method lopt or e2e
-  eval      task accuracy, retention (perplexity vs the starting model) and lm-eval benchmarks of saved models
-  report    tables and plots comparing runs, from their training_args.json, metrics.jsonl and eval.json
-  demo      the E2E / LoPT / LoRA study on the embedded SmolLM2-135M: train, evaluate, report
-  bench     activation memory and step time of E2E vs LoPT (local and joint backward)
-  watch     the live dashboard of runs from their folders (metrics.jsonl, completions.jsonl), side by side
-  generate  completions of a model for prompts (flags or a file), one JSON object per prompt
-  chat      talk to a model in the terminal, its answers streamed as they are generated
-  merge     fold a LoRA adapter folder into its base model and save a plain checkpoint
-  push      upload a model folder (full model or LoRA adapter) to the Hugging Face hub, with lopt's model card
-  data      `lopt data preview`: a run's first examples as the model sees them, and counts over its data
-
-`lopt <command> --help` lists a command's flags."""
-
-
-# The LoPT reference implementation's script names, kept at the repository root: they run these
-# commands with the reference's defaults (cosine schedule, 3% warm-up, a seeded random --max_samples
-# subset, and its plain-text prompts for SFT) where `lopt sft` / `lopt grpo` keep lopt's own.
-REFERENCE_SCRIPTS = {"sft": "train_sft.py", "grpo": "train_grpo.py"}
+# The commands that are a tool's own `main(argv)`, as "module:function": imported only when run, so that
+# `lopt <command>` imports nothing it does not use (and --help stays fast). The training commands are the recipe
+# registry's (lopt/recipes/registry.py).
+TOOL_COMMANDS = {
+    "eval": (
+        "lopt.evaluation.cli:main",
+        "task accuracy, retention (perplexity vs the starting model) and lm-eval benchmarks of saved models",
+    ),
+    "report": (
+        "lopt.tools.report:main",
+        "tables and plots comparing runs, from their training_args.json, metrics.jsonl and eval.json",
+    ),
+    "demo": (
+        "lopt.tools.demo:main",
+        "the E2E / LoPT / LoRA study on the embedded SmolLM2-135M: train, evaluate, report",
+    ),
+    "bench": ("lopt.tools.bench:main", "activation memory and step time of E2E vs LoPT (local and joint backward)"),
+    "watch": (
+        "lopt.dashboard.watch:main",
+        "the live dashboard of runs from their folders (metrics.jsonl, completions.jsonl), side by side",
+    ),
+    "generate": (
+        "lopt.tools.generate:generate_main",
+        "completions of a model for prompts (flags or a file), one JSON object per prompt",
+    ),
+    "chat": (
+        "lopt.tools.generate:chat_main",
+        "talk to a model in the terminal, its answers streamed as they are generated",
+    ),
+    "merge": ("lopt.tools.merge:main", "fold a LoRA adapter folder into its base model and save a plain checkpoint"),
+    "push": (
+        "lopt.tools.publish:main",
+        "upload a model folder (full model or LoRA adapter) to the Hugging Face hub, with lopt's model card",
+    ),
+    "data": (
+        "lopt.tools.preview:main",
+        "`lopt data preview`: a run's first examples as the model sees them, and counts over its data",
+    ),
+}
+# Tools that load a model or its tokenizer: their library logs are quieted before they import them.
+TOOLS_LOADING_MODELS = {"eval", "demo", "bench", "generate", "chat", "merge", "data"}
+# Said after a reference script's description: it runs `lopt <recipe>` with the reference implementation's
+# defaults (cosine schedule, 3% warm-up, a seeded random --max_samples subset, its plain-text prompts for SFT).
 REFERENCE_DEFAULTS = ", with the LoPT reference implementation's defaults"
 
 
+def usage() -> str:
+    """`lopt --help`: every command, the registry's recipes first."""
+    lines = [f"  {name:<9} {recipe.summary}, --method lopt or e2e" for name, recipe in RECIPES.items()]
+    lines += [f"  {name:<9} {what}" for name, (_, what) in TOOL_COMMANDS.items()]
+    return (
+        "usage: lopt <command> [flags]\n\ncommands:\n"
+        + "\n".join(lines)
+        + "\n\n`lopt <command> --help` lists a command's flags."
+    )
+
+
 def _listeners(config) -> list:
-    """The listeners the command line adds to a run: the dashboard, with --tui (or LOPT_TUI=1) on a terminal."""
+    """The listeners the command line adds to a run: the publisher (model card, --push_to_hub; it checks the hub
+    flags now, before anything loads) and the dashboard, with --tui (or LOPT_TUI=1) on a terminal."""
     from lopt.dashboard import Dashboard, tui_enabled
+    from lopt.tools.publish import Publisher
 
-    return [Dashboard()] if tui_enabled(config.tui, sys.stderr) else []
-
-
-def _loss(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"  # None: a resumed run had no step left
+    return [Publisher(config)] + ([Dashboard()] if tui_enabled(config.tui, sys.stderr) else [])
 
 
-def _sft(argv: list[str], reference: bool = False) -> None:
-    from lopt.config import ReferenceSFTConfig, SFTConfig, parse_config
-
-    cls, prog = (ReferenceSFTConfig, REFERENCE_SCRIPTS["sft"]) if reference else (SFTConfig, "lopt sft")
-    description = f"Supervised fine-tuning (E2E or LoPT){REFERENCE_DEFAULTS if reference else ''}."
+def train(recipe: Recipe, argv: list[str], reference: bool = False) -> None:
+    """`lopt <recipe> [flags]`: parse the flags into the recipe's config, run it with the CLI's listeners, and say
+    how it went; `reference`: as the recipe's reference-implementation script, with the reference's defaults."""
+    cls, prog = (
+        (recipe.reference_config, recipe.reference_script) if reference else (recipe.config, f"lopt {recipe.name}")
+    )
+    description = recipe.description + (REFERENCE_DEFAULTS if reference else "") + "."
     config = parse_config(argv, cls, prog=prog, description=description)
-    # Imported once the flags are parsed: the recipe imports torch and transformers (seconds), which --help
-    # and a wrong flag do without.
-    from lopt.output import console, plural
+    listeners = _listeners(config)
+    # Imported once the flags are parsed: the recipe imports torch and transformers (seconds), which --help and a
+    # wrong flag do without.
+    from lopt.output import console
     from lopt.parallel.distributed import is_main_process
-    from lopt.recipes.sft import run_sft
 
-    result = run_sft(config, callbacks=_listeners(config))
+    result = recipe.load_run()(config, callbacks=listeners)
     if is_main_process():
-        console.print(
-            f"done: {plural(result.steps, 'step')} in {result.elapsed_s:.1f} s, task loss "
-            f"{_loss(result.first_loss)} -> {_loss(result.last_loss)}; model saved to {result.output_dir}"
-        )
-
-
-def _grpo(argv: list[str], reference: bool = False, rloo: bool = False) -> None:
-    from lopt.config import GRPOConfig, ReferenceGRPOConfig, RLOOConfig, parse_config
-
-    if rloo:
-        cls, prog, description = RLOOConfig, "lopt rloo", "RLOO (E2E or LoPT) on verifiable rewards or a reward model."
-    else:
-        cls, prog = (ReferenceGRPOConfig, REFERENCE_SCRIPTS["grpo"]) if reference else (GRPOConfig, "lopt grpo")
-        description = (
-            f"GRPO (E2E or LoPT) on verifiable rewards or a reward model{REFERENCE_DEFAULTS if reference else ''}."
-        )
-    config = parse_config(argv, cls, prog=prog, description=description)
-    from lopt.output import console, plural  # after parsing, as in _sft
-    from lopt.parallel.distributed import is_main_process
-    from lopt.recipes.grpo import run_grpo
-
-    result = run_grpo(config, callbacks=_listeners(config))
-    if not is_main_process():
-        return
-    rewards = " -> ".join(f"{m['reward']:.3f}" for m in result.metrics)
-    console.print(
-        f"done: {plural(result.steps, 'step')} in {result.elapsed_s:.1f} s, mean reward per logged step {rewards}; "
-        f"model saved to {result.output_dir}"
-    )
-
-
-def _dpo(argv: list[str]) -> None:
-    from lopt.config import DPOConfig, parse_config
-
-    config = parse_config(argv, DPOConfig, prog="lopt dpo", description="DPO on preference pairs (E2E or LoPT).")
-    from lopt.output import console, plural  # after parsing, as in _sft
-    from lopt.parallel.distributed import is_main_process
-    from lopt.recipes.dpo import run_dpo
-
-    result = run_dpo(config, callbacks=_listeners(config))
-    if not is_main_process():
-        return
-    losses = [m["task_loss"] for m in result.metrics]
-    console.print(
-        f"done: {plural(result.steps, 'step')} in {result.elapsed_s:.1f} s, DPO loss {losses[0]:.4f} -> "
-        f"{losses[-1]:.4f}; model saved to {result.output_dir}"
-    )
-
-
-def _rm(argv: list[str]) -> None:
-    from lopt.config import RMConfig, parse_config
-
-    description = "A reward model on preference pairs (E2E or LoPT): one score per answer, Bradley-Terry loss."
-    config = parse_config(argv, RMConfig, prog="lopt rm", description=description)
-    from lopt.output import console, plural  # after parsing, as in _sft
-    from lopt.parallel.distributed import is_main_process
-    from lopt.recipes.rm import run_rm
-
-    result = run_rm(config, callbacks=_listeners(config))
-    if not is_main_process():
-        return
-    accuracy = " -> ".join(f"{m['reward_accuracy']:.2f}" for m in result.metrics)
-    console.print(
-        f"done: {plural(result.steps, 'step')} in {result.elapsed_s:.1f} s, pairwise accuracy per logged step "
-        f"{accuracy}; reward model saved to {result.output_dir}"
-    )
-
-
-# The commands that are a tool's own `main(argv)`, as "module:function": imported only when run, so that
-# `lopt <command>` imports nothing it does not use (and --help stays fast).
-TOOL_COMMANDS = {
-    "eval": "lopt.evaluation.cli:main",
-    "report": "lopt.tools.report:main",
-    "demo": "lopt.tools.demo:main",
-    "watch": "lopt.dashboard.watch:main",
-    "bench": "lopt.tools.bench:main",
-    "generate": "lopt.tools.generate:generate_main",
-    "chat": "lopt.tools.generate:chat_main",
-    "merge": "lopt.tools.merge:main",
-    "push": "lopt.tools.publish:main",
-    "data": "lopt.tools.preview:main",
-}
+        console.print(recipe.end_line(result))
 
 
 def _tool(target: str):
@@ -157,15 +106,12 @@ def _tool(target: str):
     return run
 
 
-LOADS_MODELS = {"sft", "grpo", "rloo", "dpo", "rm", "eval", "demo", "bench", "generate", "chat", "merge", "data"}
 COMMANDS = {
-    "sft": _sft,
-    "grpo": _grpo,
-    "rloo": functools.partial(_grpo, rloo=True),
-    "dpo": _dpo,
-    "rm": _rm,
-    **{name: _tool(target) for name, target in TOOL_COMMANDS.items()},
+    **{name: functools.partial(train, recipe) for name, recipe in RECIPES.items()},
+    **{name: _tool(target) for name, (target, _) in TOOL_COMMANDS.items()},
 }
+LOADS_MODELS = {*RECIPES, *TOOLS_LOADING_MODELS}
+REFERENCE_SCRIPTS = {name: recipe.reference_script for name, recipe in RECIPES.items() if recipe.reference_script}
 
 
 def main(argv: list[str] | None = None, *, reference: bool = False) -> int:
@@ -173,14 +119,14 @@ def main(argv: list[str] | None = None, *, reference: bool = False) -> int:
     (train_sft.py, train_grpo.py), with the reference's defaults."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv:  # a command is required: say which there are, and fail as argparse does
-        print(f"lopt: name a command\n\n{USAGE}", file=sys.stderr)
+        print(f"lopt: name a command\n\n{usage()}", file=sys.stderr)
         return 2
     if argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(usage())
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"lopt: {unknown_choice('command', command, list(COMMANDS))}\n\n{USAGE}", file=sys.stderr)
+        print(f"lopt: {unknown_choice('command', command, list(COMMANDS))}\n\n{usage()}", file=sys.stderr)
         return 2
     if reference and command not in REFERENCE_SCRIPTS:
         raise ValueError(f"no reference script runs `lopt {command}`; only {' and '.join(REFERENCE_SCRIPTS)} have one")
@@ -190,7 +136,7 @@ def main(argv: list[str] | None = None, *, reference: bool = False) -> int:
         quiet_libraries(log_level_from(rest))
     try:
         if reference:
-            COMMANDS[command](rest, reference=True)
+            train(RECIPES[command], rest, reference=True)
         else:
             COMMANDS[command](rest)
     except LoptError as exc:

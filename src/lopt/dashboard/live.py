@@ -33,6 +33,7 @@ from lopt.dashboard.follow import JsonlFollower
 from lopt.dashboard.hardware import HardwareSampler
 from lopt.dashboard.panels import DashboardView, summary
 from lopt.dashboard.state import DashboardState, StudyRun
+from lopt.recipes.registry import recipe_record
 from lopt.runs import COMPLETIONS, TRAINING_ARGS, read_json_if_complete
 from lopt.training.callbacks import Callback, RunInfo
 from lopt.training.metrics import StepMetrics
@@ -169,7 +170,8 @@ class Dashboard(Callback):
             console=self.console, screen=True, auto_refresh=False, redirect_stdout=False, redirect_stderr=False
         )
         completions: JsonlFollower | None = None
-        if self.state.recipe in ("grpo", "rloo") and self.state.run is not None:
+        recipe = recipe_record(self.state.recipe)
+        if recipe is not None and recipe.data == "prompts" and self.state.run is not None:  # GRPO, RLOO: their samples
             completions = JsonlFollower(self.state.run.output_dir / COMPLETIONS)
         sampler = HardwareSampler()
         next_sample = 0.0

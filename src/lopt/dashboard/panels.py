@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lopt.dashboard.state import RL_SERIES, DashboardState, Series
+from lopt.recipes.registry import recipe_record
 
 LEVELS = " ▁▂▃▄▅▆▇█"  # eighths of a character cell, from empty to full
 COMPLETIONS_SHOWN = 4
@@ -278,11 +279,14 @@ def training_panel(state: DashboardState) -> Panel:
 
 
 def rl_panel(state: DashboardState) -> Panel | None:
-    """GRPO's rewards and sampled completions, DPO's implicit-reward (a reward model's score) accuracy and margin;
-    None for SFT."""
-    if state.recipe in ("grpo", "rloo"):
+    """The rewards of a recipe trained on sampled completions (GRPO, RLOO: the rewards and the completions) or on
+    preference data (DPO's implicit reward, a reward model's score: accuracy and margin), as its registry record says
+    what it trains on; None for SFT."""
+    recipe = recipe_record(state.recipe)
+    data = recipe.data if recipe else None
+    if data == "prompts":
         return _panel(_grpo_body(state), f"rewards · {state.recipe}")
-    if state.recipe in ("dpo", "rm"):  # DPO's implicit reward, a reward model's score: the same columns
+    if data == "pairs":
         return _panel(_dpo_body(state), f"rewards · {state.recipe}")
     return None
 

@@ -7,7 +7,6 @@ LoPT hooks and runs without gradients.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from lopt.data.presets import (
     with_validation,
 )
 from lopt.output import plural
+from lopt.recipes.registry import RECIPES
 from lopt.training.callbacks import Callback
 from lopt.training.run import build_model
 from lopt.training.trl_integration import (
@@ -33,13 +33,7 @@ from lopt.training.trl_integration import (
     validation_arguments,
 )
 
-# metrics.jsonl columns that DPO adds to the contract (training/metrics.py), and the TRL log keys they come from
-DPO_METRICS = {
-    "reward_accuracy": "rewards/accuracies",
-    "reward_margin": "rewards/margins",
-    "reward_chosen": "rewards/chosen",
-    "reward_rejected": "rewards/rejected",
-}
+RECIPE = RECIPES["dpo"]
 
 
 def build_dpo_trainer(config: DPOConfig, out: Path, callbacks: Sequence[Callback] = ()):
@@ -59,21 +53,22 @@ def build_dpo_trainer(config: DPOConfig, out: Path, callbacks: Sequence[Callback
     set_seed(config.seed)  # before the heads are initialized
     args = trl_arguments(
         TRLDPOConfig, config, beta=config.beta, loss_type=config.loss_type, max_length=config.max_seq_length,
-        **validation_arguments(config, DPO_METRICS),
+        **validation_arguments(config, RECIPE.trl_keys()),
     )  # fmt: skip
     wrapper, tokenizer = build_model(config, args.device)  # accelerate's device: this process's GPU, else CPU
     require_chat_template(records, tokenizer, config.model_name_or_path)
     trainer = build_lopt_trainer(
         LoptDPOTrainer, config, wrapper, args, **pair_datasets(records, eval_records), processing_class=tokenizer
     )
-    add_lopt_callbacks(trainer, "dpo", DPO_METRICS, config.resume_from_checkpoint is not None, callbacks)
+    add_lopt_callbacks(trainer, RECIPE, config.resume_from_checkpoint is not None, callbacks)
     return trainer
 
 
 def run_dpo(config: DPOConfig, callbacks: Sequence[Callback] = ()) -> TRLRunResult:
     return run_trl_recipe(
-        "dpo",
+        RECIPE,
         config,
-        functools.partial(build_dpo_trainer, callbacks=callbacks),
+        build_dpo_trainer,
         lambda trainer: f"{plural(len(trainer.train_dataset), 'pair')} | beta {config.beta}, loss {config.loss_type}",
+        callbacks,
     )

@@ -9,7 +9,6 @@ GRPO's clipped, group-normalized objective (--loss_type), RLOO's leave-one-out b
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -22,6 +21,7 @@ from lopt.data.presets import grpo_records, source_options, with_validation
 from lopt.errors import LoptError
 from lopt.models.reward_model import load_reward_model, tokenizer_note
 from lopt.output import console
+from lopt.recipes.registry import RECIPES
 from lopt.rewards import check_reward_arguments, completion_text
 from lopt.tasks import get_task, grpo_rewards
 from lopt.training.callbacks import Callback
@@ -37,14 +37,6 @@ from lopt.training.trl_integration import (
 )
 
 logger = logging.getLogger(__name__)
-
-# metrics.jsonl columns that GRPO adds to the contract (training/metrics.py), and the TRL log keys they come from
-GRPO_METRICS = {
-    "reward": "reward",
-    "reward_std": "reward_std",
-    "completion_length": "completions/mean_length",
-    "step_time_s": "step_time",
-}
 
 
 class _EpochSeededSampler:
@@ -147,8 +139,9 @@ def prepare_prompts(records: list[dict], tokenizer, max_prompt_length: int) -> l
     return kept
 
 
-def _recipe(config: PolicyRLConfig) -> str:
-    return "rloo" if isinstance(config, RLOOConfig) else "grpo"
+def _recipe(config: PolicyRLConfig):
+    """The registry record of the recipe `config` is for: RLOO for an RLOOConfig, else GRPO."""
+    return RECIPES["rloo" if isinstance(config, RLOOConfig) else "grpo"]
 
 
 def build_grpo_trainer(config: PolicyRLConfig, out: Path, callbacks: Sequence[Callback] = (), **trl_settings):
@@ -184,7 +177,7 @@ def build_grpo_trainer(config: PolicyRLConfig, out: Path, callbacks: Sequence[Ca
         use_vllm=config.use_vllm,
         reward_weights=[reward.weight for reward in rewards],
         **specific,
-        **validation_arguments(config, GRPO_METRICS),
+        **validation_arguments(config, _recipe(config).trl_keys()),
         **trl_settings,
     )
 
@@ -215,7 +208,7 @@ def build_grpo_trainer(config: PolicyRLConfig, out: Path, callbacks: Sequence[Ca
     trainer.completions_path = out / "completions.jsonl"
     if trainer.accelerator.is_main_process and not resuming:
         trainer.completions_path.write_text("")
-    add_lopt_callbacks(trainer, _recipe(config), GRPO_METRICS, resuming, callbacks)
+    add_lopt_callbacks(trainer, _recipe(config), resuming, callbacks)
     return trainer
 
 
@@ -224,7 +217,7 @@ def run_grpo(config: PolicyRLConfig, callbacks: Sequence[Callback] = ()) -> TRLR
     return run_trl_recipe(
         _recipe(config),
         config,
-        functools.partial(build_grpo_trainer, callbacks=callbacks),
+        build_grpo_trainer,
         lambda trainer: (
             f"task {config.task} ({get_task(config.task).description}), {len(trainer.train_dataset)} "
             f"prompts | {config.num_generations} completions per prompt | rewards "
@@ -233,4 +226,5 @@ def run_grpo(config: PolicyRLConfig, callbacks: Sequence[Callback] = ()) -> TRLR
                 for name, weight in zip(trainer.reward_func_names, trainer.reward_weights.tolist(), strict=True)
             )
         ),
+        callbacks,
     )

@@ -10,7 +10,6 @@ plain `AutoModelForSequenceClassification` folder with its tokenizer and pad tok
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from lopt.data.presets import (
 )
 from lopt.errors import LoptError
 from lopt.output import plural
+from lopt.recipes.registry import RECIPES
 from lopt.training.callbacks import Callback
 from lopt.training.run import build_model
 from lopt.training.trl_integration import (
@@ -37,8 +37,7 @@ from lopt.training.trl_integration import (
     validation_arguments,
 )
 
-# metrics.jsonl columns that reward modelling adds to the contract (training/metrics.py), and TRL's log keys
-RM_METRICS = {"reward_accuracy": "accuracy", "reward_margin": "margin", "reward_mean": "mean_reward"}
+RECIPE = RECIPES["rm"]
 
 
 def build_rm_trainer(config: RMConfig, out: Path, callbacks: Sequence[Callback] = ()):
@@ -64,21 +63,22 @@ def build_rm_trainer(config: RMConfig, out: Path, callbacks: Sequence[Callback] 
     set_seed(config.seed)  # before the score head and the reconstruction heads are initialized
     args = trl_arguments(
         RewardConfig, config, max_length=config.max_seq_length,
-        center_rewards_coefficient=config.center_rewards_coefficient, **validation_arguments(config, RM_METRICS),
+        center_rewards_coefficient=config.center_rewards_coefficient, **validation_arguments(config, RECIPE.trl_keys()),
     )  # fmt: skip
     wrapper, tokenizer = build_model(config, args.device, reward_model=True)
     require_chat_template(records, tokenizer, config.model_name_or_path)
     trainer = build_lopt_trainer(
         LoptRewardTrainer, config, wrapper, args, **pair_datasets(records, eval_records), processing_class=tokenizer
     )
-    add_lopt_callbacks(trainer, "rm", RM_METRICS, config.resume_from_checkpoint is not None, callbacks)
+    add_lopt_callbacks(trainer, RECIPE, config.resume_from_checkpoint is not None, callbacks)
     return trainer
 
 
 def run_rm(config: RMConfig, callbacks: Sequence[Callback] = ()) -> TRLRunResult:
     return run_trl_recipe(
-        "rm",
+        RECIPE,
         config,
-        functools.partial(build_rm_trainer, callbacks=callbacks),
+        build_rm_trainer,
         lambda trainer: f"{plural(len(trainer.train_dataset), 'pair')} | one-score head, Bradley-Terry loss",
+        callbacks,
     )

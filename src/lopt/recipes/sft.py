@@ -40,7 +40,6 @@ from lopt.parallel import distributed
 from lopt.parallel.backend import ParallelBackend
 from lopt.parallel.launch import backend_from_environment
 from lopt.runs import write_training_args
-from lopt.tools.publish import publish_run
 from lopt.training.callbacks import Callback, Callbacks, MetricsFile, ProgressBar, RunInfo
 from lopt.training.checkpoint import (
     TRAINING_STATE,
@@ -498,8 +497,8 @@ def _save_checkpoint(run: _Run, step: int) -> Path | None:
 
 
 def _finish(run: _Run) -> None:
-    """The final model, a plain Hugging Face folder in --output_dir (gathered where sharded), with lopt's model
-    card; uploaded with --push_to_hub."""
+    """The final model, a plain Hugging Face folder in --output_dir (gathered where sharded); then the listeners
+    hear it is complete (the CLI's publisher writes lopt's model card and, with --push_to_hub, uploads it)."""
     best = _best_to_restore(run)
     if run.config.merge_lora and best is None:
         run.model.merge_adapters()
@@ -509,7 +508,7 @@ def _finish(run: _Run) -> None:
             save_final_model(run.out, final, run.tokenizer)
     distributed.barrier()
     if run.main_process:
-        publish_run(run.config, run.out)
+        run.callbacks.on_model_saved(run.out)
 
 
 def _best_to_restore(run: _Run) -> Path | None:

@@ -9,9 +9,8 @@ loaded, not the weights, so a preview of a run takes seconds.
 from __future__ import annotations
 
 import argparse
+import importlib
 import types
-from collections.abc import Callable
-from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from lopt.config import DPOConfig, GRPOConfig, SFTConfig, parse_config
 from lopt.data.collate import IGNORE_INDEX, build_prompt
 from lopt.errors import LoptError, unknown_choice
 from lopt.output import phase, plural
+from lopt.recipes.registry import RECIPES
 
 DATA_COMMANDS = {"preview": "the first examples as the model sees them, and counts over the whole data set"}
 DEFAULT_NUM_EXAMPLES = 3
@@ -42,12 +42,6 @@ model flags (--train_file, --dataset_name, --dataset_preset, --task, --max_sampl
 `lopt data preview --recipe sft --help`); it loads only the tokenizer and writes nothing."""
 
 
-@dataclass(frozen=True)
-class Recipe:
-    config: type
-    preview: Callable  # (config, tokenizer, num_examples) -> (the first examples, the summary lines)
-
-
 def main(argv: list[str]) -> None:
     """`lopt data <command> [flags]`."""
     if not argv or argv[0] in ("-h", "--help"):
@@ -66,11 +60,12 @@ def preview_main(argv: list[str]) -> None:
     own.add_argument("--recipe", default="sft")
     own.add_argument("--num_examples", type=int, default=DEFAULT_NUM_EXAMPLES)
     options, rest = own.parse_known_args(argv)
-    if options.recipe not in RECIPES:
-        raise unknown_choice("--recipe", options.recipe, list(RECIPES))
+    previewed = {name: recipe for name, recipe in RECIPES.items() if recipe.preview}
+    if options.recipe not in previewed:
+        raise unknown_choice("--recipe", options.recipe, list(previewed))
     if options.num_examples < 0:
         raise LoptError(f"--num_examples must be 0 or more (0: the counts only), got {options.num_examples}")
-    recipe = RECIPES[options.recipe]
+    recipe = previewed[options.recipe]
     config = parse_config(
         [*rest, "--output_dir", _UNUSED_OUTPUT_DIR],
         recipe.config,
@@ -79,7 +74,9 @@ def preview_main(argv: list[str]) -> None:
         f"{DEFAULT_NUM_EXAMPLES}). Takes these flags of the recipe; only the data and model ones matter.",
     )
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
-    shown, summary = recipe.preview(config, tokenizer, options.num_examples)
+    module, function = recipe.preview.split(":")
+    preview = getattr(importlib.import_module(module), function)
+    shown, summary = preview(config, tokenizer, options.num_examples)
     # The preview is the command's result: stdout, so that it pipes into a pager or a file.
     out = Console(soft_wrap=True, highlight=False, emoji=False)
     marks = not out.is_terminal
@@ -273,10 +270,3 @@ def preview_grpo(config: GRPOConfig, tokenizer, num_examples: int) -> tuple[list
         f"completions sampled per prompt, up to --max_completion_length {config.max_completion_length} tokens each",
     ]
     return shown, summary
-
-
-RECIPES = {
-    "sft": Recipe(SFTConfig, preview_sft),
-    "dpo": Recipe(DPOConfig, preview_dpo),
-    "grpo": Recipe(GRPOConfig, preview_grpo),
-}

@@ -11,7 +11,8 @@ Every run writes lopt's model card into its final folder when it finishes, and `
 before uploading (eval.json may have come since): YAML front matter for the hub (base_model, library_name,
 tags, datasets, pipeline_tag), then the base model, the method, LoRA settings, data, steps, the final metrics
 (metrics.jsonl), the evaluation (eval.json) and how to load the model. It is read from the files the run left
-(`lopt report`'s `load_run`), so a run made on another machine is described the same way.
+(lopt.runs), so a run made on another machine is described the same way. The CLI adds `Publisher` to every
+training run's listeners: it checks the hub flags before training and publishes once the final model is saved.
 
 The card is README.md, the page the hub shows, when there is none or when the one there was generated: by lopt
 (it carries CARD_MARKER) or by TRL or peft (their trainers and save_pretrained write one into the folder, which
@@ -33,11 +34,12 @@ from pathlib import Path
 
 import yaml
 
-from lopt.config import METHODS
 from lopt.errors import LoptError
 from lopt.models.lora import ADAPTER_CONFIG, is_adapter_folder
 from lopt.output import console, phase
-from lopt.runs import Run, is_run_folder, load_run
+from lopt.recipes.registry import recipe_record
+from lopt.runs import METHODS, Run, is_run_folder, load_run
+from lopt.training.callbacks import Callback
 
 README, MODEL_CARD = "README.md", "MODEL_CARD.md"
 CARD_MARKER = (
@@ -54,13 +56,6 @@ LOGIN = (
     "log in with `hf auth login` (`huggingface-cli login` before huggingface_hub 1.0), set HF_TOKEN, or pass "
     "--hub_token; the token needs write access"
 )
-RECIPES = {
-    "sft": "supervised fine-tuning",
-    "grpo": "GRPO (TRL's GRPOTrainer) on the rewards of sampled completions",
-    "rloo": "RLOO (TRL's RLOOTrainer) on the rewards of sampled completions",
-    "dpo": "DPO (TRL's DPOTrainer) on preference pairs",
-    "rm": "a reward model (TRL's RewardTrainer): one score per answer, Bradley-Terry loss on preference pairs",
-}
 
 
 def check_push_flags(config) -> None:
@@ -119,13 +114,23 @@ def check_model_folder(folder: Path) -> None:
         )
 
 
-def publish_run(config, out: Path) -> None:
-    """The end of a successful run, on the main process: lopt's card in the final model folder, and with
-    --push_to_hub the folder on the hub."""
-    if config.push_to_hub:
-        push_folder(out, config.hub_model_id, private=config.hub_private_repo, token=config.hub_token, after_run=True)
-    else:
-        _say_where(write_model_card(out, str(out)))
+class Publisher(Callback):
+    """The listener that publishes a training run: made before training, it checks the hub flags (the repository
+    id, offline mode, a token), so a wrong one fails before hours of training; once the final model is saved (on the
+    main process), it writes lopt's card into the folder and, with --push_to_hub, uploads the folder."""
+
+    def __init__(self, config):
+        check_push_flags(config)
+        self.config = config
+
+    def on_model_saved(self, folder: Path) -> None:
+        config = self.config
+        if config.push_to_hub:
+            push_folder(
+                folder, config.hub_model_id, private=config.hub_private_repo, token=config.hub_token, after_run=True
+            )
+        else:
+            _say_where(write_model_card(folder, str(folder)))
 
 
 def push_folder(
@@ -239,17 +244,17 @@ def model_card(folder: Path, repo_id: str) -> str:
     run = load_run(folder) if is_run_folder(folder) else Run(name=folder.name)
     args = run.args
     adapter = json.loads((folder / ADAPTER_CONFIG).read_text()) if is_adapter_folder(folder) else None
-    recipe = run.recipe
+    recipe = recipe_record(run.recipe)
     base = args.get("model_name_or_path") or (adapter or {}).get("base_model_name_or_path")
     base_id = _hub_model_id(base)
     local_learning = METHODS.get(args.get("method", "")) == "lopt"
     dataset_id, data = _data(args, recipe)
-    tags = ["lopt", *(["local-learning"] if local_learning else []), *([recipe] if recipe else [])]
+    tags = ["lopt", *(["local-learning"] if local_learning else []), *([recipe.name] if recipe else [])]
     tags += ["lora"] if adapter is not None or args.get("use_peft") else []
     front = {
         "base_model": base_id,
         "library_name": "peft" if adapter is not None else "transformers",
-        "pipeline_tag": "text-classification" if recipe == "rm" else "text-generation",
+        "pipeline_tag": "text-classification" if recipe and recipe.scores else "text-generation",
         "tags": tags,
         "datasets": [dataset_id] if dataset_id else None,
     }
@@ -262,7 +267,7 @@ def model_card(folder: Path, repo_id: str) -> str:
         f"# {repo_id}",
         "",
         f"{'A LoRA adapter' if adapter is not None else 'A causal language model'} trained with lopt"
-        + (f" ({RECIPES[recipe]})" if recipe else "")
+        + (f" ({recipe.summary})" if recipe else "")
         + ".",
         "",
         "## Training",
@@ -271,7 +276,7 @@ def model_card(folder: Path, repo_id: str) -> str:
     ]
     if args:
         lines += [f"- Method: {_method(folder, args)}"]
-        if recipe == "sft" and args.get("kl_beta"):
+        if args.get("kl_beta"):
             lines += [f"- KL to the starting model: beta {args['kl_beta']}"]
         lines += [f"- LoRA: {_lora(args, adapter, run)}"] if adapter is not None or args.get("use_peft") else []
         lines += [f"- Data: {data}", f"- Steps: {_steps(args, run)}"]
@@ -285,7 +290,7 @@ def model_card(folder: Path, repo_id: str) -> str:
         "",
         "## Use",
         "",
-        *(_reward_usage(repo_id) if recipe == "rm" else _usage(repo_id, adapter, base, base_id)),
+        *(_reward_usage(repo_id) if recipe and recipe.scores else _usage(repo_id, adapter, base, base_id)),
     ]
     return "\n".join(lines) + "\n"
 
@@ -367,8 +372,8 @@ def _lora(args: dict, adapter: dict | None, run: Run) -> str:
     )
 
 
-def _data(args: dict, recipe: str | None) -> tuple[str | None, str]:
-    """(hub dataset id or None, the data as text) of a run."""
+def _data(args: dict, recipe) -> tuple[str | None, str]:
+    """(hub dataset id or None, the data as text) of a run of `recipe` (its registry record, or None)."""
     from lopt.data.presets import PREFERENCE_HUB, PREFERENCE_PRESETS, PRESETS
     from lopt.tasks import TASKS
 
@@ -381,11 +386,12 @@ def _data(args: dict, recipe: str | None) -> tuple[str | None, str]:
     if name:
         config = f", config {args['dataset_config']}" if args.get("dataset_config") else ""
         return name, f"[{name}](https://huggingface.co/datasets/{name}){config}{split}{samples}"
-    if recipe in ("grpo", "rloo"):
+    data = recipe.data if recipe else "examples"
+    if data == "prompts":
         task = TASKS.get(args.get("task", ""))
         hub_id = task.hub_id if task else None
         described = f"the {args.get('task')} task" + (f": {task.description}" if task else "")
-    elif recipe in ("dpo", "rm"):
+    elif data == "pairs":
         hub_id, described = (
             PREFERENCE_HUB.get(args.get("dataset_preset", "")),
             f"the {args.get('dataset_preset')} preset: {PREFERENCE_PRESETS.get(args.get('dataset_preset'))}",

@@ -17,27 +17,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lopt.evaluation.statistics import wilson_interval
+from lopt.recipes.registry import Headline, recipe_record
 from lopt.runs import Run, load_run
 
 MiB = 2**20
 # Runs with fewer logged steps are drawn as points: a line through two points is not a learning curve.
 MIN_CURVE_POINTS = 3
 
-# What each recipe's task_loss is (training/metrics.py): the same column holds different objectives.
-RECIPE_LOSSES = {
-    "sft": "SFT: cross entropy per trained token",
-    "grpo": "GRPO: TRL's policy loss",
-    "rloo": "RLOO: TRL's policy loss",
-    "dpo": "DPO: TRL's preference loss",
-    "rm": "reward model: pairwise Bradley-Terry loss",
-}
-# The recipe's own column that says how training went (RECIPE_COLUMNS in training/metrics.py): key, label, format.
-RECIPE_METRICS = {
-    "grpo": ("reward", "reward", ".3f"),
-    "rloo": ("reward", "reward", ".3f"),
-    "dpo": ("reward_accuracy", "reward accuracy", ".1%"),
-    "rm": ("reward_accuracy", "reward accuracy", ".1%"),
-}
+
+def _headline(recipe: str | None) -> Headline | None:
+    """The recipe's own column that says how training went (its registry record's), if it has one."""
+    record = recipe_record(recipe)
+    return record.headline if record else None
+
+
+def _loss(recipe: str) -> str:
+    """What the recipe's task_loss is: the same column holds different objectives."""
+    record = recipe_record(recipe)
+    return record.loss if record else recipe
 
 
 def _number(value, spec: str) -> str:
@@ -159,11 +156,9 @@ def differences(run: Run, runs: list[Run]) -> list[str]:
 
 
 def _recipe_metric(run: Run) -> str:
-    if run.recipe not in RECIPE_METRICS:
-        return "-"
-    key, label, spec = RECIPE_METRICS[run.recipe]
-    value = run.last(key)
-    return "-" if value is None else f"{label} {value:{spec}}"
+    headline = _headline(run.recipe)
+    value = run.last(headline.column) if headline else None
+    return "-" if value is None else f"{headline.label} {value:{headline.spec}}"
 
 
 def _task_accuracy(e: dict) -> str:
@@ -221,7 +216,7 @@ def table_notes(runs: list[Run]) -> list[str]:
     if len(recipes) > 1:
         notes.append(
             "The final training loss is each recipe's own objective ("
-            + "; ".join(RECIPE_LOSSES.get(r, r) for r in recipes)
+            + "; ".join(_loss(r) for r in recipes)
             + "): compare it only between rows of the same recipe."
         )
     return notes
@@ -246,9 +241,9 @@ def _short_runs(runs: list[Run], key: str) -> str:
 
 def _training_plot(plt, runs: list[Run], recipe: str):
     """The figure of one recipe's runs: task loss (validation dashed), local losses per block, the recipe's metric."""
-    metric = RECIPE_METRICS.get(recipe)
+    metric = _headline(recipe)
     local = [r for r in runs if any(v for _, v in r.series("aux_loss"))]
-    rewarded = [r for r in runs if metric and r.series(metric[0])]
+    rewarded = [r for r in runs if metric and r.series(metric.column)]
     panels = 1 + bool(local) + bool(rewarded)
     from matplotlib.ticker import MaxNLocator
 
@@ -262,7 +257,7 @@ def _training_plot(plt, runs: list[Run], recipe: str):
         if run.series("eval_task_loss"):  # --eval_*: the validations, in the run's colour
             curve(ax, run.series("eval_task_loss"), linestyle="--", marker="x", color=line.get_color(),
                   label=f"{run.name} (validation)")  # fmt: skip
-    ax.set(xlabel="step", ylabel="task loss", title=RECIPE_LOSSES.get(recipe, recipe))
+    ax.set(xlabel="step", ylabel="task loss", title=_loss(recipe))
     ax.legend(fontsize="small")
     if local:
         ax = axes.pop(0)
@@ -276,7 +271,7 @@ def _training_plot(plt, runs: list[Run], recipe: str):
         ax.set(xlabel="step", ylabel="local reconstruction loss", title="Local loss per block", yscale="log")
         ax.legend(fontsize="small")
     if rewarded:
-        key, label, _ = metric
+        key, label = metric.column, metric.label
         ax = axes.pop(0)
         for run in rewarded:
             curve(ax, run.series(key), label=run.name)
@@ -286,7 +281,7 @@ def _training_plot(plt, runs: list[Run], recipe: str):
         f"{recipe.upper()} runs: every logged step of the task loss"
         + (" (dashed: validation)" if any(r.series("eval_task_loss") for r in runs) else "")
         + (", each LoPT block's local loss (log scale)" if local else "")
-        + (f", the {metric[1]}" if rewarded else "")
+        + (f", the {metric.label}" if rewarded else "")
         + _short_runs(runs, "task_loss")
     )
     return fig, caption

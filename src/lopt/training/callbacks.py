@@ -7,7 +7,8 @@ one more `Callback` in the list, with no change to any loop.
 
 Events, in order: `on_train_begin(run)` once; per optimizer step `on_step_end(step, task_loss)`, then
 `on_log(metrics)` on logging steps and `on_save(checkpoint)` after a checkpoint is complete;
-`on_train_end(step)` once, also when a signal stops the run. Only the main process calls them.
+`on_train_end(step)` once, also when a signal stops the run; `on_model_saved(folder)` once the final model is
+complete in the run's folder (not after a stopped run). Only the main process calls them.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from lopt.training.metrics import MetricsWriter, StepMetrics
 class RunInfo:
     """What a run is, for listeners: told once, at the start."""
 
-    recipe: str  # sft, grpo, dpo
+    recipe: str  # the name of its record in recipes/registry.py: sft, grpo, dpo, ...
     method: str  # e2e or lopt
     blocks: list[range]  # each block's decoder layers (one block for E2E)
     backward: str  # local or joint
@@ -60,6 +61,9 @@ class Callback:
     def on_train_end(self, step: int) -> None:
         pass
 
+    def on_model_saved(self, folder: Path) -> None:
+        pass
+
 
 class Callbacks(Callback):
     """Calls each listener in turn, in the order given."""
@@ -86,6 +90,10 @@ class Callbacks(Callback):
     def on_train_end(self, step: int) -> None:
         for listener in self.listeners:
             listener.on_train_end(step)
+
+    def on_model_saved(self, folder: Path) -> None:
+        for listener in self.listeners:
+            listener.on_model_saved(folder)
 
 
 class MetricsFile(Callback):

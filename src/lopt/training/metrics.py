@@ -2,8 +2,8 @@
 
 Every recipe writes `metrics.jsonl` in its `--output_dir` through `MetricsWriter`: one JSON object
 per logged optimizer step, with the common fields below in this order, then the validation fields
-(`EVAL_FIELDS`), then the recipe's own columns (`RECIPE_COLUMNS`) and its validation columns
-(`RECIPE_EVAL_COLUMNS`). A step that validates (--eval_*) is always logged, and its row holds the
+(`EVAL_FIELDS`), then the recipe's own columns and its validation columns (both declared in the recipe's record,
+recipes/registry.py). A step that validates (--eval_*) is always logged, and its row holds the
 validation values; every other row holds null there, so each row has the same columns and a reader
 that knows no validation reads the rows as before (files written before validation existed lack the
 validation columns, and files written before a field of `LATER_FIELDS` existed lack that field).
@@ -49,55 +49,6 @@ EVAL_FIELDS: dict[str, str] = {
     "real token over all of them; GRPO/DPO: mean over the validation batches, as TRL averages its metrics)",
 }
 
-# The columns each recipe adds after the common fields.
-RECIPE_COLUMNS: dict[str, dict[str, str]] = {
-    "sft": {
-        "kl": "mean KL(model || starting model) per trained token, the term --kl_beta weighs (null when it is 0)",
-    },
-    "grpo": {
-        "reward": "mean total reward of the step's completions (weighted sum of the reward functions)",
-        "reward_std": "standard deviation of the total reward within a prompt's group, averaged",
-        "completion_length": "mean completion length in tokens",
-        "step_time_s": "seconds TRL measured for the step",
-    },
-    "dpo": {
-        "reward_accuracy": "fraction of pairs whose implicit reward ranks chosen above rejected",
-        "reward_margin": "mean implicit reward of chosen minus rejected",
-        "reward_chosen": "mean implicit reward of the chosen answers",
-        "reward_rejected": "mean implicit reward of the rejected answers",
-    },
-    "rloo": {},  # GRPO's, set below: the same TRL logs
-    "rm": {
-        "reward_accuracy": "fraction of pairs the reward model scores chosen above rejected",
-        "reward_margin": "mean score of chosen minus rejected",
-        "reward_mean": "mean score over the chosen and rejected answers",
-    },
-}
-
-
-# The validation columns each recipe adds after its own (null but in the rows of steps that validated).
-RECIPE_EVAL_COLUMNS: dict[str, dict[str, str]] = {
-    "sft": {},
-    "grpo": {
-        "eval_reward": "mean total reward of the completions sampled for the validation prompts",
-        "eval_reward_std": "reward_std over the validation prompts' groups",
-        "eval_completion_length": "mean length in tokens of the validation completions",
-    },
-    "dpo": {
-        "eval_reward_accuracy": "reward_accuracy over the validation pairs",
-        "eval_reward_margin": "reward_margin over the validation pairs",
-        "eval_reward_chosen": "reward_chosen over the validation pairs",
-        "eval_reward_rejected": "reward_rejected over the validation pairs",
-    },
-    "rm": {
-        "eval_reward_accuracy": "reward_accuracy over the validation pairs",
-        "eval_reward_margin": "reward_margin over the validation pairs",
-        "eval_reward_mean": "reward_mean over the validation pairs",
-    },
-}
-RECIPE_COLUMNS["rloo"] = RECIPE_COLUMNS["grpo"]
-RECIPE_EVAL_COLUMNS["rloo"] = RECIPE_EVAL_COLUMNS["grpo"]
-
 
 @dataclass
 class StepMetrics:
@@ -124,9 +75,10 @@ class StepMetrics:
         return {**{name: getattr(self, name) for name in (*FIELDS, *EVAL_FIELDS)}, **self.recipe}
 
 
-def contract_errors(row: dict, recipe: str) -> list[str]:
-    """What in a metrics.jsonl row breaks the contract for `recipe` (empty when it holds)."""
-    expected = [*FIELDS, *EVAL_FIELDS, *RECIPE_COLUMNS[recipe], *RECIPE_EVAL_COLUMNS[recipe]]
+def contract_errors(row: dict, recipe) -> list[str]:
+    """What in a metrics.jsonl row breaks the contract for `recipe`, a recipe's record (recipes/registry.py: its
+    `columns` and `eval_columns`); empty when it holds."""
+    expected = [*FIELDS, *EVAL_FIELDS, *recipe.columns, *recipe.eval_columns]
     errors = []
     if list(row) != expected:
         errors.append(f"columns {list(row)} differ from the contract's {expected}")
@@ -152,7 +104,7 @@ def contract_errors(row: dict, recipe: str) -> list[str]:
     elif eval_aux is not None and (not isinstance(eval_aux, list) or len(eval_aux) != len(row.get("aux_loss") or [])):
         errors.append(f"eval_aux_loss must be a list with one entry per non-final block, as aux_loss; got {eval_aux!r}")
     if eval_loss is None:
-        filled = [name for name in RECIPE_EVAL_COLUMNS[recipe] if row.get(name) is not None]
+        filled = [name for name in recipe.eval_columns if row.get(name) is not None]
         if filled:
             errors.append(f"{', '.join(filled)} hold values in a row without validation (eval_task_loss null)")
     return errors

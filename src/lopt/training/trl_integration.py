@@ -66,7 +66,6 @@ from lopt.parallel import distributed
 from lopt.parallel.backend import adapters_sharded_error, optimizer_sharded_error
 from lopt.parallel.distributed import all_reduce_gradients
 from lopt.runs import write_training_args
-from lopt.tools.publish import publish_run
 from lopt.training.callbacks import Callback, Callbacks, MetricsFile, ProgressBar, RunInfo
 from lopt.training.checkpoint import (
     TRAINING_STATE,
@@ -78,7 +77,7 @@ from lopt.training.checkpoint import (
     save_final_model,
 )
 from lopt.training.memory import SavedTensorMeter, device_peak_bytes
-from lopt.training.metrics import RECIPE_EVAL_COLUMNS, StepMetrics
+from lopt.training.metrics import StepMetrics
 from lopt.training.optim import build_optimizer, clip_gradients
 from lopt.training.run import adapter_summary, prepare_output_dir, validation_summary
 from lopt.training.signals import StopRequest
@@ -414,17 +413,17 @@ class TRLBridge(TrainerCallback):
     """TRL's TrainerCallback events -> lopt's listeners (training/callbacks.py), with each logged step as
     the StepMetrics record of the metrics contract (training/metrics.py), read from TRL's logs.
 
-    `columns` maps each of the recipe's own metrics.jsonl columns to the key of TRL's logs it comes
-    from. The mixin's `log` has put the other fields in the logs (`_ContractClock`): `activation_peak_bytes`
-    is the peak of bytes saved for backward over the logging window; `lr` and `lr_k1` are the rates of
-    the last optimizer step. Only the main process tells the listeners.
+    `recipe` is the recipe's record (recipes/registry.py): its own metrics.jsonl columns, each with the key of
+    TRL's logs it comes from, and its validation columns. The mixin's `log` has put the other fields in the logs
+    (`_ContractClock`): `activation_peak_bytes` is the peak of bytes saved for backward over the logging window;
+    `lr` and `lr_k1` are the rates of the last optimizer step. Only the main process tells the listeners.
 
     A step that validates is always logged: the Trainer logs the training values first, then validates, so
     that step's row waits for the validation (`on_evaluate`) and holds its values too.
     """
 
-    def __init__(self, trainer, recipe: str, columns: dict[str, str], listeners: list[Callback]):
-        self.trainer, self.recipe, self.columns = trainer, recipe, columns
+    def __init__(self, trainer, recipe, listeners: list[Callback]):
+        self.trainer, self.recipe, self.columns = trainer, recipe, recipe.trl_keys()
         self.callbacks = Callbacks(listeners)
         self.pending: StepMetrics | None = None  # a validating step's row, until the validation's values come
 
@@ -433,7 +432,7 @@ class TRLBridge(TrainerCallback):
             lopt = self.trainer.lopt
             self.callbacks.on_train_begin(
                 RunInfo(
-                    recipe=self.recipe, method="lopt" if lopt.num_blocks > 1 else "e2e", blocks=list(lopt.blocks),
+                    recipe=self.recipe.name, method="lopt" if lopt.num_blocks > 1 else "e2e", blocks=list(lopt.blocks),
                     backward=self.trainer.lopt_backward, total_steps=state.max_steps, start_step=state.global_step,
                     output_dir=Path(args.output_dir), world_size=self.trainer.accelerator.num_processes,
                 )
@@ -456,7 +455,7 @@ class TRLBridge(TrainerCallback):
             aux_loss=[logs.get(AUX_LOSS_KEY.format(i)) for i in blocks], grad_norm=logs.get("grad_norm"), **window,
             block_grad_norm=_block_grad_norms(logs),
             recipe={column: logs.get(key) for column, key in self.columns.items()}
-            | dict.fromkeys(RECIPE_EVAL_COLUMNS[self.recipe]),
+            | dict.fromkeys(self.recipe.eval_columns),
         )  # fmt: skip
         self.pending = row
         if not control.should_evaluate:
@@ -469,7 +468,7 @@ class TRLBridge(TrainerCallback):
         blocks = range(1, len(self.trainer.lopt.aux_heads) + 1)
         row.eval_task_loss = metrics.get("eval_loss")
         row.eval_aux_loss = [metrics.get("eval_" + AUX_LOSS_KEY.format(i)) for i in blocks]
-        for column in RECIPE_EVAL_COLUMNS[self.recipe]:
+        for column in self.recipe.eval_columns:
             row.recipe[column] = metrics.get(trl_metric(column, self.columns))
         self.callbacks.on_log(row)
 
@@ -529,9 +528,7 @@ def build_lopt_trainer(trainer_class, config: RunConfig, wrapper: LocalLearningL
     return trainer
 
 
-def add_lopt_callbacks(
-    trainer, recipe: str, columns: dict[str, str], append: bool, listeners: Sequence[Callback] = ()
-) -> None:
+def add_lopt_callbacks(trainer, recipe, append: bool, listeners: Sequence[Callback] = ()) -> None:
     """Write metrics.jsonl (a resumed run appends) and tell `listeners`, through one TRLBridge. lopt's progress
     (its bar or log lines, or a listener that draws progress itself: the dashboard) replaces the Trainer's
     console bar and log dicts, so every recipe shows the same progress and fields."""
@@ -539,7 +536,7 @@ def add_lopt_callbacks(
         trainer.remove_callback(console_logger)
     drawn = any(listener.draws_progress for listener in listeners)
     progress = [] if drawn or not trainer.is_world_process_zero() else [ProgressBar(console)]
-    trainer.add_callback(TRLBridge(trainer, recipe, columns, [*progress, MetricsFile(append=append), *listeners]))
+    trainer.add_callback(TRLBridge(trainer, recipe, [*progress, MetricsFile(append=append), *listeners]))
 
 
 @contextmanager
@@ -597,11 +594,22 @@ class TRLRunResult:
     metrics: list[dict]  # metrics.jsonl: one object per logged step
     elapsed_s: float
 
+    @property
+    def first_loss(self) -> float | None:
+        return self.metrics[0]["task_loss"] if self.metrics else None
 
-def run_trl_recipe(name: str, config: RunConfig, build_trainer: Callable, describe: Callable) -> TRLRunResult:
-    """A GRPO or DPO run: `build_trainer(config, out)` makes the trainer, `describe(trainer)` the
-    recipe's part of the start-up line; the rest (processes, output folder, resume, training, final
-    model) is shared. Only the main process writes the run's files."""
+    @property
+    def last_loss(self) -> float | None:
+        return self.metrics[-1]["task_loss"] if self.metrics else None
+
+
+def run_trl_recipe(
+    recipe, config: RunConfig, build_trainer: Callable, describe: Callable, callbacks: Sequence[Callback] = ()
+) -> TRLRunResult:
+    """A run of a TRL recipe (`recipe`, its registry record): `build_trainer(config, out, callbacks)` makes the
+    trainer, `describe(trainer)` the recipe's part of the start-up line; the rest (processes, output folder, resume,
+    training, final model) is shared. `callbacks` listen next to metrics.jsonl, and hear `on_model_saved` once the
+    final model is complete. Only the main process writes the run's files."""
     # Join torchrun's process group before anything is written (accelerate then uses this group),
     # so that only the main process checks and creates the output folder.
     distributed.init_from_environment()
@@ -609,13 +617,13 @@ def run_trl_recipe(name: str, config: RunConfig, build_trainer: Callable, descri
     out = prepare_output_dir(config) if main_process else Path(config.output_dir)
     distributed.barrier()
     resume_dir = find_checkpoint(out, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
-    trainer = build_trainer(config, out)
+    trainer = build_trainer(config, out, callbacks)
     wrapper = trainer.lopt
     if main_process:
         check_writable(out, wrapper)
-        write_training_args(out, name, config.to_json())
+        write_training_args(out, recipe.name, config.to_json())
         console.print(
-            f"[bold]lopt {name}[/]: {config.canonical_method}"
+            f"[bold]lopt {recipe.name}[/]: {config.canonical_method}"
             + (f" k={wrapper.num_blocks}, {config.backward} backward" if wrapper.num_blocks > 1 else "")
             + (" | each block clipped by its own gradient norm" if config.clip_per_block else "")
             + adapter_summary(config, wrapper)
@@ -650,7 +658,7 @@ def run_trl_recipe(name: str, config: RunConfig, build_trainer: Callable, descri
         with phase(f"saving the model to {out}"):
             save_final_model(out, wrapper, trainer.processing_class)
     distributed.barrier()
-    if main_process:
-        publish_run(config, out)  # lopt's card replaces the one TRL writes with each checkpoint
+    if main_process:  # e.g. publishing: lopt's card replaces the one TRL writes with each checkpoint
+        Callbacks(list(callbacks)).on_model_saved(out)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return TRLRunResult(out, trainer.state.global_step, metrics, time.perf_counter() - start)
