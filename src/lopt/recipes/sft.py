@@ -54,22 +54,10 @@ from lopt.training.memory import SavedTensorMeter, device_peak_bytes
 from lopt.training.metrics import StepMetrics
 from lopt.training.optim import build_optimizer, build_scheduler
 from lopt.training.rng import set_rng_state
-from lopt.training.run import (
-    adapter_summary,
-    build_model,
-    prepare_output_dir,
-    validation_summary,
-    weights_dtype,
-)
+from lopt.training.run import adapter_summary, build_model, prepare_output_dir, validation_summary, weights_dtype
 from lopt.training.signals import StopRequest
 from lopt.training.step import EvalResult, StepTaken, train_step
-from lopt.training.task_loss import (
-    AdaptersDisabled,
-    CausalLMLoss,
-    FrozenStartingModel,
-    KLRegularizedLoss,
-    TaskLoss,
-)
+from lopt.training.task_loss import AdaptersDisabled, CausalLMLoss, FrozenStartingModel, KLRegularizedLoss, TaskLoss
 from lopt.training.throughput import Throughput
 from lopt.training.trackers import tracker_callbacks
 from lopt.training.validation import validate
