@@ -297,8 +297,8 @@ def _train(run: _Run, start: float) -> None:
                 if run.main_process and (logged or validation is not None):
                     run.callbacks.on_log(_step_metrics(run, step, taken, rates, meter, throughput, validation))
                 periodic = config.save_steps > 0 and step % config.save_steps == 0
-                # --load_best_model_at_end restores the best validation's weights: they must be on disk
-                if (periodic or stopping or improved and config.load_best_model_at_end) and step < run.total_steps:
+                keep_best = improved and config.load_best_model_at_end  # restored at the end: it must be on disk
+                if (periodic or stopping or keep_best) and step < run.total_steps:
                     last_saved = _save_checkpoint(run, step)
                 if stopping and step < run.total_steps:
                     stop.exit_after_save(last_saved, step)
