@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 from lopt.cli import main
 from lopt.config import SFTConfig, parse_config
 from lopt.errors import LoptError
-from lopt.recipes import sft
 from lopt.recipes.registry import RECIPES
+from lopt.training import step
 from lopt.training.metrics import contract_errors
 from lopt.training.step import StepResult
 from tiny_models import tiny_model_dir
@@ -304,7 +304,7 @@ def test_non_empty_output_dir_is_refused_unless_overwrite(model_dir, train_file,
 
 
 def test_nan_loss_stops_at_its_step_and_keeps_the_last_checkpoint(model_dir, train_file, tmp_path, capsys, monkeypatch):
-    real = sft.forward_backward
+    real = step.forward_backward
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -314,7 +314,7 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_checkpoint(model_dir, tra
             return StepResult(float("nan"), result.aux_losses, result.tokens, result.input_tokens)
         return result
 
-    monkeypatch.setattr(sft, "forward_backward", poisoned)
+    monkeypatch.setattr(step, "forward_backward", poisoned)  # train_step calls it
     out = tmp_path / "nan"
     code, err = run_cli(sft_args(model_dir, train_file, out, "--max_steps", "5", "--save_steps", "2"), capsys)
     assert code == 2 and "step 3" in err and "task loss = nan" in err

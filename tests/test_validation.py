@@ -26,8 +26,8 @@ from lopt.data.order import eval_batches
 from lopt.data.presets import hold_out, sft_records, with_validation
 from lopt.errors import LoptError
 from lopt.parallel.fsdp import FSDPSettings, reshard, shard_model
-from lopt.recipes import sft
 from lopt.recipes.registry import RECIPES
+from lopt.training import validation
 from lopt.training.checkpoint import prune_checkpoints
 from lopt.training.metrics import StepMetrics, contract_errors
 from lopt.training.step import EvalResult, evaluate
@@ -298,7 +298,7 @@ def test_early_stopping_stops_after_patience_validations_without_improvement(
         list(batches)
         return EvalResult(next(values), [0.25])
 
-    monkeypatch.setattr(sft, "evaluate", scripted)
+    monkeypatch.setattr(validation, "evaluate", scripted)  # validate calls it
     out = tmp_path / "early"
     flags = ["--max_steps", "8", "--eval_ratio", "0.25", "--eval_steps", "1", "--early_stopping_patience", "2"]
     code, err = run_cli("sft", sft_args(model_dir, train_file, out, *flags, "--load_best_model_at_end"), capsys)

@@ -1,26 +1,26 @@
-"""Supervised fine-tuning, end-to-end or with LoPT: a plain PyTorch loop.
+"""Supervised fine-tuning, end-to-end or with LoPT: a plain PyTorch loop, read as torchtune's recipes read.
 
 `run_sft` is five named steps: set up (processes, model, data, optimizer), restore (on resume),
-train (the loop below), save (checkpoints, inside the loop) and finish (the final model). One
-optimizer step is `forward_backward` (training/step.py: local or joint backward over the window,
-with the task loss the caller plugs in) followed by `backend.step` (parallel/: reduce, clip,
-check, apply), then the schedule. The loop names no backend and no listener: the progress bar,
-metrics.jsonl and anything passed as `callbacks` hear it through training/callbacks.py.
+train (the loop below), save (checkpoints, inside the loop) and finish (the final model). Each
+optimizer step of `_train` is: the next window of micro-batches -> `train_step` (training/step.py:
+`forward_backward`, local or joint backward with the task loss the caller plugs in, then the parallel
+backend's step: reduce, clip, check, apply) -> the schedule -> the listeners. The loop names no backend
+and no listener: the progress bar, metrics.jsonl and anything passed as `callbacks` hear it through
+training/callbacks.py. The rest of a step lives in training/ too: validation.py, early_stopping.py,
+throughput.py, checkpoint.py (resumable checkpoints, with rng.py) and best_model.py.
 
 With validation records (--eval_file, --eval_split, --eval_ratio) the loop validates every --eval_steps
-and after the last step (`evaluate` in training/step.py: training's forward without gradients), logs
-the validation losses in that step's metrics.jsonl row, keeps the best validation's checkpoint for
---load_best_model_at_end and stops after --early_stopping_patience validations without improvement.
+and after the last step (training's forward without gradients), logs the validation losses in that step's
+metrics.jsonl row, keeps the best validation's checkpoint for --load_best_model_at_end and stops after
+--early_stopping_patience validations without improvement.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,51 +29,38 @@ import torch
 
 from lopt.config import SFTConfig, eval_steps
 from lopt.data.collate import collate, pack_examples, packing_summary, tokenize_sft
-from lopt.data.order import batches_from, batches_per_epoch, eval_batches
+from lopt.data.order import batches_from, batches_per_epoch
 from lopt.data.presets import sft_data_is_generated, sft_records, with_validation
 from lopt.errors import LoptError
 from lopt.models.local_learning import LocalLearningLM
-from lopt.models.lora import is_adapter_folder
 from lopt.models.registry import load_model_and_tokenizer
 from lopt.output import console, phase, plural
 from lopt.parallel import distributed
 from lopt.parallel.backend import ParallelBackend
 from lopt.parallel.launch import backend_from_environment
 from lopt.runs import write_training_args
+from lopt.training.best_model import CheckpointModel, best_to_restore
 from lopt.training.callbacks import Callback, Callbacks, MetricsFile, ProgressBar, RunInfo
 from lopt.training.checkpoint import (
-    TRAINING_STATE,
     check_writable,
     find_checkpoint,
     load_training_state,
-    new_temp_folder,
-    prune_checkpoints,
-    save_checkpoint,
     save_final_model,
+    save_training_checkpoint,
 )
+from lopt.training.early_stopping import BestValidation
 from lopt.training.loss import liger_linear_cross_entropy
 from lopt.training.memory import SavedTensorMeter, device_peak_bytes
 from lopt.training.metrics import StepMetrics
 from lopt.training.optim import build_optimizer, build_scheduler
-from lopt.training.run import (
-    adapter_summary,
-    build_model,
-    prepare_output_dir,
-    validation_summary,
-    weights_dtype,
-)
+from lopt.training.rng import set_rng_state
+from lopt.training.run import adapter_summary, build_model, prepare_output_dir, validation_summary, weights_dtype
 from lopt.training.signals import StopRequest
-from lopt.training.step import EvalResult, StepResult, check_finite, evaluate, forward_backward, stop_unless_finite
-from lopt.training.task_loss import (
-    AdaptersDisabled,
-    CausalLMLoss,
-    FrozenStartingModel,
-    KLRegularizedLoss,
-    TaskLoss,
-)
+from lopt.training.step import EvalResult, StepTaken, train_step
+from lopt.training.task_loss import AdaptersDisabled, CausalLMLoss, FrozenStartingModel, KLRegularizedLoss, TaskLoss
+from lopt.training.throughput import Throughput
 from lopt.training.trackers import tracker_callbacks
-
-logger = logging.getLogger(__name__)
+from lopt.training.validation import validate
 
 
 @dataclass
@@ -86,25 +73,6 @@ class SFTResult:
     peak_mem_bytes: int
     activation_peak_bytes: int
     skipped_truncated: int
-
-
-@dataclass
-class _Best:
-    """The best validation so far by --metric_for_best_model, and the validations since it (early stopping)."""
-
-    metric: float | None = None
-    step: int | None = None
-    since: int = 0
-    checkpoint: str | None = None  # the best step's checkpoint once written (a resumed run's may be elsewhere)
-
-    def update(self, value: float, step: int, greater_is_better: bool) -> bool:
-        """Count validation `value` at `step`; True when it is a new best (strictly better, as transformers')."""
-        better = self.metric is None or (value > self.metric if greater_is_better else value < self.metric)
-        if better:
-            self.metric, self.step, self.since, self.checkpoint = value, step, 0, None
-        else:
-            self.since += 1
-        return better
 
 
 @dataclass
@@ -131,7 +99,7 @@ class _Run:
     peak_activation: int = 0
     block_parameters: list[list[torch.nn.Parameter]] | None = None  # --block_step: each block's, in order
     eval_examples: list[dict] | None = None  # None: no validation records
-    best: _Best = field(default_factory=_Best)
+    best: BestValidation = field(default_factory=BestValidation)
     last_step: int = 0  # the step training ended at (before total_steps when it stopped early)
 
     @property
@@ -255,9 +223,9 @@ def _restore(run: _Run, state: dict) -> None:
     """Resume: the optimizer (through the backend), the schedule, this process's RNG, the data position."""
     run.backend.load_state(run.resume_dir, state, run.model, run.optimizer)
     run.scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"][distributed.rank()])
+    set_rng_state(state["rng"][distributed.rank()])
     run.start_step, run.position = state["step"], tuple(state["position"])
-    run.best = _Best(**state.get("best", {}))  # checkpoints from before validation have none
+    run.best = BestValidation(**state.get("best", {}))  # checkpoints from before validation have none
 
 
 def _start_line(run: _Run) -> str:
@@ -297,60 +265,44 @@ def _start_line(run: _Run) -> str:
 
 
 def _train(run: _Run, start: float) -> None:
-    config, model, backend = run.config, run.model, run.backend
+    """The loop: window -> forward and backward, the backend's step -> schedule -> listeners; then validation,
+    checkpoints and stopping (a signal: save and exit; early stopping: leave the loop)."""
+    config, backend = run.config, run.backend
     batches = batches_from(
         run.position, len(run.examples), config.per_device_train_batch_size, distributed.world_size(),
         distributed.rank(), config.seed,
     )  # fmt: skip
-    meter = SavedTensorMeter(backend.local_parameters(model))
-    throughput = _Throughput(start)
-    last_saved, step, early_stop = None, run.start_step, False
+    meter = SavedTensorMeter(backend.local_parameters(run.model))
+    throughput = Throughput(start)
+    last_saved, step = None, run.start_step
     run.callbacks.on_train_begin(_run_info(run))
     with StopRequest() as stop:
         try:
             for step in range(run.start_step + 1, run.total_steps + 1):
                 window = _next_window(run, batches)
                 meter.reset_peak()
-                block_norms: list[float] = []
-                step_block = functools.partial(_step_block, run, step, block_norms) if config.block_step else None
-                with meter.active(), backend.autocast():
-                    result = forward_backward(
-                        model, window, config.backward, backend.backward, run.task_loss, backend.lm_head_context,
-                        step_block,
-                    )  # fmt: skip
-                rates = run.scheduler.get_last_lr()  # the rates this step applies; the schedule moves on below
-                if config.block_step:  # every block has stepped; the logged norm is the whole gradient's
-                    grad_norm = math.sqrt(sum(norm**2 for norm in block_norms))
-                    check_finite(result, grad_norm, step=step, step_taken=True)
-                else:
-                    check = functools.partial(check_finite, result, step=step)
-                    grad_norm, block_norms = backend.step(model, run.optimizer, check)
+                taken = train_step(
+                    run.model, window, backend, run.optimizer, run.task_loss, config.backward, step,
+                    run.block_parameters, meter.active,
+                )  # fmt: skip
+                rates = run.scheduler.get_last_lr()  # the rates this step applied; the schedule moves on
                 run.scheduler.step()
-                run.losses.append(result.task_loss)
+                run.losses.append(taken.result.task_loss)
                 run.peak_activation = max(run.peak_activation, meter.peak_bytes)
-                throughput.add(distributed.all_reduce_sum(result.input_tokens, backend.device))
-                run.callbacks.on_step_end(step, result.task_loss)
+                throughput.add(distributed.all_reduce_sum(taken.result.input_tokens, backend.device))
+                run.callbacks.on_step_end(step, taken.result.task_loss)
                 stopping = distributed.any_process(stop.requested, backend.device)
-                validation, improved = None, False
-                if run.eval_examples is not None and (step % eval_steps(config) == 0 or step == run.total_steps):
-                    validation, seconds = _validate(run, step)
-                    throughput.exclude(seconds)
-                    metric = {"eval_task_loss": validation.task_loss}[config.metric_for_best_model]  # SFT's choices
-                    improved = run.best.update(metric, step, config.BEST_MODEL_METRICS[config.metric_for_best_model])
-                    early_stop = run.best.since >= (config.early_stopping_patience or math.inf)
+                validation, improved = _validate_when_due(run, step, throughput)
                 logged = step % config.logging_steps == 0 or step == run.total_steps or stopping
                 if run.main_process and (logged or validation is not None):
-                    run.callbacks.on_log(
-                        _step_metrics(run, step, result, rates, grad_norm, block_norms, meter, throughput, validation)
-                    )
+                    run.callbacks.on_log(_step_metrics(run, step, taken, rates, meter, throughput, validation))
                 periodic = config.save_steps > 0 and step % config.save_steps == 0
-                # --load_best_model_at_end restores the best validation's weights: they must be on disk
-                keep_best = improved and config.load_best_model_at_end
+                keep_best = improved and config.load_best_model_at_end  # restored at the end: it must be on disk
                 if (periodic or stopping or keep_best) and step < run.total_steps:
                     last_saved = _save_checkpoint(run, step)
                 if stopping and step < run.total_steps:
                     stop.exit_after_save(last_saved, step)
-                if early_stop:
+                if validation is not None and run.best.patience_spent(config.early_stopping_patience):
                     break
         finally:
             run.last_step = step
@@ -363,13 +315,29 @@ def _train(run: _Run, start: float) -> None:
         )
 
 
-def _step_block(run: _Run, step: int, norms: list[float], block: int) -> None:
-    """--block_step: block `block`'s optimizer step, right after its backward (forward_backward calls it)."""
+def _next_window(run: _Run, batches) -> list[dict[str, torch.Tensor]]:
+    """The micro-batches of one optimizer step, on this process's device; advances the data position."""
+    window = []
+    for _ in range(run.config.gradient_accumulation_steps):
+        run.position, indices = next(batches)
+        batch = collate([run.examples[i] for i in indices], run.tokenizer.pad_token_id)
+        window.append({k: v.to(run.backend.device) for k, v in batch.items()})
+    return window
 
-    def check(norm: float) -> None:
-        stop_unless_finite({f"gradient norm of block {block + 1}": norm}, step, step_taken=block > 0)
 
-    norms.append(run.backend.step_block(run.block_parameters[block], run.optimizer, check))
+def _validate_when_due(run: _Run, step: int, throughput: Throughput) -> tuple[EvalResult | None, bool]:
+    """After every --eval_steps-th step and the last: the validation losses (None when none is due; their seconds
+    are not training's) and whether they are the best yet by --metric_for_best_model."""
+    config = run.config
+    if run.eval_examples is None or (step % eval_steps(config) != 0 and step != run.total_steps):
+        return None, False
+    validation, seconds = validate(
+        run.model, run.eval_examples, run.tokenizer.pad_token_id, config.per_device_eval_batch_size, run.backend,
+        run.task_loss, step,
+    )  # fmt: skip
+    throughput.exclude(seconds)
+    metric = {"eval_task_loss": validation.task_loss}[config.metric_for_best_model]  # SFT's choices
+    return validation, run.best.update(metric, step, config.BEST_MODEL_METRICS[config.metric_for_best_model])
 
 
 def _tokenize_validation(config: SFTConfig, records: list[dict], tokenizer) -> list[dict]:
@@ -382,87 +350,27 @@ def _tokenize_validation(config: SFTConfig, records: list[dict], tokenizer) -> l
     return examples
 
 
-def _validate(run: _Run, step: int) -> tuple[EvalResult, float]:
-    """The validation losses after `step` (every process takes part), and the seconds they took."""
-    start = time.perf_counter()
-    with run.backend.autocast():
-        result = evaluate(run.model, _eval_batches(run), run.task_loss, run.backend.lm_head_context)
-    run.backend.end_evaluation(run.model)
-    losses = [result.task_loss, *result.aux_losses]
-    if not all(math.isfinite(v) for v in losses):
-        raise LoptError(
-            f"The validation losses after step {step} are not finite ({', '.join(map(str, losses))}): the weights "
-            "give NaN or infinite outputs on the validation records. Lower --learning_rate / --lr_k1, or use --bf16 "
-            "instead of --fp16; the last checkpoint is kept."
-        )
-    return result, time.perf_counter() - start
-
-
-def _eval_batches(run: _Run):
-    """This process's validation batches (`eval_batches`), collated on its device, with whether each counts."""
-    config, world, rank = run.config, distributed.world_size(), distributed.rank()
-    for indices, counted in eval_batches(len(run.eval_examples), config.per_device_eval_batch_size, world, rank):
-        batch = collate([run.eval_examples[i] for i in indices], run.tokenizer.pad_token_id)
-        yield {k: v.to(run.backend.device) for k, v in batch.items()}, counted
-
-
 def _step_metrics(
     run: _Run,
     step: int,
-    result: StepResult,
+    taken: StepTaken,
     rates: list[float],
-    grad_norm: float,
-    block_norms: list[float] | None,
     meter: SavedTensorMeter,
-    throughput: _Throughput,
+    throughput: Throughput,
     validation: EvalResult | None = None,
 ) -> StepMetrics:
-    """The logged step as the metrics contract's record; `rates` are the learning rates the step used, `block_norms`
-    each block's gradient norm before clipping (None: the backend cannot tell), `validation` the losses of a validation
-    after it."""
+    """The logged step as the metrics contract's record; `rates` are the learning rates the step used, `validation`
+    the losses of a validation after it."""
     epoch, index = run.position
+    result = taken.result
     return StepMetrics(
         step=step, epoch=round(epoch + index / run.batches_per_epoch, 4), task_loss=result.task_loss,
-        aux_loss=result.aux_losses, lr=rates[-1], lr_k1=rates[0], grad_norm=grad_norm, block_grad_norm=block_norms,
-        tokens_per_s=throughput.rate(), peak_mem_bytes=device_peak_bytes(run.backend.device),
-        activation_peak_bytes=meter.peak_bytes, elapsed_s=throughput.elapsed(),
-        eval_task_loss=validation.task_loss if validation else None,
+        aux_loss=result.aux_losses, lr=rates[-1], lr_k1=rates[0], grad_norm=taken.grad_norm,
+        block_grad_norm=taken.block_norms, tokens_per_s=throughput.rate(),
+        peak_mem_bytes=device_peak_bytes(run.backend.device), activation_peak_bytes=meter.peak_bytes,
+        elapsed_s=throughput.elapsed(), eval_task_loss=validation.task_loss if validation else None,
         eval_aux_loss=validation.aux_losses if validation else None, recipe={"kl": result.terms.get("kl")},
     )  # fmt: skip
-
-
-def _next_window(run: _Run, batches) -> list[dict[str, torch.Tensor]]:
-    """The micro-batches of one optimizer step, on this process's device; advances the data position."""
-    window = []
-    for _ in range(run.config.gradient_accumulation_steps):
-        run.position, indices = next(batches)
-        batch = collate([run.examples[i] for i in indices], run.tokenizer.pad_token_id)
-        window.append({k: v.to(run.backend.device) for k, v in batch.items()})
-    return window
-
-
-class _Throughput:
-    """Input tokens per second over each logging window, and seconds since training started."""
-
-    def __init__(self, start: float):
-        self.start = self.window_start = start
-        self.tokens = 0.0
-
-    def add(self, tokens: float) -> None:
-        self.tokens += tokens
-
-    def exclude(self, seconds: float) -> None:
-        """Leave `seconds` (a validation's) out of the window: the rate is training's."""
-        self.window_start += seconds
-
-    def rate(self) -> float:
-        now = time.perf_counter()
-        rate = self.tokens / (now - self.window_start)
-        self.tokens, self.window_start = 0.0, now
-        return rate
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
 
 
 def _run_info(run: _Run) -> RunInfo:
@@ -474,97 +382,35 @@ def _run_info(run: _Run) -> RunInfo:
 
 
 def _save_checkpoint(run: _Run, step: int) -> Path | None:
-    """Write checkpoint-`step`/ (every process takes part: gathering is a collective under FSDP and
-    ZeRO-3, and under DeepSpeed each process writes its optimizer partition into the folder)."""
-    rng = _gather_rng_states(run.backend.device)
+    """Write checkpoint-`step`/ with what resuming needs (every process takes part: `save_training_checkpoint`)."""
     if run.best.step == step:
         run.best.checkpoint = str(run.out / f"checkpoint-{step}")
-    full = run.backend.full_state(run.model, run.optimizer)
-    folder = distributed.broadcast_from_main(new_temp_folder(run.out) if run.main_process else None)
-    run.backend.save_state(folder)
-    saved = None
-    if run.main_process:
-        state = {
-            "step": step, "position": run.position, "aux_heads": full.aux_heads, "optimizer": full.optimizer,
-            "scheduler": run.scheduler.state_dict(), "rng": rng, "best": dataclasses.asdict(run.best),
-            **run.backend.state_dict(),
-        }  # fmt: skip
-        saved = save_checkpoint(run.out, step, full.model, run.tokenizer, state, folder)
-        prune_checkpoints(run.out, run.config.save_total_limit, run.best_checkpoint)
+    loop = {"position": run.position, "scheduler": run.scheduler.state_dict(), "best": dataclasses.asdict(run.best)}
+    saved = save_training_checkpoint(
+        run.out, step, run.backend, run.model, run.optimizer, run.tokenizer, loop, run.config.save_total_limit,
+        run.best_checkpoint,
+    )  # fmt: skip
+    if saved is not None:
         run.callbacks.on_save(saved)
-    distributed.barrier()
     return saved
 
 
 def _finish(run: _Run) -> None:
-    """The final model, a plain Hugging Face folder in --output_dir (gathered where sharded); then the listeners
-    hear it is complete (the CLI's publisher writes lopt's model card and, with --push_to_hub, uploads it)."""
-    best = _best_to_restore(run)
-    if run.config.merge_lora and best is None:
+    """The final model, a plain Hugging Face folder in --output_dir (gathered where sharded; with
+    --load_best_model_at_end the best validation's checkpoint's); then the listeners hear it is complete (the CLI's
+    publisher writes lopt's model card and, with --push_to_hub, uploads it)."""
+    config = run.config
+    best = best_to_restore(run.best_checkpoint, run.best.step, run.last_step)
+    if config.merge_lora and best is None:
         run.model.merge_adapters()
-    final = _CheckpointModel(best, run.config, run.backend.device) if best else run.backend.full_state(run.model).model
+    if best is not None:
+        dtype = weights_dtype(config, run.backend.device)
+        final = CheckpointModel(best, config.merge_lora, dtype, config.trust_remote_code)
+    else:
+        final = run.backend.full_state(run.model).model
     if run.main_process:
         with phase(f"saving the model to {run.out}" + (f" (the best validation's, {best.name})" if best else "")):
             save_final_model(run.out, final, run.tokenizer)
     distributed.barrier()
     if run.main_process:
         run.callbacks.on_model_saved(run.out)
-
-
-def _best_to_restore(run: _Run) -> Path | None:
-    """The checkpoint whose weights --load_best_model_at_end makes the final model; None: the weights in memory
-    (the last validation was the best, or there is none). The main process decides for all: gathering the weights
-    in memory instead is a collective."""
-    best = run.best_checkpoint if run.best.step != run.last_step else None
-    if best is not None and run.main_process and not (best / TRAINING_STATE).is_file():
-        logger.warning(
-            "--load_best_model_at_end: the best validation's checkpoint %s is gone; the final model is the last "
-            "weights (step %d) instead",
-            best, run.last_step,
-        )  # fmt: skip
-        best = None
-    return distributed.broadcast_from_main(best)
-
-
-class _CheckpointModel:
-    """A checkpoint's model saved as the final one (--load_best_model_at_end): its files as they are, or with
-    --merge_lora an adapter checkpoint merged into its base model."""
-
-    def __init__(self, folder: Path, config: SFTConfig, device: torch.device):
-        self.folder, self.config, self.dtype = folder, config, weights_dtype(config, device)
-
-    def save_pretrained(self, output_dir: Path, tokenizer=None) -> None:
-        if self.config.merge_lora and is_adapter_folder(self.folder):
-            # loads the base model the adapter names and merges the adapter in (on the CPU: the run is over)
-            model, _ = load_model_and_tokenizer(
-                str(self.folder), dtype=self.dtype, trust_remote_code=self.config.trust_remote_code
-            )
-            model.save_pretrained(output_dir, safe_serialization=True)
-            tokenizer.save_pretrained(output_dir)
-            return
-        for path in self.folder.iterdir():  # the model and tokenizer files; not the optimizer's (subfolders)
-            if path.is_file() and path.name != TRAINING_STATE:
-                shutil.copy2(path, output_dir / path.name)
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _gather_rng_states(device: torch.device) -> list[dict]:
-    """Every process's RNG state, so each resumes its own stream (one entry per rank)."""
-    if distributed.world_size() == 1:
-        return [_rng_state()]
-    states = [None] * distributed.world_size()
-    torch.distributed.all_gather_object(states, _rng_state())
-    return states

@@ -1,7 +1,8 @@
 """Writing run outputs so that a kill mid-write never leaves something that looks complete.
 
 A checkpoint is complete when it holds `training_state.pt`, and that file is always written last.
-The SFT loop builds a checkpoint in a temporary sibling folder, fsyncs it, and renames it into place.
+The SFT loop builds a checkpoint in a temporary sibling folder, fsyncs it, and renames it into place
+(`save_training_checkpoint`: every process's part, through the parallel backend, then `save_checkpoint`).
 TRL (GRPO, DPO) writes `checkpoint-N/` in place, file by file; `mark_complete` then fsyncs what is
 there and adds `training_state.pt` atomically, so a folder a kill interrupted has none. The final
 model goes into `--output_dir` itself (the Hugging Face convention), file by file, with
@@ -21,7 +22,10 @@ from pathlib import Path
 import torch
 
 from lopt.errors import LoptError
+from lopt.parallel import distributed
+from lopt.parallel.backend import ParallelBackend
 from lopt.runs import TRAINING_STATE
+from lopt.training.rng import gather_rng_states
 
 MODEL_CONFIGS = ("config.json", "adapter_config.json")  # a full model's, a LoRA adapter folder's
 TEMP_PREFIX = ".tmp-"  # the folders a save builds in; one a second signal interrupted is left empty
@@ -94,6 +98,39 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def save_training_checkpoint(
+    output_dir: Path,
+    step: int,
+    backend: ParallelBackend,
+    model,
+    optimizer: torch.optim.Optimizer,
+    tokenizer,
+    loop_state: dict,
+    keep: int | None,
+    best: Path | None,
+) -> Path | None:
+    """Write `checkpoint-<step>/` of a plain loop, resumable: the model, the aux heads, the optimizer, every process's
+    RNG, the backend's state and `loop_state` (the loop's own: data position, schedule, ...); then prune to the newest
+    `keep` but never `best` (`prune_checkpoints`). Every process takes part: gathering is a collective under FSDP and
+    ZeRO-3, and under DeepSpeed each process writes its optimizer partition into the folder. The main process
+    returns the checkpoint, the others None."""
+    rng = gather_rng_states()
+    full = backend.full_state(model, optimizer)
+    main_process = distributed.is_main_process()
+    folder = distributed.broadcast_from_main(new_temp_folder(output_dir) if main_process else None)
+    backend.save_state(folder)
+    saved = None
+    if main_process:
+        state = {
+            "step": step, **loop_state, "aux_heads": full.aux_heads, "optimizer": full.optimizer, "rng": rng,
+            **backend.state_dict(),
+        }  # fmt: skip
+        saved = save_checkpoint(output_dir, step, full.model, tokenizer, state, folder)
+        prune_checkpoints(output_dir, keep, best)
+    distributed.barrier()
+    return saved
 
 
 def mark_complete(folder: Path, training_state: dict) -> None:

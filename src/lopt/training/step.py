@@ -9,11 +9,14 @@ The model is never wrapped in DistributedDataParallel: DDP expects one backward 
 local backward runs k of them. Gradients are averaged across processes explicitly after the window
 instead, which gives the same result as one process on the global batch.
 
-`evaluate` runs the same forward on validation records, without gradients, for the validation losses.
+`train_step` is one whole optimizer step of a plain loop: `forward_backward`, then the parallel backend's step
+(reduce, clip, check, apply), or with --block_step each block's step right after its backward. `evaluate` runs
+the same forward on validation records, without gradients, for the validation losses.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
@@ -23,6 +26,7 @@ import torch
 
 from lopt.errors import LoptError, unknown_choice
 from lopt.models.local_learning import LocalLearningLM
+from lopt.parallel.backend import ParallelBackend
 from lopt.parallel.distributed import all_reduce_sum, world_size
 from lopt.training.task_loss import CausalLMLoss, LossTerms, TaskLoss
 
@@ -98,6 +102,52 @@ def forward_backward(
         input_tokens=sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
         terms={name: all_reduce_sum(value, device) / global_units for name, value in term_sums.items()},
     )
+
+
+@dataclass
+class StepTaken:
+    """What one optimizer step did: its window's losses, and the gradient norm before clipping, the whole
+    gradient's and each block's (None where the backend cannot tell them: DeepSpeed)."""
+
+    result: StepResult
+    grad_norm: float
+    block_norms: list[float] | None
+
+
+def train_step(
+    model: LocalLearningLM,
+    micro_batches: list[dict[str, torch.Tensor]],
+    backend: ParallelBackend,
+    optimizer: torch.optim.Optimizer,
+    task_loss: TaskLoss,
+    backward: str,
+    step: int,
+    block_parameters: list[list[torch.nn.Parameter]] | None = None,
+    measure: Callable[[], AbstractContextManager] = nullcontext,
+) -> StepTaken:
+    """Optimizer step `step`: `forward_backward` over `micro_batches` inside `measure` (an activation meter) and the
+    backend's autocast, then `backend.step`, which refuses non-finite values before applying. With
+    `block_parameters` (--block_step: each block's, in order) each block steps right after its backward instead, and
+    the step's norm is the whole gradient's, checked once every block has stepped."""
+    block_norms: list[float] = []
+
+    def step_block(block: int) -> None:
+        def check(norm: float) -> None:
+            stop_unless_finite({f"gradient norm of block {block + 1}": norm}, step, step_taken=block > 0)
+
+        block_norms.append(backend.step_block(block_parameters[block], optimizer, check))
+
+    with measure(), backend.autocast():
+        result = forward_backward(
+            model, micro_batches, backward, backend.backward, task_loss, backend.lm_head_context,
+            step_block if block_parameters is not None else None,
+        )  # fmt: skip
+    if block_parameters is None:
+        grad_norm, norms = backend.step(model, optimizer, functools.partial(check_finite, result, step=step))
+        return StepTaken(result, grad_norm, norms)
+    grad_norm = math.sqrt(sum(norm**2 for norm in block_norms))
+    check_finite(result, grad_norm, step=step, step_taken=True)
+    return StepTaken(result, grad_norm, block_norms)
 
 
 @dataclass
