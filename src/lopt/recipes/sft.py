@@ -60,16 +60,13 @@ from lopt.training.run import (
     adapter_summary,
     build_model,
     prepare_output_dir,
+    sft_task_loss,
     validation_summary,
     weights_dtype,
 )
 from lopt.training.signals import StopRequest
 from lopt.training.step import EvalResult, StepResult, check_finite, evaluate, forward_backward, stop_unless_finite
 from lopt.training.task_loss import (
-    AdaptersDisabled,
-    CausalLMLoss,
-    FrozenStartingModel,
-    KLRegularizedLoss,
     TaskLoss,
 )
 from lopt.training.trackers import tracker_callbacks
@@ -187,7 +184,7 @@ def _set_up(config: SFTConfig, task_loss: TaskLoss | None, listeners: list[Callb
     state = load_training_state(resume_dir) if resume_dir else None
     if state is not None:
         model.aux_heads.load_state_dict(state["aux_heads"])  # full tensors: before sharding
-    task_loss = task_loss or _task_loss(config, model, backend.device)
+    task_loss = task_loss or sft_task_loss(config, model, backend.device)
     backend.prepare_model(model)
     if main_process:
         check_writable(out, model)
@@ -226,20 +223,6 @@ def _set_up(config: SFTConfig, task_loss: TaskLoss | None, listeners: list[Callb
         write_training_args(out, "sft", config.to_json())
         console.print(_start_line(run))
     return run
-
-
-def _task_loss(config: SFTConfig, model: LocalLearningLM, device: torch.device) -> TaskLoss:
-    """Cross entropy, plus --kl_beta x KL to the starting model: the base with its adapters disabled under
-    --use_peft, else a frozen copy loaded from --model_name_or_path (the starting model on resume too)."""
-    if config.kl_beta <= 0:
-        return CausalLMLoss(liger=config.liger)
-    if model.uses_adapters:
-        return KLRegularizedLoss(beta=config.kl_beta, reference=AdaptersDisabled())
-    starting, _ = load_model_and_tokenizer(
-        config.model_name_or_path, dtype=weights_dtype(config, device), trust_remote_code=config.trust_remote_code,
-        device=device,
-    )  # fmt: skip
-    return KLRegularizedLoss(beta=config.kl_beta, reference=FrozenStartingModel(starting))
 
 
 def _listeners(config: SFTConfig, resuming: bool, extra: list[Callback]) -> Callbacks:
