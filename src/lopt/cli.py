@@ -136,7 +136,7 @@ def _rm(argv: list[str]) -> None:
 TOOL_COMMANDS = {
     "eval": "lopt.evaluation.cli:main",
     "report": "lopt.tools.report:main",
-    "demo": "lopt.tools.demo:main",
+    "demo": "lopt.study.demo:main",
     "watch": "lopt.dashboard.watch:main",
     "bench": "lopt.tools.bench:main",
     "generate": "lopt.tools.generate:generate_main",
