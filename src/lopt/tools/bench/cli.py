@@ -87,21 +87,16 @@ def _measure_in_subprocess(
 
 
 def _child(job: dict) -> None:
+    """One configuration's measurement, in the subprocess `_measure_in_subprocess` started: its Record on stdout."""
     if job["method"] == "trl-sft":
         print(json.dumps(asdict(measure_trl_sft(job))))
         return
     model, _ = load_model_and_tokenizer(job["model"], device=job["device"])
     configuration = Configuration(job["method"], job["k"])
-    reference = load_model_and_tokenizer(job["model"], device=job["device"])[0] if configuration.kl else None
+    kl = configuration.sft_config().kl_beta > 0  # its frozen reference: a second copy of the starting model
+    reference = load_model_and_tokenizer(job["model"], device=job["device"])[0] if kl else None
     record = measure(
-        model,
-        configuration,
-        job["batch"],
-        job["seq"],
-        job["steps"],
-        job["warmup"],
-        job["liger"],
-        reference,
+        model, configuration, job["batch"], job["seq"], job["steps"], job["warmup"], job["liger"], reference
     )
     print(json.dumps(asdict(record)))
 
@@ -111,7 +106,9 @@ def _int_list(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lopt bench", description=__doc__.splitlines()[0])
+    # the package's docstring, not this module's, describes the command
+    description = sys.modules[__package__].__doc__.splitlines()[0]
+    parser = argparse.ArgumentParser(prog="lopt bench", description=description)
     parser.add_argument("--model_name_or_path", default=DEFAULT_MODEL)
     parser.add_argument("--batch", type=_int_list, default=[4], help="comma-separated batch sizes (default: 4)")
     parser.add_argument("--seq", type=_int_list, default=[512], help="comma-separated sequence lengths (default: 512)")

@@ -41,36 +41,13 @@ class Configuration:
 
     def sft_config(self, liger: bool = False) -> SFTConfig:
         """The variant as `lopt sft` would train it here: at this block count and the benchmark's constant rate, in
-        float32, without clipping."""
+        float32, without clipping. Its backward mode, checkpointing, adapters, KL, block steps and optimizer are the
+        variant's fields, read from here."""
         fields = config_fields(VARIANTS[self.method], LEARNING_RATE)
         return SFTConfig(
             **{**fields, "num_blocks": self.num_blocks, "learning_rate": LEARNING_RATE},
             max_grad_norm=0.0, bf16=False, liger=liger,
         )  # fmt: skip
-
-    @property
-    def backward(self) -> str:
-        return self.sft_config().backward
-
-    @property
-    def checkpointing(self) -> bool:
-        return self.sft_config().gradient_checkpointing
-
-    @property
-    def lora(self) -> bool:
-        return self.sft_config().use_peft
-
-    @property
-    def kl(self) -> bool:
-        return self.sft_config().kl_beta > 0
-
-    @property
-    def block_step(self) -> bool:
-        return self.sft_config().block_step
-
-    @property
-    def optim(self) -> str:
-        return self.sft_config().optim
 
     @property
     def label(self) -> str:

@@ -96,9 +96,8 @@ def print_tables(records: list[Record], losses: list[dict], pairs: list[dict], b
     ):
         table.add_column(column, justify="right")
     for r in records:
-        label = r.label
         table.add_row(
-            label,
+            r.label,
             f"{r.batch} x {r.seq}",
             f"{r.activation_bytes / 2**20:.1f}" if r.accounted else "-",
             _ratio(r.activation_ratio),
