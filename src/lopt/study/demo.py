@@ -11,7 +11,8 @@ The default task is aiw ("Alice has 3 sisters and 2 brothers. How many sisters d
 answers, so that generation is cheap; the starting model answers few of them, E2E SFT learns them within minutes
 on a CPU. The default methods fit `make demo` in about 15 minutes on a 2-core CPU; --full adds the rest. --sweep
 adds LoPT with each of its own knobs changed alone from the paper's setting, at k=2 and k=4, so that the study can
-say which setting LoPT does best with (the report's "LoPT's knobs" section).
+say which setting LoPT does best with (the report's "LoPT's knobs" section). --write_docs puts a study's report into
+the study page (docs/study.md, between its markers: study/docs.py), so that the page is generated, not copied.
 """
 
 from __future__ import annotations
