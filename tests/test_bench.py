@@ -7,7 +7,8 @@ import json
 import pytest
 
 from lopt.errors import LoptError
-from lopt.tools.bench import loss_part, main
+from lopt.tools.bench import main
+from lopt.tools.bench.measure import loss_part
 from test_optim import adamw_8bit_state_bytes
 from tiny_models import tiny_model_dir
 
@@ -143,7 +144,7 @@ def test_bench_packing_trains_the_same_tokens_in_fewer_fuller_steps(tmp_path, ca
 
 def test_the_step_accounting_equals_sizes_computed_by_hand():
     from lopt.models.local_learning import LocalLearningLM
-    from lopt.tools.bench import Configuration, measure
+    from lopt.tools.bench.measure import Configuration, measure
     from tiny_models import tiny_model
 
     def nbytes(parameters) -> int:
@@ -174,7 +175,7 @@ def test_the_step_accounting_equals_sizes_computed_by_hand():
 
 
 def test_largest_batch_is_a_bound_that_holds_at_larger_batches():
-    from lopt.tools.bench import Configuration, measure
+    from lopt.tools.bench.measure import Configuration, measure
     from tiny_models import tiny_model
 
     for method, k in (("e2e", 1), ("lopt+bs", 3)):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lopt.tools import demo
+from lopt.study import demo
 from tiny_models import tiny_model_dir
 
 

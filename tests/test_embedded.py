@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from lopt.cli import main
 from lopt.models.registry import load_model_and_tokenizer
-from lopt.tools.bench import Configuration, add_ratios, measure
+from lopt.tools.bench.measure import Configuration, measure
+from lopt.tools.bench.tables import add_ratios
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from lopt.cli import main
 from lopt.errors import LoptError
 from lopt.runs import Run, load_run
-from lopt.tools.report import curve, write_report
+from lopt.tools.report import write_report
+from lopt.tools.reporting import curve
 
 MiB = 2**20
 

@@ -10,7 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 from lopt.errors import LoptError
-from lopt.tools.study_report import Accuracy, Measure, MethodRow, conclusions, write_study_report
+from lopt.study import demo
+from lopt.study.docs import BEGIN, END, write_docs
+from lopt.study.report import conclusions, write_study_report
+from lopt.study.results import Accuracy, Measure, MethodRow
 
 MiB = 2**20
 N = 20  # held-out problems of the task and of the second task
@@ -207,6 +210,36 @@ def test_sweep_section_compares_each_knob_with_the_papers_setting_at_its_k(study
 def test_study_report_needs_its_study_json(tmp_path):
     with pytest.raises(LoptError, match="study.json: no such file"):
         write_study_report(tmp_path)
+
+
+def test_the_study_page_is_generated_between_its_markers_from_the_studys_report(study, tmp_path, capsys):
+    page = tmp_path / "study.md"
+    before, after = "# The study\n\nWhat it measures.\n", "\n## What it does not say\n\nOur own text.\n"
+    page.write_text(f"{before}{BEGIN}\nhand-copied, stale\n{END}\n{after}")
+    write_study_report(study)
+    demo.main(["--output_dir", str(study), "--write_docs", str(page)])
+    text = page.read_text()
+    assert text.startswith(f"{before}{BEGIN}\n") and text.endswith(f"{END}\n{after}")  # the page's own text kept
+    generated = text.split(BEGIN)[1].split(END)[0]
+    assert "stale" not in generated and "## study" in generated and "### Conclusions" in generated
+    assert "![" not in generated and "### Plots" not in generated  # the images stay in the study folder
+    assert table(generated)["lopt-k2"][3] == "+25.0 pts, p=0.031"  # the report's own table, its cells unchanged
+    assert f"wrote the report of {study} into {page}" in " ".join(capsys.readouterr().err.split())
+    demo.main(["--output_dir", str(study), "--write_docs", str(page)])
+    assert page.read_text().replace(generated, "") == text.replace(generated, "")  # a second write replaces, once
+
+
+def test_the_study_page_must_have_its_markers_and_the_study_its_report(study, tmp_path):
+    page = tmp_path / "study.md"
+    page.write_text(f"# The study\n{END}\n{BEGIN}\n")
+    write_study_report(study)
+    with pytest.raises(LoptError, match="must have one line <!-- study-report:begin --> and, after it"):
+        write_docs(page, study)
+    page.write_text(f"{BEGIN}\n{END}\n")
+    with pytest.raises(LoptError, match="report.md: no such file. Run `lopt demo --output_dir"):
+        write_docs(page, tmp_path)
+    with pytest.raises(LoptError, match="no such file; pass the page"):
+        write_docs(tmp_path / "missing.md", study)
 
 
 def row(name: str, per_problem: list[bool] | None = None, **measures) -> MethodRow:

@@ -24,7 +24,7 @@ TOOL_COMMANDS = {
         "tables and plots comparing runs, from their training_args.json, metrics.jsonl and eval.json",
     ),
     "demo": (
-        "lopt.tools.demo:main",
+        "lopt.study.demo:main",
         "the E2E / LoPT / LoRA study on the embedded SmolLM2-135M: train, evaluate, report",
     ),
     "bench": ("lopt.tools.bench:main", "activation memory and step time of E2E vs LoPT (local and joint backward)"),

@@ -33,7 +33,6 @@ from lopt.data.order import batches_from, batches_per_epoch
 from lopt.data.presets import sft_data_is_generated, sft_records, with_validation
 from lopt.errors import LoptError
 from lopt.models.local_learning import LocalLearningLM
-from lopt.models.registry import load_model_and_tokenizer
 from lopt.output import console, phase, plural
 from lopt.parallel import distributed
 from lopt.parallel.backend import ParallelBackend
@@ -54,10 +53,17 @@ from lopt.training.memory import SavedTensorMeter, device_peak_bytes
 from lopt.training.metrics import StepMetrics
 from lopt.training.optim import build_optimizer, build_scheduler
 from lopt.training.rng import set_rng_state
-from lopt.training.run import adapter_summary, build_model, prepare_output_dir, validation_summary, weights_dtype
+from lopt.training.run import (
+    adapter_summary,
+    build_model,
+    prepare_output_dir,
+    sft_task_loss,
+    validation_summary,
+    weights_dtype,
+)
 from lopt.training.signals import StopRequest
 from lopt.training.step import EvalResult, StepTaken, train_step
-from lopt.training.task_loss import AdaptersDisabled, CausalLMLoss, FrozenStartingModel, KLRegularizedLoss, TaskLoss
+from lopt.training.task_loss import TaskLoss
 from lopt.training.throughput import Throughput
 from lopt.training.trackers import tracker_callbacks
 from lopt.training.validation import validate
@@ -154,7 +160,7 @@ def _set_up(config: SFTConfig, task_loss: TaskLoss | None, listeners: list[Callb
     state = load_training_state(resume_dir) if resume_dir else None
     if state is not None:
         model.aux_heads.load_state_dict(state["aux_heads"])  # full tensors: before sharding
-    task_loss = task_loss or _task_loss(config, model, backend.device)
+    task_loss = task_loss or sft_task_loss(config, model, backend.device)
     backend.prepare_model(model)
     if main_process:
         check_writable(out, model)
@@ -193,20 +199,6 @@ def _set_up(config: SFTConfig, task_loss: TaskLoss | None, listeners: list[Callb
         write_training_args(out, "sft", config.to_json())
         console.print(_start_line(run))
     return run
-
-
-def _task_loss(config: SFTConfig, model: LocalLearningLM, device: torch.device) -> TaskLoss:
-    """Cross entropy, plus --kl_beta x KL to the starting model: the base with its adapters disabled under
-    --use_peft, else a frozen copy loaded from --model_name_or_path (the starting model on resume too)."""
-    if config.kl_beta <= 0:
-        return CausalLMLoss(liger=config.liger)
-    if model.uses_adapters:
-        return KLRegularizedLoss(beta=config.kl_beta, reference=AdaptersDisabled())
-    starting, _ = load_model_and_tokenizer(
-        config.model_name_or_path, dtype=weights_dtype(config, device), trust_remote_code=config.trust_remote_code,
-        device=device,
-    )  # fmt: skip
-    return KLRegularizedLoss(beta=config.kl_beta, reference=FrozenStartingModel(starting))
 
 
 def _listeners(config: SFTConfig, resuming: bool, extra: list[Callback]) -> Callbacks:

@@ -11,18 +11,26 @@ each recipe gets its own plot. Writes report.md, report.html and PNG plots into 
 from __future__ import annotations
 
 import argparse
-import html
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 from lopt.evaluation.statistics import wilson_interval
 from lopt.recipes.registry import Headline, recipe_record
 from lopt.runs import Run, load_run
-
-MiB = 2**20
-# Runs with fewer logged steps are drawn as points: a line through two points is not a learning curve.
-MIN_CURVE_POINTS = 3
+from lopt.tools.reporting import (
+    MIN_CURVE_POINTS,
+    MiB,
+    accuracy_cell,
+    curve,
+    describe_setting,
+    evaluation_setting,
+    markdown_to_html,
+    md_table,
+    md_text,
+    mib,
+    number,
+    setting_differences,
+)
 
 
 def _headline(recipe: str | None) -> Headline | None:
@@ -35,92 +43,6 @@ def _loss(recipe: str) -> str:
     """What the recipe's task_loss is: the same column holds different objectives."""
     record = recipe_record(recipe)
     return record.loss if record else recipe
-
-
-def _number(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _mib(value: float | None) -> float | None:
-    return None if value is None else value / MiB
-
-
-def accuracy_cell(correct: int, n: int) -> str:
-    """An accuracy with its 95% Wilson interval and sample size, e.g. "62.5% [55.6, 68.9] n=200"."""
-    low, high = wilson_interval(correct, n)
-    return f"{correct / n if n else 0:.1%} [{100 * low:.1f}, {100 * high:.1f}] n={n}"
-
-
-def evaluation_setting(e: dict) -> dict[str, object]:
-    """What an eval.json's numbers were measured on; rows compare only where these agree (None: not recorded)."""
-    setting: dict[str, object] = {
-        # a reward model is scored on preference pairs (`lopt eval --reward_model`), not on a task
-        "task": e.get("task") or (f"pairs of {e['pairs']}" if "pairs" in e else None),
-        "problems": e.get("n"),
-        "max new tokens": e.get("max_new_tokens"),
-        "retention text": e.get("retention_source"),
-        "retention tokens": e.get("retention_tokens"),
-    }
-    second = e.get("second_task")
-    if second:
-        setting.update({"second task": second.get("task"), "second-task problems": second.get("n")})
-    return setting
-
-
-def setting_differences(setting: dict[str, object], reference: dict[str, object]) -> list[str]:
-    """How `setting` differs from `reference`, one "name value (reference value)" each; empty when they agree."""
-    names = list(reference) + [name for name in setting if name not in reference]
-    return [
-        f"{name} {_recorded(setting.get(name))} (reference {_recorded(reference.get(name))})"
-        for name in names
-        if setting.get(name) != reference.get(name)
-    ]
-
-
-def _recorded(value) -> str:
-    return "not recorded" if value is None else str(value)
-
-
-def describe_setting(setting: dict[str, object]) -> str:
-    """A table cell saying what a row was evaluated on, e.g. "200 aiw, ≤256 new tokens; ppl 4096 tokens"."""
-    parts = []
-    if setting.get("problems") is not None:
-        task = f"{setting['problems']} {_recorded(setting.get('task'))}"
-        if setting.get("max new tokens") is not None:
-            task += f", ≤{setting['max new tokens']} new tokens"
-        parts.append(task)
-    if setting.get("second task") is not None:
-        parts.append(f"{_recorded(setting.get('second-task problems'))} {setting['second task']}")
-    if setting.get("retention tokens") is not None:
-        parts.append(f"ppl {setting['retention tokens']} tokens")
-    return "; ".join(parts) or "-"
-
-
-def md_text(text: str) -> str:
-    """Text made safe for a Markdown table cell or paragraph: a | would end the cell, a newline the row, and a <
-    before a letter would start raw HTML in report.html."""
-    text = str(text).replace("|", "\\|").replace("\n", " ")
-    return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text)
-
-
-def md_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> list[str]:
-    """A Markdown table whose cells cannot break it."""
-    lines = ["| " + " | ".join(map(md_text, header)) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(map(md_text, row)) + " |" for row in rows]
-
-
-def markdown_to_html(title: str, text: str) -> str:
-    """report.html from report.md's text: the same content, tables as <table>, `code` as <code>, images as <img>."""
-    import markdown
-
-    body = markdown.markdown(text, extensions=["tables"], output_format="html")
-    return (
-        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
-        "<style>body{font-family:sans-serif;margin:2em;max-width:90em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
-        "img{max-width:100%}code{background:#f4f4f4;padding:0 3px}</style></head><body>\n"
-        f"{body}\n</body></html>\n"
-    )
 
 
 COLUMNS = (
@@ -178,19 +100,19 @@ def table_rows(runs: list[Run]) -> list[list[str]]:
             [
                 run.name,
                 run.method,
-                _number(run.blocks, "d"),
-                _number(run.last("step"), "d"),
-                _number(run.trained_parameters, ","),
+                number(run.blocks, "d"),
+                number(run.last("step"), "d"),
+                number(run.trained_parameters, ","),
                 run.recipe or "-",
-                _number(run.last("task_loss"), ".4f"),
+                number(run.last("task_loss"), ".4f"),
                 _recipe_metric(run),
-                _number(run.mean("tokens_per_s"), ".0f"),
-                _number(_mib(run.peak("activation_peak_bytes")), ".1f"),
-                _number(_mib(run.peak("peak_mem_bytes")), ".0f"),
+                number(run.mean("tokens_per_s"), ".0f"),
+                number(mib(run.peak("activation_peak_bytes")), ".1f"),
+                number(mib(run.peak("peak_mem_bytes")), ".0f"),
                 _task_accuracy(e),
                 ("⚠ " if differences(run, runs) else "") + evaluated_on,
-                _number(e.get("perplexity"), ".2f"),
-                _number(e.get("retention_change"), "+.1%"),
+                number(e.get("perplexity"), ".2f"),
+                number(e.get("retention_change"), "+.1%"),
             ]
         )
     return rows
@@ -220,14 +142,6 @@ def table_notes(runs: list[Run]) -> list[str]:
             + "): compare it only between rows of the same recipe."
         )
     return notes
-
-
-def curve(ax, points: list[tuple[int, float]], **style):
-    """Every logged point; runs with too few of them as markers only, so that no line suggests a trend."""
-    steps, values = zip(*points, strict=True)
-    linestyle = style.pop("linestyle", "-")
-    linestyle = linestyle if len(points) >= MIN_CURVE_POINTS else "none"
-    return ax.plot(steps, values, marker=style.pop("marker", "o"), linestyle=linestyle, **style)[0]
 
 
 def _short_runs(runs: list[Run], key: str) -> str:

@@ -1,4 +1,4 @@
-"""Run set-up that every recipe shares: the output folder, the weights' dtype, the wrapped model.
+"""Run set-up that every recipe shares: the output folder, the weights' dtype, the wrapped model, SFT's task loss.
 
 A recipe (recipes/) calls these; nothing here knows which recipe runs.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from lopt.config import RunConfig
+from lopt.config import RunConfig, SFTConfig
 from lopt.errors import LoptError
 from lopt.models.local_learning import LocalLearningLM
 from lopt.models.lora import add_lora, load_adapter, quantization_config, trainable_parameters
@@ -18,6 +18,7 @@ from lopt.models.registry import load_model_and_tokenizer
 from lopt.output import console, plural
 from lopt.training.checkpoint import TRAINING_STATE, has_final_model, latest_checkpoint, leftover_temp_folders
 from lopt.training.optim import optimizer_class
+from lopt.training.task_loss import AdaptersDisabled, CausalLMLoss, FrozenStartingModel, KLRegularizedLoss, TaskLoss
 
 
 def prepare_output_dir(config: RunConfig) -> Path:
@@ -80,12 +81,8 @@ def weights_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
 
 
 def build_model(config: RunConfig, device: torch.device, weights: str | None = None, reward_model: bool = False):
-    """The wrapped model; `weights` (a checkpoint folder) replaces the starting weights on resume.
-
-    With --use_peft the base model is frozen and LoRA adapters are added (models/lora.py) before the
-    blocks are wrapped; on resume the checkpoint holds the adapters, which go onto the starting model.
-    `reward_model`: the model with a one-score head instead of the LM head (`lopt rm`).
-    """
+    """The wrapped model and its tokenizer; `weights` (a checkpoint folder) replaces the starting weights on resume.
+    `reward_model`: the model with a one-score head instead of the LM head (`lopt rm`)."""
     dtype = weights_dtype(config, device)
     optimizer_class(config.optim, device.type)  # an --optim that cannot run here fails before the load's wait
     quantization = quantization_config(config.load_in_4bit, config.load_in_8bit, device, dtype)
@@ -96,8 +93,21 @@ def build_model(config: RunConfig, device: torch.device, weights: str | None = N
         quantization=quantization,
         reward_model=reward_model,
     )
+    return wrap_model(model, config, device, weights, quantized=quantization is not None), tokenizer
+
+
+def wrap_model(
+    model, config: RunConfig, device: torch.device, weights: str | None = None, quantized: bool = False
+) -> LocalLearningLM:
+    """The loaded `model` made what `config` trains: in its blocks with LoPT's settings (one block for E2E), on
+    `device`, gradient checkpointing as asked, in train mode.
+
+    With --use_peft the base model is frozen and LoRA adapters are added (models/lora.py) before the
+    blocks are wrapped; on resume the checkpoint `weights` hold the adapters, which go onto the starting model.
+    A `quantized` model stays where bitsandbytes placed it.
+    """
     if config.use_peft:
-        if quantization is not None:
+        if quantized:
             from peft import prepare_model_for_kbit_training
 
             # lopt checkpoints layers itself (enable_gradient_checkpointing below), so peft must not.
@@ -108,12 +118,30 @@ def build_model(config: RunConfig, device: torch.device, weights: str | None = N
         model, num_blocks=num_blocks, lambda_aux=config.lambda_aux, early_blocks=config.early_blocks,
         aux_loss=config.aux_loss,
     )  # fmt: skip
-    if quantization is None:  # quantized weights were placed on the GPU by bitsandbytes and cannot move
+    if not quantized:  # quantized weights were placed on the GPU by bitsandbytes and cannot move
         wrapped.to(device)
     if config.gradient_checkpointing:
         wrapped.enable_gradient_checkpointing()
     wrapped.train()
-    return wrapped, tokenizer
+    return wrapped
+
+
+def sft_task_loss(
+    config: SFTConfig, model: LocalLearningLM, device: torch.device, starting: torch.nn.Module | None = None
+) -> TaskLoss:
+    """SFT's task loss: cross entropy, plus --kl_beta x KL to the starting model: the base with its adapters disabled
+    under --use_peft, else a frozen copy, `starting` when the caller loaded it, else loaded from
+    --model_name_or_path (the starting model on resume too)."""
+    if config.kl_beta <= 0:
+        return CausalLMLoss(liger=config.liger)
+    if model.uses_adapters:
+        return KLRegularizedLoss(beta=config.kl_beta, reference=AdaptersDisabled())
+    if starting is None:
+        starting, _ = load_model_and_tokenizer(
+            config.model_name_or_path, dtype=weights_dtype(config, device), trust_remote_code=config.trust_remote_code,
+            device=device,
+        )  # fmt: skip
+    return KLRegularizedLoss(beta=config.kl_beta, reference=FrozenStartingModel(starting))
 
 
 def adapter_summary(config: RunConfig, model: LocalLearningLM) -> str:

@@ -5,13 +5,14 @@ then evaluates each saved model and the starting model on the same held-out prob
 interval (paired McNemar tests against E2E), and retention three ways (perplexity change on general text, the mean
 per-token KL from the starting model there, accuracy on a second task no run trained on), with where in the model
 each method changed it (per-layer CKA and weight change). It writes study.json, report.md / report.html with plots
-(lopt/tools/study_report.py), and prints the table. Every number comes from the runs just made.
+(lopt/study/report.py), and prints the table. Every number comes from the runs just made.
 
 The default task is aiw ("Alice has 3 sisters and 2 brothers. How many sisters does her brother have?"): one-number
 answers, so that generation is cheap; the starting model answers few of them, E2E SFT learns them within minutes
 on a CPU. The default methods fit `make demo` in about 15 minutes on a 2-core CPU; --full adds the rest. --sweep
 adds LoPT with each of its own knobs changed alone from the paper's setting, at k=2 and k=4, so that the study can
-say which setting LoPT does best with (the report's "LoPT's knobs" section).
+say which setting LoPT does best with (the report's "LoPT's knobs" section). --write_docs puts a study's report into
+the study page (docs/study.md, between its markers: study/docs.py), so that the page is generated, not copied.
 """
 
 from __future__ import annotations
@@ -32,31 +33,16 @@ from lopt.evaluation.cli import EvalOptions, evaluate_model, write_eval
 from lopt.models.registry import DEFAULT_MODEL
 from lopt.output import console
 from lopt.recipes.sft import run_sft
+from lopt.study.docs import BEGIN, END, write_docs
+from lopt.study.report import markdown_table, write_study_report
+from lopt.study.variants import LR_K1_FRACTION, VARIANTS, config_fields
 from lopt.tasks import EVALUABLE_TASKS
-from lopt.tools.study_report import markdown_table, write_study_report
 from lopt.training.memory import reset_device_peak
 
-# A method's lr_k1 as a fraction of its own learning rate; not an SFTConfig field (config_fields makes it lr_k1).
-LR_K1_FRACTION = "lr_k1_fraction"
-# LoPT's setting in the study: the best of `lopt demo --full --sweep` on aiw (README, "The demo"): lr_k1 a tenth of
-# the learning rate won at k=2 (86.0% vs the paper's setting's 63.0%, McNemar p<0.001, and the least KL to the
-# starting model) and was best at k=4 (20.0% vs 18.5%, not significant); lambda_aux 1 came second at k=2,
-# recon_normalized and clip_per_block did not help. The paper's objective (recon, lambda_aux 10) stays.
-LOPT_SETTING = {LR_K1_FRACTION: 0.1}
-# name -> the SFTConfig fields that make the method; everything else is shared by all runs. LoRA trains at a higher
-# learning rate, as usual practice has it (its update starts at zero and is scaled by alpha / r).
-METHODS = {
-    "e2e": {"method": "e2e"},
-    "lopt-k2": {"method": "lopt", "num_blocks": 2, **LOPT_SETTING},
-    "lora": {"method": "e2e", "use_peft": True, "learning_rate": 1e-3},
-}
+# The study's methods, variants of lopt.study.variants: everything but their own fields is shared by all runs.
+METHODS = ("e2e", "lopt-k2", "lora")
 # --full adds these, in the order they leave the default study when the budget is short (the issue's order reversed).
-FULL_METHODS = {
-    "frozen-k2": {"method": "lopt", "num_blocks": 2, "early_blocks": "frozen"},
-    "lopt-k4": {"method": "lopt", "num_blocks": 4, **LOPT_SETTING},
-    "kl-sft": {"method": "e2e", "kl_beta": 0.1},
-    "lopt-k2-lora": {"method": "lopt", "num_blocks": 2, "use_peft": True, "learning_rate": 1e-3, **LOPT_SETTING},
-}
+FULL_METHODS = ("frozen-k2", "lopt-k4", "kl-sft", "lopt-k2-lora")
 # --sweep: each of LoPT's own knobs changed alone from the paper's setting (the config's defaults: aux_loss recon,
 # lambda_aux 10, lr_k1 = learning rate, global gradient clipping), at k=2 and at k=4. knob -> the fields it changes.
 SWEEP_KNOBS = {
@@ -118,6 +104,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=42, help="first seed; more seeds count up from it")
     parser.add_argument(
+        "--write_docs", metavar="PAGE",
+        help=f"train nothing: put the report of the study already in --output_dir (its report.md) into PAGE, between "
+        f"the lines {BEGIN} and {END}, replacing what was there (docs/study.md)",
+    )  # fmt: skip
+    parser.add_argument(
         "--tui", action=argparse.BooleanOptionalAction, default=None,
         help="full-screen live dashboard while the runs train (default: on with LOPT_TUI=1, on a terminal)",
     )  # fmt: skip
@@ -156,14 +147,6 @@ def run_config(args: argparse.Namespace, folder: str, method: dict, seed: int) -
     return config
 
 
-def config_fields(method: dict, learning_rate: float) -> dict:
-    """A method's SFTConfig fields: its lr_k1 fraction, if it has one, made a rate of its own learning rate."""
-    fields = {name: value for name, value in method.items() if name != LR_K1_FRACTION}
-    if LR_K1_FRACTION in method:
-        fields["lr_k1"] = method[LR_K1_FRACTION] * method.get("learning_rate", learning_rate)
-    return fields
-
-
 def sweep_methods(learning_rate: float) -> dict[str, tuple[dict, dict]]:
     """--sweep's runs: name -> (SFTConfig fields, what the report needs: k and the knob). The paper's setting is the
     config's defaults, so it is `{"method": "lopt", "num_blocks": k}`."""
@@ -180,8 +163,8 @@ def sweep_methods(learning_rate: float) -> dict[str, tuple[dict, dict]]:
 def _methods(args: argparse.Namespace) -> tuple[dict[str, dict], dict[str, dict]]:
     """The study's methods (name -> SFTConfig fields) and, with --sweep, each swept method's sweep entry. A sweep run
     whose fields are those of a study method already planned is that method: trained once, under its own name."""
-    chosen = {**METHODS, **(FULL_METHODS if args.full else {})}
-    methods = {name: config_fields(method, args.learning_rate) for name, method in chosen.items()}
+    chosen = [*METHODS, *(FULL_METHODS if args.full else ())]
+    methods = {name: config_fields(VARIANTS[name], args.learning_rate) for name in chosen}
     sweep: dict[str, dict] = {}
     if args.sweep:
         renamed = {}
@@ -215,6 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
     out = Path(args.output_dir)
+    if args.write_docs:
+        write_docs(Path(args.write_docs), out)
+        console.print(f"wrote the report of {out} into {args.write_docs}")
+        return
     runs = planned_runs(args)
     trained = [run for run in runs if run["name"] != BASE]
     configs = {run["dir"]: run_config(args, run["dir"], run["fields"], run["seed"]) for run in trained}

@@ -11,176 +11,22 @@ generated from the numbers only. Writes report.md, report.html and PNG plots int
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lopt.errors import LoptError
-from lopt.evaluation.statistics import mcnemar_exact, mean_std, wilson_interval
-from lopt.runs import Run, load_run, read_json
-from lopt.tools.report import (
-    MiB,
-    curve,
-    evaluation_setting,
-    markdown_to_html,
-    md_table,
-    md_text,
-    setting_differences,
+from lopt.study.plots import make_plots
+from lopt.study.results import (
+    SIGNIFICANCE,
+    STUDY_FILE,
+    Accuracy,
+    Group,
+    Measure,
+    MethodRow,
+    load_study,
+    method_rows,
+    paired_p,
 )
-
-STUDY_FILE = "study.json"
-BASE = "base"  # study.json's method of the starting model
-SIGNIFICANCE = 0.05  # McNemar p below this: a difference in accuracy the problems support
-
-
-@dataclass
-class Measure:
-    """One number of a method, one value per seed."""
-
-    values: list[float]
-
-    @property
-    def mean(self) -> float:
-        return mean_std(self.values)[0]
-
-    @property
-    def std(self) -> float | None:
-        """The spread over seeds; None with one seed (no spread to tell)."""
-        return mean_std(self.values)[1] if len(self.values) > 1 else None
-
-
-@dataclass
-class Accuracy:
-    """A method's accuracy on one task: correct answers and problems of each seed."""
-
-    correct: list[int]
-    n: list[int]
-
-    @property
-    def measure(self) -> Measure:
-        return Measure([c / n if n else 0.0 for c, n in zip(self.correct, self.n, strict=True)])
-
-    @property
-    def mean(self) -> float:
-        return self.measure.mean
-
-    @property
-    def interval(self) -> tuple[float, float]:
-        """95% Wilson interval of the accuracy pooled over the seeds."""
-        return wilson_interval(sum(self.correct), sum(self.n))
-
-
-@dataclass
-class MethodRow:
-    """One method of the study, its seeds aggregated: the table's row and what the conclusions reason on."""
-
-    name: str
-    method: str = ""
-    seeds: list[int] = field(default_factory=list)
-    accuracy: Accuracy | None = None
-    per_problem: list[bool] | None = None  # the first seed's correctness, problem by problem: for paired tests
-    p_vs_reference: float | None = None  # exact McNemar on the first seeds' per-problem results
-    second_accuracy: Accuracy | None = None
-    second_per_problem: list[bool] | None = None  # the first seed's second-task correctness
-    second_change: Measure | None = None  # second-task accuracy minus the starting model's, in points
-    second_p_vs_base: float | None = None  # exact McNemar of that change, on the first seed
-    perplexity_change: Measure | None = None  # relative, +0.05: 5% worse than the starting model
-    kl_to_base: Measure | None = None
-    trainable_parameters: int | None = None
-    tokens_per_s: Measure | None = None
-    activation_mib: Measure | None = None
-    memory_mib: Measure | None = None
-    setting: dict = field(default_factory=dict)  # what it was evaluated on (report.evaluation_setting)
-    differences: list[str] = field(default_factory=list)  # how that differs from the reference's; empty: comparable
-    is_reference: bool = False
-
-    @property
-    def is_base(self) -> bool:
-        return self.method == BASE
-
-
-Group = list[tuple[dict, Run]]  # a method's study.json entries with their loaded runs, seed by seed
-
-
-def load_study(out: Path) -> tuple[dict, dict[str, Group]]:
-    """study.json and each method's runs, in study.json's order."""
-    path = out / STUDY_FILE
-    if not path.is_file():
-        raise LoptError(f"{path}: no such file; `lopt demo` writes it next to the study's run folders.")
-    study = read_json(path)
-    if not study.get("runs"):
-        raise LoptError(f"{path}: lists no runs; re-run `lopt demo`.")
-    groups: dict[str, Group] = {}
-    for entry in study["runs"]:
-        groups.setdefault(entry["name"], []).append((entry, load_run(out / entry["dir"])))
-    return study, groups
-
-
-def _measure(values: list[float | None], scale: float = 1.0) -> Measure | None:
-    present = [v * scale for v in values if v is not None]
-    return Measure(present) if present else None
-
-
-def _accuracy(scores: list[dict | None]) -> Accuracy | None:
-    scored = [s for s in scores if s and "correct" in s and "n" in s]
-    return Accuracy([s["correct"] for s in scored], [s["n"] for s in scored]) if scored else None
-
-
-def _paired_p(a: list[bool] | None, b: list[bool] | None) -> float | None:
-    """Exact McNemar p of two per-problem results; None where one is missing or they are not the same problems."""
-    if not a or not b or len(a) != len(b):
-        return None
-    return mcnemar_exact(a, b).p_value
-
-
-def _row(name: str, group: Group) -> MethodRow:
-    evaluations = [run.evaluation for _, run in group]
-    first = evaluations[0]
-    return MethodRow(
-        name=name,
-        method=group[0][0].get("method", ""),
-        seeds=[entry["seed"] for entry, _ in group if entry.get("seed") is not None],
-        accuracy=_accuracy(evaluations),
-        per_problem=first.get("per_problem"),
-        second_accuracy=_accuracy([e.get("second_task") for e in evaluations]),
-        second_per_problem=(first.get("second_task") or {}).get("per_problem"),
-        perplexity_change=_measure([e.get("retention_change") for e in evaluations]),
-        kl_to_base=_measure([e.get("kl_to_base") for e in evaluations]),
-        trainable_parameters=group[0][1].trained_parameters,
-        tokens_per_s=_measure([run.mean("tokens_per_s") for _, run in group]),
-        activation_mib=_measure([run.peak("activation_peak_bytes") for _, run in group], 1 / MiB),
-        memory_mib=_measure([run.peak("peak_mem_bytes") for _, run in group], 1 / MiB),
-        setting=evaluation_setting(first) if first else {},
-    )
-
-
-def method_rows(study: dict, groups: dict[str, Group]) -> list[MethodRow]:
-    """The table's rows: one per method, compared with the reference (study.json's, else the first evaluated)."""
-    rows = [_row(name, group) for name, group in groups.items()]
-    reference = next((r for r in rows if r.name == study.get("reference") and r.setting), None)
-    reference = reference or next((r for r in rows if r.setting), None)
-    base = next((r for r in rows if r.is_base), None)
-    for row, group in zip(rows, groups.values(), strict=True):
-        if reference is not None:
-            row.is_reference = row is reference
-            # every seed's evaluation is checked: one seed evaluated differently makes the row's numbers a mix; a
-            # seed without an eval.json has no numbers to mix (its measures read "not measured")
-            seen = [
-                setting_differences(evaluation_setting(run.evaluation), reference.setting)
-                for _, run in group
-                if run.evaluation
-            ]
-            row.differences = list(dict.fromkeys(d for found in seen for d in found))
-            if not row.is_reference:
-                row.p_vs_reference = _paired_p(row.per_problem, reference.per_problem)
-        if base is not None and base.second_accuracy is not None and row.second_accuracy is not None:
-            row.second_change = Measure(
-                [100 * (v - base.second_accuracy.mean) for v in row.second_accuracy.measure.values]
-            )
-            if not row.is_base:
-                row.second_p_vs_base = _paired_p(row.second_per_problem, base.second_per_problem)
-    return rows
-
+from lopt.tools.reporting import markdown_to_html, md_table, md_text
 
 # --- the table
 
@@ -340,7 +186,7 @@ def _accuracy_conclusions(rows: list[MethodRow]) -> list[str]:
     for other in measured[1:]:
         gap = 100 * (best.accuracy.mean - other.accuracy.mean)
         text = f"vs {other.name} ({other.accuracy.mean:.1%}): {gap:+.1f} points, "
-        comparisons.append(text + _verdict(_paired_p(best.per_problem, other.per_problem)))
+        comparisons.append(text + _verdict(paired_p(best.per_problem, other.per_problem)))
     if comparisons:
         several_seeds = any(len(r.accuracy.n) > 1 for r in measured)
         lines.append(
@@ -406,168 +252,6 @@ def conclusions(rows: list[MethodRow]) -> list[str]:
         ),
     ]  # fmt: skip
     return lines
-
-
-# --- the plots
-
-
-def _errors(accuracy: Accuracy, scale: float = 100.0) -> list[list[float]]:
-    """Matplotlib's asymmetric error bars of an accuracy: its Wilson interval around the mean."""
-    low, high = accuracy.interval
-    return [[max(0.0, (accuracy.mean - low) * scale)], [max(0.0, (high - accuracy.mean) * scale)]]
-
-
-NAMED_POINTS = 6  # up to this many methods a scatter names each point; more would overlap: the legend names them
-
-
-def _method_legend(fig, names: list[str], colours: dict[str, str]) -> None:
-    """One legend for the whole figure, outside the plots on the right: a method's colour is the same in every
-    panel, and a legend inside would hide lines once a study has more than a few methods."""
-    from matplotlib.lines import Line2D
-
-    handles = [Line2D([], [], color=colours[name], marker="o", label=name) for name in names]
-    fig.legend(handles=handles, loc="outside right upper", fontsize="small")
-
-
-def _scatter(ax, points: list[tuple[MethodRow, float, list[list[float]] | None]], colours: dict[str, str]) -> None:
-    for row, x, xerr in points:
-        y = 100 * row.accuracy.mean
-        ax.errorbar(x, y, xerr=xerr, yerr=_errors(row.accuracy), fmt="o", capsize=3, color=colours[row.name])
-        if len(points) <= NAMED_POINTS:
-            ax.annotate(row.name, (x, y), textcoords="offset points", xytext=(5, 5))
-    ax.axvline(0, color="grey", linewidth=0.8)
-
-
-def _layer_mean(group: Group, key: str) -> list[float] | None:
-    """A per-layer list averaged over the seeds that have it (all of one length: the same model)."""
-    lists = [run.evaluation[key] for _, run in group if run.evaluation.get(key)]
-    if not lists or len({len(values) for values in lists}) > 1:
-        return None
-    return [sum(values) / len(values) for values in zip(*lists, strict=True)]
-
-
-def _retention_plot(plt, rows: list[MethodRow], study: dict, colours: dict[str, str]):
-    scored = [r for r in rows if r.accuracy is not None and not r.differences]
-    second = [(r, r.second_change.mean, _errors(r.second_accuracy)) for r in scored if r.second_change is not None]
-    kl = [(r, r.kl_to_base.mean, None) for r in scored if r.kl_to_base is not None]
-    panels = [
-        (points, xlabel, title, caption)
-        for points, xlabel, title, caption in (
-            (second, f"{study.get('second_task', 'second task')} accuracy change vs start (points)",
-             "Task accuracy vs second-task retention", "the second task's accuracy change vs the starting model"),
-            (kl, "KL to the starting model (mean per token, general text)", "Task accuracy vs drift",
-             "the KL to the starting model"),
-        )
-        if points
-    ]  # fmt: skip
-    if not panels:
-        return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.4), squeeze=False, layout="constrained")
-    for ax, (points, xlabel, title, _) in zip(axes[0], panels, strict=True):
-        _scatter(ax, points, colours)
-        ax.set(xlabel=xlabel, ylabel="task accuracy (%)", title=title)
-    if max(len(points) for points, *_ in panels) > NAMED_POINTS:
-        _method_legend(fig, [r.name for r in scored], colours)
-    left_out = [r.name for r in rows if r.differences]
-    caption = (
-        f"Task accuracy against {' and against '.join(c for *_, c in panels)}, one point per method; error bars: 95% "
-        "Wilson intervals." + (f" Left out, evaluated differently: {', '.join(left_out)}." if left_out else "")
-    )
-    return fig, caption
-
-
-def _layer_plot(plt, rows: list[MethodRow], groups: dict[str, Group], colours: dict[str, str]):
-    from matplotlib.ticker import MaxNLocator
-
-    layered = [
-        (row.name, _layer_mean(groups[row.name], "layer_cka"), _layer_mean(groups[row.name], "layer_weight_change"))
-        for row in rows
-        if not row.is_base  # the starting model against itself: CKA 1, no change
-    ]
-    if not any(cka or change for _, cka, change in layered):
-        return None
-    fig, (cka_ax, change_ax) = plt.subplots(1, 2, figsize=(12.8, 4.2), layout="constrained")
-    for name, cka, change in layered:
-        for ax, values in ((cka_ax, cka), (change_ax, change)):
-            if values:
-                ax.plot(range(len(values)), values, marker=".", color=colours[name], label=name)
-    cka_ax.set(
-        xlabel="decoder layer", ylabel="linear CKA with the starting model", title="Hidden states (1: unchanged)"
-    )
-    change_ax.set(xlabel="decoder layer", ylabel="relative weight change", title="Weights (‖ΔW‖ / ‖W‖)")
-    for ax in (cka_ax, change_ax):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _method_legend(fig, [name for name, cka, change in layered if cka or change], colours)
-    return fig, "Where each method changed the model, decoder layer by layer (mean over seeds)."
-
-
-BLOCK_STYLES = ("-", "--", ":", "-.")
-
-
-def _loss_plot(plt, groups: dict[str, Group], colours: dict[str, str]):
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
-
-    trained = [(name, entry, run) for name, group in groups.items() for entry, run in group if run.series("task_loss")]
-    if not trained:
-        return None
-    local = [(name, entry, run) for name, entry, run in trained if any(v for _, v in run.series("aux_loss"))]
-    panels = 1 + bool(local)
-    fig, axes = plt.subplots(1, panels, figsize=(6.4 * panels, 4.2), squeeze=False, layout="constrained")
-    ax = axes[0][0]
-    for name, _, run in trained:  # seeds in their method's colour
-        curve(ax, run.series("task_loss"), marker=".", color=colours[name])
-    ax.set(xlabel="step", ylabel="task loss", title="Task loss")
-    if local:
-        ax = axes[0][1]
-        for name, _, run in local:
-            points = run.series("aux_loss")
-            for block in range(max(len(v) for _, v in points)):
-                # a block's value may be null in a row; the log axis also needs it positive
-                kept = [(s, v[block]) for s, v in points if len(v) > block and v[block] and v[block] > 0]
-                if kept:
-                    curve(ax, kept, marker=".", color=colours[name], linestyle=BLOCK_STYLES[block % len(BLOCK_STYLES)])
-        ax.set(xlabel="step", ylabel="local reconstruction loss", title="Local loss per LoPT block", yscale="log")
-        blocks = max(len(v) for _, _, run in local for _, v in run.series("aux_loss"))
-        ax.legend(  # the line style tells the block; the figure's legend, the method
-            handles=[
-                Line2D([], [], color="grey", linestyle=BLOCK_STYLES[b % len(BLOCK_STYLES)], label=f"block {b + 1}")
-                for b in range(blocks)
-            ],
-            fontsize="small",
-        )
-    for ax in axes[0]:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _method_legend(fig, list(dict.fromkeys(name for name, _, _ in trained)), colours)
-    counts = ", ".join(f"{run.name} {len(run.series('task_loss'))}" for _, _, run in trained)
-    caption = f"Every logged step of each run's task loss (logged points: {counts})" + (
-        "; each LoPT block's local loss, log scale." if local else "."
-    )
-    return fig, caption
-
-
-def make_plots(rows: list[MethodRow], groups: dict[str, Group], study: dict, out: Path) -> list[tuple[str, str]]:
-    """Write the PNG plots; returns (file name, caption) of those that had data."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed (servers, CI)
-    import matplotlib.pyplot as plt
-
-    # a method has one colour in every plot; past ten methods, twenty colours (tab20) before any repeats
-    palette = matplotlib.colormaps["tab10" if len(rows) <= 10 else "tab20"]
-    colours = {row.name: palette(i % palette.N) for i, row in enumerate(rows)}
-    plots = []
-    for name, made in (
-        ("accuracy_retention.png", _retention_plot(plt, rows, study, colours)),
-        ("layers.png", _layer_plot(plt, rows, groups, colours)),
-        ("training_loss.png", _loss_plot(plt, groups, colours)),
-    ):
-        if made is not None:
-            fig, caption = made  # laid out by matplotlib's constrained layout, the legend outside the plots
-            fig.savefig(out / name, dpi=110)
-            plt.close(fig)
-            plots.append((name, caption))
-    return plots
 
 
 # --- the files
@@ -636,7 +320,7 @@ def _sweep(study: dict, rows: list[MethodRow]) -> list[str]:
             row = by_name[name]
             delta = "-"
             if row is not paper and paper is not None and row.accuracy and paper.accuracy:
-                delta = _accuracy_delta(row, paper, _paired_p(row.per_problem, paper.per_problem))
+                delta = _accuracy_delta(row, paper, paired_p(row.per_problem, paper.per_problem))
             cells.append([
                 str(blocks), entry["knob"], name, accuracy_text(row.accuracy), delta, _second_change_cell(row),
                 _with_spread(row.perplexity_change, "+.1f", 100, "%"), _with_spread(row.kl_to_base, ".4f"),
@@ -649,7 +333,7 @@ def _sweep(study: dict, rows: list[MethodRow]) -> list[str]:
                     f"k={blocks}: no knob beats the paper's setting ({paper.name}, {paper.accuracy.mean:.1%})."
                 )
             else:
-                verdict = _verdict(_paired_p(best.per_problem, paper.per_problem))
+                verdict = _verdict(paired_p(best.per_problem, paper.per_problem))
                 best_lines.append(
                     f"k={blocks}: best task accuracy {best.name} ({entries[best.name]['knob']}) with "
                     f"{best.accuracy.mean:.1%}, {100 * (best.accuracy.mean - paper.accuracy.mean):+.1f} points over "
