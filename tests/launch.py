@@ -60,7 +60,7 @@ def wait_until(done: Callable[[], object], what: str, process: subprocess.Popen,
     deadline = time.monotonic() + timeout
     while not done():
         assert process.poll() is None, f"the run ended while waiting for {what}:\n{process.communicate()[1]}"
-        assert time.monotonic() < deadline, f"waited {timeout:.0f} s for {what}"
+        assert time.monotonic() < deadline, f"waited {timeout:g} s for {what}"
         time.sleep(0.05)
 
 
