@@ -32,7 +32,7 @@ from lopt.training.step import forward_backward
 from lopt.training.trackers import tracker_scalars
 from test_distributed import WORLD, _halves, _wrapped, spawn
 from test_dpo import dpo_flags
-from test_sft import RECORDS, sft_args
+from tiny_data import SFT_RECORDS, sft_args, write_jsonl
 from tiny_models import tiny_batch, tiny_model, tiny_model_dir
 
 # ---- --aux_loss recon_normalized -----------------------------------------------------------------------------------
@@ -179,13 +179,12 @@ def test_block_grad_norm_is_a_common_field_read_and_tracked_per_block():
 
 
 @pytest.fixture(scope="module")
-def sft_model(tmp_path_factory) -> Path:
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", layers=6)
+def sft_model(tiny_model_dirs) -> Path:
+    return tiny_model_dirs(layers=6)
 
 
 def _sft_rows(sft_model, tmp_path, capsys, *flags) -> tuple[list[dict], str]:
-    train_file = tmp_path / "train.jsonl"
-    train_file.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    train_file = write_jsonl(tmp_path / "train.jsonl", SFT_RECORDS)
     out = tmp_path / "run"
     code = main(["sft", *sft_args(sft_model, train_file, out, "--max_steps", "2", "--logging_steps", "1", *flags)])
     err = capsys.readouterr().err

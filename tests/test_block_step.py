@@ -24,7 +24,7 @@ from lopt.parallel.replicated import ReplicatedBackend
 from lopt.training.optim import build_optimizer
 from lopt.training.step import forward_backward
 from resume_check import assert_resumed_to, stop_after_checkpoint
-from tiny_models import FAMILIES, tiny_batch, tiny_model, tiny_model_dir
+from tiny_models import FAMILIES, tiny_batch, tiny_model
 
 MAX_GRAD_NORM = 0.005  # small enough that every block is clipped, and by its own factor
 
@@ -106,8 +106,8 @@ RECORDS = [{"question": f"What is {a} + {b}?", "answer": f"It is {a + b}."} for 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", layers=6)
+def model_dir(tiny_model_dirs):
+    return tiny_model_dirs(layers=6)
 
 
 def _sft(model_dir, train_file, out, *extra) -> int:

@@ -16,7 +16,7 @@ from lopt.training.step import forward_backward
 from lopt.training.task_loss import CausalLMLoss
 from test_distributed import _wrapped
 from test_dpo import dpo_flags
-from test_sft import model_dir, sft_args, train_file  # noqa: F401 (pytest fixtures)
+from tiny_data import sft_args
 from tiny_models import tiny_batch
 
 

@@ -16,7 +16,6 @@ import yaml
 from lopt.cli import main
 from lopt.config import DPOConfig, GRPOConfig, RLOOConfig, RMConfig, SFTConfig, parse_config
 from lopt.models.registry import ALIASES, EMBEDDED, EMBEDDED_HUB_ID
-from tiny_models import tiny_model_dir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = {"sft": SFTConfig, "grpo": GRPOConfig, "dpo": DPOConfig}
@@ -97,11 +96,6 @@ def test_gpu_config_is_a_real_single_gpu_run(path):
     assert ALIASES.get(name, name) not in (EMBEDDED, EMBEDDED_HUB_ID), f"{path.name}: names the embedded model"
     assert config.bf16 is True and not config.fp16
     assert "report_to" not in config.explicit  # left to the user
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.mark.parametrize("path", CPU_CONFIGS, ids=lambda p: p.name)

@@ -4,26 +4,24 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from launch import PYTHON, WORLD, accelerate, run_lopt, torchrun
 from lopt.config import SFTConfig
 from lopt.errors import LoptError
 from lopt.parallel.deepspeed import DeepSpeedBackend, ZeroSettings, zero_settings_from_environment
 from lopt.training.checkpoint import load_training_state
 from lopt.training.step import forward_backward
-from test_distributed import WORLD, _halves, _wrapped, spawn
-from test_fsdp import TORCHRUN, _micro_batches, _sft, _weights
-from tiny_models import tiny_batch, tiny_model_dir
+from test_distributed import _halves, _wrapped, spawn
+from test_fsdp import _micro_batches, _sft, _weights
+from tiny_data import SAY_RECORDS, sft_paths, write_jsonl
+from tiny_models import tiny_batch
 
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is installed by `make test` (the [deepspeed] extra)")
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _zero_worker(rank: int, out_dir: str, stage: int, num_blocks: int, micro: int, backward: str, checkpointing: bool):
@@ -141,27 +139,17 @@ def test_supported_settings_are_read(monkeypatch):
 
 
 # ---- lopt sft end to end -------------------------------------------------------------------------
-def _accelerate(stage: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / f"configs/accelerate_deepspeed_zero{stage}.yaml"),
-        "--num_processes",
-        str(WORLD),
-    ]
+def _accelerate(stage: int, processes: int = WORLD) -> list[str]:
+    return accelerate(f"configs/accelerate_deepspeed_zero{stage}.yaml", processes)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[Path, Path, dict[str, Path]]:
+def runs(model_dir, tmp_path_factory) -> tuple[Path, Path, dict[str, Path]]:
     """3 steps on 2 processes, a checkpoint each step: replicated (torchrun), ZeRO-2 and ZeRO-3."""
     root = tmp_path_factory.mktemp("deepspeed")
-    model_dir = tiny_model_dir(root / "model")
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": f"{i}"}) + "\n" for i in range(12)))
+    data = write_jsonl(root / "train.jsonl", SAY_RECORDS)
     folders = {"plain": root / "plain", "zero2": root / "zero2", "zero3": root / "zero3"}
-    _sft(TORCHRUN, model_dir, data, folders["plain"], "--lr_scheduler_type", "linear", "--warmup_ratio", "0.4")
+    _sft(torchrun(), model_dir, data, folders["plain"], "--lr_scheduler_type", "linear", "--warmup_ratio", "0.4")
     for stage in (2, 3):
         err = _sft(
             _accelerate(stage),
@@ -228,27 +216,9 @@ def test_resuming_a_zero_checkpoint_ends_with_the_same_weights(runs, tmp_path, s
 
 def test_a_zero_checkpoint_is_refused_by_another_launch_with_the_fix(runs, tmp_path):
     model_dir, data, folders = runs
-    command = [
-        *TORCHRUN,
-        "-m",
-        "lopt.cli",
-        "sft",
-        "--model_name_or_path",
-        str(model_dir),
-        "--train_file",
-        str(data),
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--max_steps",
-        "3",
-        "--per_device_train_batch_size",
-        "2",
-        "--resume_from_checkpoint",
-        str(folders["zero2"] / "checkpoint-1"),
-    ]
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    flags = ["--max_steps", "3", "--per_device_train_batch_size", "2"]
+    resume = ["--resume_from_checkpoint", str(folders["zero2"] / "checkpoint-1")]
+    done = run_lopt(torchrun(), "sft", *sft_paths(model_dir, data, tmp_path / "out"), *flags, *resume, check=False)
     assert done.returncode != 0
     assert "holds DeepSpeed ZeRO-2 optimizer state from 2 processes" in done.stderr
     assert "configs/accelerate_deepspeed_zero2.yaml --num_processes 2" in done.stderr.replace("\n", " ")
@@ -281,31 +251,9 @@ def test_bf16_run_trains_like_float32_and_saves_bf16_weights(runs, tmp_path):
 def test_a_nan_loss_stops_before_deepspeed_steps_and_keeps_the_last_checkpoint(runs, tmp_path):
     model_dir, data, _ = runs
     out = tmp_path / "nan"
-    command = [
-        *_accelerate(3),
-        "-m",
-        "lopt.cli",
-        "sft",
-        "--model_name_or_path",
-        str(model_dir),
-        "--train_file",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        "3",
-        "--per_device_train_batch_size",
-        "2",
-        "--save_steps",
-        "1",
-        "--learning_rate",
-        "1e30",
-        "--max_grad_norm",
-        "0",
-    ]  # step 1 blows the weights up
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    flags = ["--max_steps", "3", "--per_device_train_batch_size", "2", "--save_steps", "1"]
+    blow_up = ["--learning_rate", "1e30", "--max_grad_norm", "0"]  # step 1 blows the weights up
+    done = run_lopt(_accelerate(3), "sft", *sft_paths(model_dir, data, out), *flags, *blow_up, check=False)
     assert done.returncode != 0
     assert "Non-finite values at step 2: task loss = nan" in done.stderr
     assert "The optimizer step was not taken" in done.stderr
@@ -316,9 +264,9 @@ def test_a_nan_loss_stops_before_deepspeed_steps_and_keeps_the_last_checkpoint(r
 def test_one_process_under_a_zero_config_trains_like_a_plain_run(runs, tmp_path):
     """DeepSpeed needs a process group even for one process; lopt makes one when no launcher did."""
     model_dir, data, _ = runs
-    one = [*_accelerate(2)[:-1], "1"]  # --num_processes 1
+    one = _accelerate(2, processes=1)
     assert "DeepSpeed ZeRO-2 across 1 processes" in " ".join(_sft(one, model_dir, data, tmp_path / "zero").split())
-    _sft([sys.executable], model_dir, data, tmp_path / "plain")
+    _sft(PYTHON, model_dir, data, tmp_path / "plain")
     expected = _weights(tmp_path / "plain")
     for name, value in _weights(tmp_path / "zero").items():
         torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=0)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -19,13 +16,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from launch import WORLD, run_lopt, torchrun
 from lopt.models.local_learning import LocalLearningLM
 from lopt.models.lora import add_lora
 from lopt.parallel.distributed import all_reduce_gradients, shutdown
 from lopt.training.step import forward_backward
-from tiny_models import tiny_batch, tiny_model, tiny_model_dir
+from tiny_data import SAY_RECORDS, sft_paths, write_jsonl
+from tiny_models import tiny_batch, tiny_model
 
-WORLD = 2
 LORA = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules="all-linear")
 
 
@@ -117,41 +115,11 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path, backward,
 
 
 @pytest.mark.parametrize("extra", [(), ("--use_peft", "--lora_r", "4")], ids=["full", "lora"])
-def test_lopt_sft_under_torchrun_writes_from_the_main_process_only(tmp_path, extra):
-    model_dir = tiny_model_dir(tmp_path / "model")
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": f"{i}"}) + "\n" for i in range(12)))
+def test_lopt_sft_under_torchrun_writes_from_the_main_process_only(model_dir, tmp_path, extra):
+    data = write_jsonl(tmp_path / "train.jsonl", SAY_RECORDS)
     out = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(WORLD),
-        "-m",
-        "lopt.cli",
-        "sft",
-        "--model_name_or_path",
-        str(model_dir),
-        "--train_file",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        "2",
-        "--per_device_train_batch_size",
-        "2",
-        "--logging_steps",
-        "1",
-        "--save_steps",
-        "1",
-        *extra,
-    ]
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    flags = ("--max_steps", "2", "--per_device_train_batch_size", "2", "--logging_steps", "1", "--save_steps", "1")
+    done = run_lopt(torchrun(), "sft", *sft_paths(model_dir, data, out), *flags, *extra)
     assert "2 processes = 4 sequences" in done.stderr.replace("\n", " ")
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]  # one writer

@@ -14,12 +14,11 @@ from lopt.errors import LoptError
 from lopt.recipes.dpo import build_dpo_trainer
 from lopt.recipes.registry import RECIPES
 from lopt.training.metrics import contract_errors
-from tiny_models import tiny_model_dir
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", layers=6)
+def model_dir(tiny_model_dirs):
+    return tiny_model_dirs(layers=6)
 
 
 def dpo_flags(model_dir, out, *extra):

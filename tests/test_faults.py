@@ -3,32 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from launch import start_lopt, wait_for, wait_until
 from lopt.cli import main
 from lopt.training import checkpoint as ckpt
 from lopt.training.checkpoint import find_checkpoint
-from tiny_models import tiny_model_dir
 
 RECORDS = [
     {"question": f"What is {a} times {b}?", "answer": f"{a} x {b} = {a * b}\n#### {a * b}"}
     for a in range(2, 7)
     for b in range(2, 6)
 ]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -61,25 +53,6 @@ def args(model_dir, train_file, out, *extra) -> list[str]:
     ]
 
 
-def cli_process(arguments: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "lopt.cli", *arguments],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-
-
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.communicate()[1]
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
-
-
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
@@ -91,7 +64,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(model_dir, train_file, 
 
     killed = tmp_path / "killed"
     # A long run, so the kill lands after checkpoint-3 and before the end.
-    process = cli_process(args(model_dir, train_file, killed, "--max_steps", "400", "--save_steps", "3", *constant))
+    process = start_lopt(args(model_dir, train_file, killed, "--max_steps", "400", "--save_steps", "3", *constant))
     wait_for(killed / "checkpoint-3", process)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -177,7 +150,7 @@ def test_a_kill_in_the_middle_of_a_save_is_ignored_by_latest(tmp_path):
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_finishes_the_step_saves_and_says_how_to_resume(model_dir, train_file, tmp_path, signum, code):
     out = tmp_path / "run"
-    process = cli_process(args(model_dir, train_file, out, "--max_steps", "400", "--save_steps", "0"))
+    process = start_lopt(args(model_dir, train_file, out, "--max_steps", "400", "--save_steps", "0"))
     assert_signal_finishes_the_step_and_saves(process, out, signum, code)
 
 
@@ -194,14 +167,13 @@ def assert_a_stop_before_the_first_logging_step_is_logged(process: subprocess.Po
 def test_a_run_stopped_before_its_first_logging_step_logs_the_step_it_stopped_at(model_dir, train_file, tmp_path):
     out = tmp_path / "run"
     flags = args(model_dir, train_file, out, "--max_steps", "400", "--save_steps", "0", "--logging_steps", "1000")
-    assert_a_stop_before_the_first_logging_step_is_logged(cli_process(flags), out)
+    assert_a_stop_before_the_first_logging_step_is_logged(start_lopt(flags), out)
 
 
 def assert_signal_finishes_the_step_and_saves(process: subprocess.Popen, out: Path, signum: int, code: int) -> None:
     """Signal a run once it has logged a step: it must exit with `code` after saving the step in flight."""
     wait_for(out / "metrics.jsonl", process)
-    while not (out / "metrics.jsonl").read_text():
-        time.sleep(0.05)
+    wait_until((out / "metrics.jsonl").read_text, "the first logged step in metrics.jsonl", process)
     process.send_signal(signum)
     _, err = process.communicate(timeout=120)
     assert process.returncode == code, err

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from launch import WORLD, accelerate, run_lopt, torchrun
 from lopt.config import SFTConfig
 from lopt.errors import LoptError
 from lopt.parallel import fsdp
@@ -21,10 +19,9 @@ from lopt.parallel.replicated import ReplicatedBackend, load_optimizer_state
 from lopt.training.checkpoint import load_training_state
 from lopt.training.optim import build_optimizer
 from lopt.training.step import forward_backward
-from test_distributed import WORLD, _halves, _wrapped, spawn
-from tiny_models import tiny_batch, tiny_model_dir
-
-REPO = Path(__file__).resolve().parents[1]
+from test_distributed import _halves, _wrapped, spawn
+from tiny_data import SAY_RECORDS, sft_paths, write_jsonl
+from tiny_models import tiny_batch
 
 
 def _micro_batches(batch: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
@@ -118,55 +115,20 @@ def test_supported_settings_are_read(monkeypatch):
 
 # ---- lopt sft end to end -------------------------------------------------------------------------
 def _sft(launcher: list[str], model_dir: Path, data: Path, out: Path, *extra: str) -> str:
-    command = [
-        *launcher,
-        "-m",
-        "lopt.cli",
-        "sft",
-        "--model_name_or_path",
-        str(model_dir),
-        "--train_file",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        "3",
-        "--per_device_train_batch_size",
-        "2",
-        "--learning_rate",
-        "1e-3",
-        "--logging_steps",
-        "1",
-        "--save_steps",
-        "1",
-        *extra,
-    ]
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    flags = ["--max_steps", "3", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3"]
+    flags += ["--logging_steps", "1", "--save_steps", "1"]
+    done = run_lopt(launcher, "sft", *sft_paths(model_dir, data, out), *flags, *extra)
     return done.stderr.replace("\n", " ")
 
 
-ACCELERATE_FSDP2 = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--config_file",
-    str(REPO / "configs/accelerate_fsdp2.yaml"),
-    "--num_processes",
-    str(WORLD),
-]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD)]
+ACCELERATE_FSDP2 = accelerate("configs/accelerate_fsdp2.yaml")
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory) -> tuple[Path, Path, Path]:
+def fsdp_run(model_dir, tmp_path_factory) -> tuple[Path, Path, Path]:
     """`accelerate launch` with the shipped FSDP2 config: 3 steps on 2 processes, a checkpoint each step."""
     root = tmp_path_factory.mktemp("fsdp")
-    model_dir = tiny_model_dir(root / "model")
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": f"{i}"}) + "\n" for i in range(12)))
+    data = write_jsonl(root / "train.jsonl", SAY_RECORDS)
     err = _sft(ACCELERATE_FSDP2, model_dir, data, root / "run")
     assert "FSDP2 across 2 processes" in err
     return model_dir, data, root / "run"
@@ -180,7 +142,7 @@ def test_fsdp_run_saves_plain_models_equal_to_an_unsharded_run(fsdp_run, tmp_pat
     model_dir, data, run = fsdp_run
     model, info = AutoModelForCausalLM.from_pretrained(run, output_loading_info=True)
     assert not any(info.values()), info  # nothing missing, unexpected or mismatched: a plain HF model
-    _sft(TORCHRUN, model_dir, data, tmp_path / "plain")  # the same run, replicated
+    _sft(torchrun(), model_dir, data, tmp_path / "plain")  # the same run, replicated
     expected = _weights(tmp_path / "plain")
     assert _weights(run).keys() == expected.keys()
     for name, value in model.state_dict().items():
@@ -199,7 +161,7 @@ def test_fsdp_run_saves_plain_models_equal_to_an_unsharded_run(fsdp_run, tmp_pat
     assert moments["model.lm_head.weight"]["exp_avg"].shape == model.lm_head.weight.shape
 
 
-@pytest.mark.parametrize("launcher", [ACCELERATE_FSDP2, TORCHRUN], ids=["sharded", "unsharded"])
+@pytest.mark.parametrize("launcher", [ACCELERATE_FSDP2, torchrun()], ids=["sharded", "unsharded"])
 def test_resuming_a_sharded_checkpoint_ends_with_the_same_weights(fsdp_run, tmp_path, launcher):
     model_dir, data, run = fsdp_run
     resumed = tmp_path / "resumed"

@@ -18,42 +18,42 @@ from lopt.recipes.grpo import build_grpo_trainer, prepare_prompts, run_grpo
 from lopt.recipes.registry import RECIPES
 from lopt.training.metrics import contract_errors
 from lopt.training.trl_integration import trl_arguments
-from tiny_models import tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", layers=6)
+def model_dir(tiny_model_dirs):
+    return tiny_model_dirs(layers=6)
+
+
+def grpo_flags(model_dir, out, *extra) -> list[str]:
+    """A tiny `lopt grpo` run's flags: 2 prompts, 2 completions of at most 8 tokens each."""
+    return [
+        "--model_name_or_path",
+        str(model_dir),
+        "--output_dir",
+        str(out),
+        "--max_samples",
+        "2",
+        "--num_generations",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--max_completion_length",
+        "8",
+        "--max_prompt_length",
+        "1024",
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        *extra,
+    ]
 
 
 def grpo_config(model_dir, out, *extra):
-    return parse_config(
-        [
-            "--model_name_or_path",
-            str(model_dir),
-            "--output_dir",
-            str(out),
-            "--max_samples",
-            "2",
-            "--num_generations",
-            "2",
-            "--per_device_train_batch_size",
-            "2",
-            "--max_completion_length",
-            "8",
-            "--max_prompt_length",
-            "1024",
-            "--logging_steps",
-            "1",
-            "--learning_rate",
-            "1e-3",
-            *extra,
-        ],
-        GRPOConfig,
-        prog="lopt grpo",
-    )
+    return parse_config(grpo_flags(model_dir, out, *extra), GRPOConfig, prog="lopt grpo")
 
 
 def test_two_step_grpo_run_writes_a_plain_model_metrics_and_completions(model_dir, tmp_path):

@@ -19,13 +19,8 @@ from lopt.models.lora import add_lora
 from lopt.training.loss import chunked_kl_sum
 from lopt.training.step import forward_backward
 from lopt.training.task_loss import AdaptersDisabled, FrozenStartingModel, KLRegularizedLoss, LossTerms
-from test_sft import RECORDS, sft_args
-from tiny_models import tiny_batch, tiny_model, tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+from tiny_data import SFT_RECORDS, sft_args, write_jsonl
+from tiny_models import tiny_batch, tiny_model
 
 
 def full_kl(hidden, weight, ref_hidden, ref_weight) -> torch.Tensor:
@@ -116,8 +111,7 @@ def test_with_adapters_the_reference_is_the_base_and_the_kl_starts_at_zero():
 
 @pytest.mark.parametrize("extra", [(), ("--use_peft",)], ids=["full", "lora"])
 def test_a_kl_run_logs_kl_from_zero_and_trains_like_sft_at_its_first_step(extra, model_dir, tmp_path):
-    train_file = tmp_path / "train.jsonl"
-    train_file.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    train_file = write_jsonl(tmp_path / "train.jsonl", SFT_RECORDS)
     flags = ("--method", "e2e", "--max_steps", "3", "--logging_steps", "1", "--learning_rate", "1e-2", *extra)
     assert main(["sft", *sft_args(model_dir, train_file, tmp_path / "kl", *flags, "--kl_beta", "0.1")]) == 0
     assert main(["sft", *sft_args(model_dir, train_file, tmp_path / "plain", *flags)]) == 0

@@ -31,22 +31,10 @@ from lopt.training.step import forward_backward
 from lopt.training.task_loss import CausalLMLoss
 from test_dpo import dpo_flags
 from test_grpo import grpo_config
-from test_sft import RECORDS, sft_args
-from tiny_models import tiny_batch, tiny_model, tiny_model_dir
+from tiny_data import sft_args
+from tiny_models import tiny_batch, tiny_model
 
 LORA = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules="all-linear")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture()
-def train_file(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return path
 
 
 def lora_wrapped(num_blocks: int, layers: int = 4, seed: int = 0) -> LocalLearningLM:
@@ -239,8 +227,8 @@ def test_merge_refuses_what_is_not_an_adapter(model_dir, tmp_path, capsys):
     assert "names no base_model_name_or_path" in capsys.readouterr().err
 
 
-def test_dpo_and_grpo_with_lopt_train_and_save_only_the_policy_adapter(tmp_path_factory):
-    model_dir = tiny_model_dir(tmp_path_factory.mktemp("tiny6") / "model", layers=6)
+def test_dpo_and_grpo_with_lopt_train_and_save_only_the_policy_adapter(tiny_model_dirs, tmp_path_factory):
+    model_dir = tiny_model_dirs(layers=6)
     dpo_out, grpo_out = tmp_path_factory.mktemp("dpo") / "run", tmp_path_factory.mktemp("grpo") / "run"
     peft_flags = ("--use_peft", "--lora_r", "4", "--num_blocks", "2", "--max_steps", "2")
     assert main(["dpo", *dpo_flags(model_dir, dpo_out, *peft_flags)]) == 0

@@ -11,7 +11,7 @@ from lopt.output import QUIET_ENVIRONMENT
 from lopt.training.callbacks import progress_line
 from lopt.training.metrics import StepMetrics
 from test_dpo import dpo_flags
-from test_sft import model_dir, sft_args, train_file  # noqa: F401 (pytest fixtures)
+from tiny_data import sft_args
 
 NOISE = ("Loading weights", "Writing model shards", "it/s]", "Setting accelerator", "Warning", "warn(", "{'loss'")
 

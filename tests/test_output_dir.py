@@ -15,7 +15,7 @@ from lopt.config import SFTConfig, parse_config
 from lopt.errors import LoptError
 from lopt.training.checkpoint import TRAINING_STATE
 from lopt.training.run import prepare_output_dir
-from test_sft import model_dir, sft_args, train_file  # noqa: F401 (pytest fixtures)
+from tiny_data import sft_args
 
 
 def config(out: Path, *flags: str) -> SFTConfig:

@@ -14,19 +14,13 @@ from lopt.data.generated import gsm_symbolic_pairs
 from lopt.data.presets import grpo_records, load_records
 from lopt.tools.preview import TRAINED_MARKS
 from test_data import labelled_spans
-from test_sft import RECORDS, sft_args
-from tiny_models import tiny_model_dir
+from tiny_data import SFT_RECORDS, sft_args
 
 # At sft_args' --max_seq_length 64 (a short question's prompt is 36 tokens): an answer cut short, and a question
 # so long that no answer token is left (the example is skipped).
 LONG_ANSWER = {"instruction": "What is 1 + 1?", "input": "", "output": "The answer is 2. " * 6}
 LONG_QUESTION = {"instruction": "What is 1 + 1? " * 8, "input": "", "output": "2"}
 MARKED = re.compile(f"{TRAINED_MARKS[0]}(.*?){TRAINED_MARKS[1]}", re.S)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +31,7 @@ def tokenizer(model_dir):
 @pytest.fixture()
 def train_file(tmp_path):
     path = tmp_path / "train.jsonl"
-    records = [LONG_ANSWER, *RECORDS[:4], LONG_QUESTION, *RECORDS[4:]]
+    records = [LONG_ANSWER, *SFT_RECORDS[:4], LONG_QUESTION, *SFT_RECORDS[4:]]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
@@ -80,7 +74,7 @@ def test_sft_preview_counts_what_the_recipe_reports(model_dir, train_file, tmp_p
     )
     assert summary is not None, out
     records, examples, skipped, truncated, tokens, trained = map(int, summary.groups())
-    assert (records, skipped, truncated) == (len(RECORDS) + 2, 1, 1)
+    assert (records, skipped, truncated) == (len(SFT_RECORDS) + 2, 1, 1)
     assert main(["sft", *args, "--max_steps", "1"]) == 0
     err = capsys.readouterr().err
     assert f"{examples} examples, {trained} trained tokens of {tokens}, {skipped} skipped" in err

@@ -36,14 +36,10 @@ import yaml
 from lopt.cli import main
 from lopt.config import GRPOConfig
 from lopt.tools.publish import CARD_MARKER, MODEL_CARD
-from tiny_models import tiny_model_dir
+from tiny_data import SFT_RECORDS, write_jsonl
+from tiny_data import sft_args as tiny_sft_args
 
 TOKEN = "hf_local_test_token"
-RECORDS = [
-    {"instruction": f"What is {a} + {b}?", "input": "", "output": f"The answer is {a + b}."}
-    for a in range(4)
-    for b in range(3)
-]
 
 
 class LocalHub:
@@ -155,23 +151,14 @@ def hub(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
 def train_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", SFT_RECORDS)
 
 
 def sft_args(model_dir, train_file, out, *extra) -> list[str]:
-    return [
-        "--model_name_or_path", str(model_dir), "--train_file", str(train_file), "--output_dir", str(out),
-        "--max_seq_length", "64", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
-        "--max_steps", "2", "--logging_steps", "1", "--save_steps", "0", *extra,
-    ]  # fmt: skip
+    """The tiny SFT run for two steps, each logged, with no checkpoint."""
+    steps = ("--max_steps", "2", "--logging_steps", "1", "--save_steps", "0")
+    return tiny_sft_args(model_dir, train_file, out, *steps, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -299,11 +286,10 @@ def test_a_failed_upload_after_a_run_says_how_to_upload_the_saved_model(hub, mod
     assert (out / "model.safetensors").is_file() and hub.commits == []
 
 
-def test_dpo_with_push_to_hub_uploads_lopts_card_instead_of_trls(hub, tmp_path):
-    model = tiny_model_dir(tmp_path / "model", layers=4)
+def test_dpo_with_push_to_hub_uploads_lopts_card_instead_of_trls(hub, model_dir, tmp_path):
     out = tmp_path / "dpo"
     flags = [
-        "--model_name_or_path", str(model), "--output_dir", str(out), "--max_samples", "2",
+        "--model_name_or_path", str(model_dir), "--output_dir", str(out), "--max_samples", "2",
         "--per_device_train_batch_size", "2", "--max_seq_length", "2048", "--max_steps", "1", "--save_steps", "1",
         "--push_to_hub", "--hub_model_id", "me/dpo",
     ]  # fmt: skip

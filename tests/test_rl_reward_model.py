@@ -17,12 +17,11 @@ from lopt.recipes.grpo import build_grpo_trainer
 from lopt.recipes.registry import RECIPES
 from lopt.training.metrics import contract_errors
 from resume_check import assert_resumed_to, stop_after_checkpoint
-from tiny_models import tiny_model_dir
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", layers=6)
+def model_dir(tiny_model_dirs):
+    return tiny_model_dirs(layers=6)
 
 
 @pytest.fixture(scope="module")

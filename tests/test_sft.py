@@ -19,44 +19,9 @@ from lopt.recipes.registry import RECIPES
 from lopt.training import step
 from lopt.training.metrics import contract_errors
 from lopt.training.step import StepResult
-from tiny_models import tiny_model_dir
+from tiny_data import sft_args
 
 REPO = Path(__file__).resolve().parents[1]
-RECORDS = [
-    {"instruction": f"What is {a} + {b}?", "input": "", "output": f"The answer is {a + b}."}
-    for a in range(4)
-    for b in range(3)
-]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture()
-def train_file(tmp_path) -> Path:
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return path
-
-
-def sft_args(model_dir, train_file, out, *extra) -> list[str]:
-    return [
-        "--model_name_or_path",
-        str(model_dir),
-        "--train_file",
-        str(train_file),
-        "--output_dir",
-        str(out),
-        "--max_seq_length",
-        "64",
-        "--per_device_train_batch_size",
-        "2",
-        "--learning_rate",
-        "1e-3",
-        *extra,
-    ]
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:

@@ -23,8 +23,7 @@ from lopt.training.metrics import StepMetrics
 from lopt.training.trackers import parse_report_to, tracker_callbacks, tracker_names, tracker_scalars
 from lopt.training.trl_integration import trl_arguments
 from test_dpo import dpo_flags
-from test_sft import RECORDS, sft_args
-from tiny_models import tiny_model_dir
+from tiny_data import sft_args
 
 # The scalars every logged step must show, by metrics.jsonl field (aux_loss, block_grad_norm: one per block,
 # added below).
@@ -39,18 +38,6 @@ SCALARS = {
     "activation_peak_bytes": "train/lopt/activation_peak_bytes",
     "elapsed_s": "train/lopt/elapsed_s",
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture()
-def sft_data(tmp_path) -> Path:
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return path
 
 
 @pytest.fixture(autouse=True)
@@ -152,9 +139,9 @@ def trackio_run(project: str, run_prefix: str) -> tuple[dict, list[dict]]:
     return SQLiteStorage.get_run_config(project, run), SQLiteStorage.get_logs(project, run)
 
 
-def sft_config(tiny_model, sft_data, out, *extra) -> SFTConfig:
+def sft_config(model_dir, train_file, out, *extra) -> SFTConfig:
     flags = ["--max_steps", "3", "--logging_steps", "1", "--save_steps", "0", "--num_blocks", "3", *extra]
-    return parse_config(sft_args(tiny_model, sft_data, out, *flags), SFTConfig)
+    return parse_config(sft_args(model_dir, train_file, out, *flags), SFTConfig)
 
 
 def test_report_to_names_are_checked():
@@ -223,9 +210,9 @@ def test_tracker_scalars_name_every_contract_field():
     }
 
 
-def test_sft_reports_every_metric_and_the_config_to_tensorboard_and_trackio(tiny_model, sft_data, tmp_path):
+def test_sft_reports_every_metric_and_the_config_to_tensorboard_and_trackio(model_dir, train_file, tmp_path):
     out = tmp_path / "sft-lopt"
-    config = sft_config(tiny_model, sft_data, out, "--lr_k1", "5e-4")
+    config = sft_config(model_dir, train_file, out, "--lr_k1", "5e-4")
     run_sft(config, callbacks=tracker_callbacks("tensorboard,trackio", config))
     rows = jsonl(out / "metrics.jsonl")
     assert [row["step"] for row in rows] == [1, 2, 3] and all(len(row["aux_loss"]) == 2 for row in rows)
@@ -246,10 +233,10 @@ def test_sft_reports_every_metric_and_the_config_to_tensorboard_and_trackio(tiny
         assert {name: log[name] for name in expected_scalars(row)} == expected_scalars(row)
 
 
-def test_sft_with_wandb_writes_an_offline_run_with_the_config(tiny_model, sft_data, tmp_path, monkeypatch):
+def test_sft_with_wandb_writes_an_offline_run_with_the_config(model_dir, train_file, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE")  # lopt's default: offline
     out = tmp_path / "sft-wandb"
-    config = sft_config(tiny_model, sft_data, out)
+    config = sft_config(model_dir, train_file, out)
     run_sft(config, callbacks=tracker_callbacks("wandb", config))
     rows = jsonl(out / "metrics.jsonl")
     values, history, project = wandb_run(out)
@@ -261,9 +248,9 @@ def test_sft_with_wandb_writes_an_offline_run_with_the_config(tiny_model, sft_da
         assert {name: logged[name] for name in expected_scalars(row)} == pytest.approx(expected_scalars(row))
 
 
-def test_dpo_reports_lopt_metrics_through_transformers_integrations(tiny_model, tmp_path):
+def test_dpo_reports_lopt_metrics_through_transformers_integrations(model_dir, tmp_path):
     out = tmp_path / "dpo-lopt"
-    flags = dpo_flags(tiny_model, out, "--max_steps", "2", "--num_blocks", "3", "--lr_k1", "5e-4")
+    flags = dpo_flags(model_dir, out, "--max_steps", "2", "--num_blocks", "3", "--lr_k1", "5e-4")
     config = with_report_to(parse_config(flags, DPOConfig, prog="lopt dpo"), "tensorboard,trackio,wandb")
     run_dpo(config)
     rows = jsonl(out / "metrics.jsonl")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,21 +13,22 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from launch import WORLD, run_lopt, torchrun
 from lopt.config import DPOConfig, parse_config
 from lopt.errors import LoptError
 from lopt.parallel.distributed import shutdown
 from lopt.recipes.dpo import build_dpo_trainer
 from lopt.training.checkpoint import load_training_state
 from test_distributed import assert_gloo_threads_ended
-from tiny_models import tiny_model_dir
+from test_dpo import dpo_flags
+from test_grpo import grpo_flags
 
-WORLD = 2
 MAX_GRAD_NORM = 0.05  # small enough to clip, so the test also sees that the mean is taken before the clip
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", layers=6)
+def model_dir(tiny_model_dirs):
+    return tiny_model_dirs(layers=6)
 
 
 def dpo_config(model_dir, out, *extra) -> DPOConfig:
@@ -130,47 +129,8 @@ def test_two_process_lopt_dpo_step_has_the_gradients_of_one_process(model_dir, t
 
 def test_lopt_grpo_under_torchrun_writes_from_the_main_process_only(model_dir, tmp_path):
     out = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(WORLD),
-        "-m",
-        "lopt.cli",
-        "grpo",
-        "--model_name_or_path",
-        str(model_dir),
-        "--output_dir",
-        str(out),
-        "--max_samples",
-        "2",
-        "--num_generations",
-        "2",
-        "--per_device_train_batch_size",
-        "2",
-        "--max_completion_length",
-        "8",
-        "--max_prompt_length",
-        "1024",
-        "--learning_rate",
-        "1e-3",
-        "--max_steps",
-        "2",
-        "--logging_steps",
-        "1",
-        "--save_steps",
-        "1",
-    ]
-    done = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    flags = grpo_flags(model_dir, out, "--max_steps", "2", "--save_steps", "1")
+    done = run_lopt(torchrun(), "grpo", *flags, cpu_only=True)
     assert f"{WORLD} processes" in done.stderr
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]  # one writer
@@ -196,44 +156,8 @@ def test_lopt_under_a_sharding_accelerate_config_is_refused(model_dir, tmp_path,
 
 def test_two_process_lopt_dpo_resumes_to_the_weights_of_an_uninterrupted_run(model_dir, tmp_path):
     def torchrun_dpo(out: Path, *extra: str) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(WORLD),
-            "-m",
-            "lopt.cli",
-            "dpo",
-            "--model_name_or_path",
-            str(model_dir),
-            "--output_dir",
-            str(out),
-            "--max_samples",
-            "4",
-            "--per_device_train_batch_size",
-            "2",
-            "--max_seq_length",
-            "2048",
-            "--learning_rate",
-            "1e-3",
-            "--lr_scheduler_type",
-            "constant",
-            "--save_steps",
-            "2",
-            "--logging_steps",
-            "1",
-            *extra,
-        ]
-        done = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
+        flags = dpo_flags(model_dir, out, "--lr_scheduler_type", "constant", "--save_steps", "2", *extra)
+        run_lopt(torchrun(), "dpo", *flags, cpu_only=True)
 
     torchrun_dpo(tmp_path / "straight", "--max_steps", "4")
     torchrun_dpo(tmp_path / "stopped", "--max_steps", "2")  # a constant schedule: steps 1-2 of the same run

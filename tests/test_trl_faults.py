@@ -10,53 +10,33 @@ import signal
 import pytest
 import torch
 
+from launch import start_lopt, wait_for
 from lopt.cli import main
 from lopt.errors import LoptError
 from lopt.recipes.grpo import run_grpo
 from lopt.training.checkpoint import TRAINING_STATE, find_checkpoint, load_training_state
+from test_dpo import dpo_flags
 from test_faults import (
     assert_a_stop_before_the_first_logging_step_is_logged,
     assert_signal_finishes_the_step_and_saves,
-    cli_process,
-    wait_for,
     weights,
 )
 from test_grpo import grpo_config
-from tiny_models import tiny_model_dir
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", layers=6)
+def model_dir(tiny_model_dirs):
+    return tiny_model_dirs(layers=6)
 
 
 def dpo_args(model_dir, out, *extra) -> list[str]:
     """LoPT k=2, local backward, 2 steps an epoch; a constant schedule, so a run planned longer takes the same steps."""
-    return [
-        "dpo",
-        "--model_name_or_path",
-        str(model_dir),
-        "--output_dir",
-        str(out),
-        "--max_samples",
-        "4",
-        "--per_device_train_batch_size",
-        "2",
-        "--max_seq_length",
-        "2048",
-        "--logging_steps",
-        "1",
-        "--learning_rate",
-        "1e-3",
-        "--lr_scheduler_type",
-        "constant",
-        *extra,
-    ]
+    return ["dpo", *dpo_flags(model_dir, out, "--lr_scheduler_type", "constant", *extra)]
 
 
 def run_to_end(arguments: list[str]) -> None:
     """`lopt ARGUMENTS` in a fresh process, which must succeed."""
-    process = cli_process(arguments)
+    process = start_lopt(arguments)
     _, err = process.communicate()
     assert process.returncode == 0, err
 
@@ -74,7 +54,7 @@ def test_dpo_resume_after_sigkill_ends_with_the_same_weights(model_dir, tmp_path
     assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
 
     killed = tmp_path / "killed"
-    process = cli_process(dpo_args(model_dir, killed, "--max_steps", "400", "--save_steps", "2"))
+    process = start_lopt(dpo_args(model_dir, killed, "--max_steps", "400", "--save_steps", "2"))
     wait_for(killed / "checkpoint-2" / TRAINING_STATE, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -145,14 +125,14 @@ def test_an_incomplete_checkpoint_is_refused_with_the_one_to_use(tmp_path):
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_finishes_the_dpo_step_saves_and_says_how_to_resume(model_dir, tmp_path, signum, code):
     out = tmp_path / "run"
-    process = cli_process(dpo_args(model_dir, out, "--max_steps", "400", "--save_steps", "0"))
+    process = start_lopt(dpo_args(model_dir, out, "--max_steps", "400", "--save_steps", "0"))
     assert_signal_finishes_the_step_and_saves(process, out, signum, code)
 
 
 def test_a_dpo_run_stopped_before_its_first_logging_step_logs_the_step_it_stopped_at(model_dir, tmp_path):
     out = tmp_path / "run"
     flags = dpo_args(model_dir, out, "--max_steps", "400", "--save_steps", "0", "--logging_steps", "1000")
-    assert_a_stop_before_the_first_logging_step_is_logged(cli_process(flags), out)
+    assert_a_stop_before_the_first_logging_step_is_logged(start_lopt(flags), out)
 
 
 def test_a_nan_loss_stops_the_dpo_run_before_its_optimizer_step(model_dir, tmp_path, monkeypatch, capsys):

@@ -36,8 +36,8 @@ from test_distributed import WORLD, _wrapped, spawn
 from test_dpo import dpo_flags
 from test_fsdp import ACCELERATE_FSDP2, _sft
 from test_grpo import grpo_config
-from test_sft import RECORDS, sft_args
-from tiny_models import tiny_batch, tiny_model_dir
+from tiny_data import SFT_RECORDS, sft_args
+from tiny_models import tiny_batch
 
 EVAL_RECORDS = [{"instruction": f"What is {a} times 2?", "input": "", "output": f"It is {2 * a}."} for a in range(5)]
 
@@ -49,18 +49,6 @@ def run_cli(command: str, args: list[str], capsys) -> tuple[int, str]:
 
 def rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture()
-def train_file(tmp_path) -> Path:
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return path
 
 
 @pytest.fixture()
@@ -143,15 +131,14 @@ def test_two_processes_validate_like_one(tmp_path, fsdp):
         assert got == pytest.approx([expected.task_loss, *expected.aux_losses], rel=1e-5)
 
 
-def test_an_fsdp2_launch_validates_like_one_process_and_checkpoints_after_it(tmp_path, capsys):
+def test_an_fsdp2_launch_validates_like_one_process_and_checkpoints_after_it(model_dir, tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": f"{i}"}) + "\n" for i in range(14)))
-    model = tiny_model_dir(tmp_path / "model")
     # 4 validation records, one per batch: 2 batches on each process; a checkpoint right after each validation
     flags = ["--eval_ratio", "0.25", "--eval_steps", "1", "--per_device_eval_batch_size", "1", "--max_steps", "2"]
-    _sft(ACCELERATE_FSDP2, model, data, tmp_path / "fsdp", *flags)
+    _sft(ACCELERATE_FSDP2, model_dir, data, tmp_path / "fsdp", *flags)
     one = ["--per_device_train_batch_size", "4", "--logging_steps", "1", "--learning_rate", "1e-3", *flags]
-    assert main(["sft", "--model_name_or_path", str(model), "--train_file", str(data), "--output_dir",
+    assert main(["sft", "--model_name_or_path", str(model_dir), "--train_file", str(data), "--output_dir",
                  str(tmp_path / "one"), *one]) == 0  # fmt: skip
     sharded, single = rows(tmp_path / "fsdp"), rows(tmp_path / "one")
     assert [r["step"] for r in sharded] == [1, 2] and (tmp_path / "fsdp" / "checkpoint-1").is_dir()
@@ -186,22 +173,22 @@ def test_eval_ratio_holds_out_a_disjoint_seeded_fraction():
 
 def test_eval_ratio_splits_the_training_file_after_max_samples(tmp_path):
     path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    path.write_text("".join(json.dumps(r) + "\n" for r in SFT_RECORDS))
     config = parse_config(
         ["--train_file", str(path), "--output_dir", "o", "--eval_ratio", "0.25", "--max_samples", "8"]
     )
     train, held = with_validation(config, lambda **o: sft_records(config, **o), generated=False)
     assert len(train) == 6 and len(held) == 2 and not [r for r in held if r in train]
-    assert sorted(map(json.dumps, train + held)) == sorted(map(json.dumps, RECORDS[:8]))
+    assert sorted(map(json.dumps, train + held)) == sorted(map(json.dumps, SFT_RECORDS[:8]))
 
 
 def test_eval_file_is_read_whole_and_named_in_its_errors(tmp_path, eval_file):
     path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    path.write_text("".join(json.dumps(r) + "\n" for r in SFT_RECORDS))
     config = parse_config(["--train_file", str(path), "--output_dir", "o", "--eval_file", str(eval_file)])
     config.max_samples = 2  # picks training records only
     train, held = with_validation(config, lambda **o: sft_records(config, **o), generated=False)
-    assert train == RECORDS[:2] and held == EVAL_RECORDS
+    assert train == SFT_RECORDS[:2] and held == EVAL_RECORDS
     config.eval_file = str(tmp_path / "missing.jsonl")
     with pytest.raises(LoptError, match=r"^--eval_file .*missing\.jsonl: no such file"):
         with_validation(config, lambda **o: sft_records(config, **o), generated=False)
@@ -373,15 +360,15 @@ def test_eval_split_reads_that_split_of_a_saved_dataset_dict(tmp_path):
 
     folder = tmp_path / "saved"
     datasets.DatasetDict(
-        {"train": datasets.Dataset.from_list(RECORDS), "validation": datasets.Dataset.from_list(EVAL_RECORDS)}
+        {"train": datasets.Dataset.from_list(SFT_RECORDS), "validation": datasets.Dataset.from_list(EVAL_RECORDS)}
     ).save_to_disk(str(folder))
     config = parse_config(["--train_file", str(folder), "--output_dir", "o", "--eval_split", "validation"])
-    assert with_validation(config, lambda **o: sft_records(config, **o), generated=False) == (RECORDS, EVAL_RECORDS)
+    assert with_validation(config, lambda **o: sft_records(config, **o), generated=False) == (SFT_RECORDS, EVAL_RECORDS)
     config.eval_split = "valid"
     with pytest.raises(LoptError, match=r"unknown --eval_split of .* 'valid'\. Did you mean 'validation'"):
         with_validation(config, lambda **o: sft_records(config, **o), generated=False)
     # a plain file has no other split: validating on it would validate on the training records
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in SFT_RECORDS))
     config.train_file = str(tmp_path / "train.jsonl")
     with pytest.raises(LoptError, match=r"--eval_split valid: --train_file .*train\.jsonl holds one set of records"):
         with_validation(config, lambda **o: sft_records(config, **o), generated=False)
