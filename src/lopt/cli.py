@@ -55,6 +55,9 @@ def _sft(argv: list[str], reference: bool = False) -> None:
     cls, prog = (ReferenceSFTConfig, REFERENCE_SCRIPTS["sft"]) if reference else (SFTConfig, "lopt sft")
     description = f"Supervised fine-tuning (E2E or LoPT){REFERENCE_DEFAULTS if reference else ''}."
     config = parse_config(argv, cls, prog=prog, description=description)
+    from lopt.tools.publish import check_push_flags  # after parsing: --help does without it
+
+    check_push_flags(config)  # the repository id, offline mode and a token, before hours of training
     # Imported once the flags are parsed: the recipe imports torch and transformers (seconds), which --help
     # and a wrong flag do without.
     from lopt.output import console, plural
@@ -80,6 +83,9 @@ def _grpo(argv: list[str], reference: bool = False, rloo: bool = False) -> None:
             f"GRPO (E2E or LoPT) on verifiable rewards or a reward model{REFERENCE_DEFAULTS if reference else ''}."
         )
     config = parse_config(argv, cls, prog=prog, description=description)
+    from lopt.tools.publish import check_push_flags  # after parsing: --help does without it
+
+    check_push_flags(config)  # the repository id, offline mode and a token, before hours of training
     from lopt.output import console, plural  # after parsing, as in _sft
     from lopt.parallel.distributed import is_main_process
     from lopt.recipes.grpo import run_grpo
@@ -98,6 +104,9 @@ def _dpo(argv: list[str]) -> None:
     from lopt.config import DPOConfig, parse_config
 
     config = parse_config(argv, DPOConfig, prog="lopt dpo", description="DPO on preference pairs (E2E or LoPT).")
+    from lopt.tools.publish import check_push_flags  # after parsing: --help does without it
+
+    check_push_flags(config)  # the repository id, offline mode and a token, before hours of training
     from lopt.output import console, plural  # after parsing, as in _sft
     from lopt.parallel.distributed import is_main_process
     from lopt.recipes.dpo import run_dpo
@@ -117,6 +126,9 @@ def _rm(argv: list[str]) -> None:
 
     description = "A reward model on preference pairs (E2E or LoPT): one score per answer, Bradley-Terry loss."
     config = parse_config(argv, RMConfig, prog="lopt rm", description=description)
+    from lopt.tools.publish import check_push_flags  # after parsing: --help does without it
+
+    check_push_flags(config)  # the repository id, offline mode and a token, before hours of training
     from lopt.output import console, plural  # after parsing, as in _sft
     from lopt.parallel.distributed import is_main_process
     from lopt.recipes.rm import run_rm

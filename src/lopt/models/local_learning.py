@@ -53,7 +53,7 @@ def normalized_squared_error(prediction: torch.Tensor, target: torch.Tensor) -> 
     return squared_error(prediction, target) / (variance + VARIANCE_EPS)
 
 
-# --aux_loss: the per-token reconstruction error of each value (config.py lists the same names for --help)
+# --aux_loss: the per-token reconstruction error of each value (config/method.py lists the same names for --help)
 RECONSTRUCTION_LOSSES = {"recon": squared_error, "recon_normalized": normalized_squared_error}
 
 

@@ -13,10 +13,12 @@ import functools
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from lopt.config import PolicyRLConfig, RLOOConfig
+from lopt.config.policy_rl import check_generation_batch
 from lopt.data.collate import build_prompt
 from lopt.data.presets import grpo_records, source_options, with_validation
 from lopt.errors import LoptError
@@ -219,8 +221,16 @@ def build_grpo_trainer(config: PolicyRLConfig, out: Path, callbacks: Sequence[Ca
     return trainer
 
 
+def check_before_loading(config: PolicyRLConfig) -> None:
+    """What the flags alone cannot tell, checked before anything loads: the generation batches across this launch's
+    processes, and the rewards (--reward_funcs import, --reward_weights one per function)."""
+    check_generation_batch(config, int(os.environ.get("WORLD_SIZE", "1")))  # set by torchrun and accelerate launch
+    grpo_rewards(config)  # imports the user's reward modules
+
+
 def run_grpo(config: PolicyRLConfig, callbacks: Sequence[Callback] = ()) -> TRLRunResult:
     """A GRPO run, or an RLOO run for an RLOOConfig."""
+    check_before_loading(config)
     return run_trl_recipe(
         _recipe(config),
         config,

@@ -59,6 +59,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from lopt.config import RunConfig, eval_steps, save_config, validates
+from lopt.config.report_to import TRACKERS, parse_report_to
 from lopt.errors import LoptError
 from lopt.models.local_learning import LocalLearningLM
 from lopt.output import console, phase, plural
@@ -86,11 +87,9 @@ from lopt.training.trackers import (
     AUX_LOSS_KEY,
     BLOCK_GRAD_NORM_KEY,
     CONFIG_TEXT,
-    TRACKERS,
     config_text,
     import_tracker,
     lopt_key,
-    parse_report_to,
     start_wandb,
     tracker_names,
 )
