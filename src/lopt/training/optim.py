@@ -43,10 +43,17 @@ def _no_decay(param: torch.nn.Parameter) -> bool:
 
 
 def build_optimizer(
-    model: LocalLearningLM, learning_rate: float, lr_k1: float | None, weight_decay: float, optim: str = "adamw_torch"
+    model: LocalLearningLM,
+    learning_rate: float,
+    lr_k1: float | None = None,
+    weight_decay: float = 0.0,
+    optim: str = "adamw_torch",
 ) -> torch.optim.Optimizer:
-    """Early blocks, embeddings and reconstruction heads train at `lr_k1` (default: `learning_rate`);
-    the final block, final norm and LM head at `learning_rate`. Each group is split by weight decay."""
+    """Early blocks, embeddings and reconstruction heads train at `lr_k1` (default: the wrapper's LoPT settings'
+    lr_k1, else `learning_rate`); the final block, final norm and LM head at `learning_rate`. Each group is split by
+    weight decay."""
+    if lr_k1 is None and model.settings is not None:
+        lr_k1 = model.settings.lr_k1
     rates = {"early": learning_rate if lr_k1 is None else lr_k1, "final": learning_rate}
     groups = []
     for name, params in model.parameter_groups().items():
