@@ -15,8 +15,8 @@ from typing import ClassVar
 from lopt.config.fields import option, reference_default
 from lopt.config.schema import RunConfig
 from lopt.config.validation import validates
+from lopt.data.tasks import TASKS
 from lopt.errors import LoptError
-from lopt.tasks import TASKS
 
 
 @dataclass

@@ -21,11 +21,12 @@ from lopt.config import PolicyRLConfig, RLOOConfig
 from lopt.config.policy_rl import check_generation_batch
 from lopt.data.collate import build_prompt
 from lopt.data.presets import grpo_records, source_options, with_validation
+from lopt.data.tasks import get_task
 from lopt.errors import LoptError
 from lopt.models.reward_model import load_reward_model, tokenizer_note
 from lopt.output import console
 from lopt.rewards import check_reward_arguments, completion_text
-from lopt.tasks import get_task, grpo_rewards
+from lopt.tasks import grpo_rewards
 from lopt.training.callbacks import Callback
 from lopt.training.run import build_model, weights_dtype
 from lopt.training.trl_integration import (
