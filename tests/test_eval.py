@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lopt.cli import main
 from lopt.data.generated import gsm_symbolic_records
+from lopt.data.tasks import EVAL_SEED, TASKS
 from lopt.errors import LoptError
 from lopt.evaluation.retention import perplexity, retention_text, token_windows
 from lopt.evaluation.task import generate_answers, score, training_questions
-from lopt.tasks import EVAL_SEED, TASKS
 from tiny_models import tiny_model, tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from lopt.cli import main
 from lopt.config import GRPOConfig, parse_config
 from lopt.data.presets import grpo_records
 from lopt.errors import LoptError
-from lopt.recipes.grpo import build_grpo_trainer, prepare_prompts, run_grpo
+from lopt.recipes.grpo import build_grpo_trainer, check_before_loading, prepare_prompts, run_grpo
 from lopt.recipes.registry import RECIPES
 from lopt.training.metrics import contract_errors
 from lopt.training.trl_integration import trl_arguments
@@ -186,7 +186,9 @@ def test_trl_rejections_become_lopt_errors(model_dir, tmp_path):
 def test_a_group_size_that_does_not_divide_the_generation_batch_names_lopt_flags(model_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(LoptError) as error:
-        grpo_config(model_dir, tmp_path, "--num_generations", "3", "--per_device_train_batch_size", "4")
+        check_before_loading(
+            grpo_config(model_dir, tmp_path, "--num_generations", "3", "--per_device_train_batch_size", "4")
+        )
     message = str(error.value)
     assert "generation_batch_size" not in message  # TRL's name, which the user never set
     assert "4 completions sampled at a time" in message and "--gradient_accumulation_steps 1 x 1 process)" in message
@@ -201,11 +203,13 @@ def test_a_group_size_that_does_not_divide_the_generation_batch_names_lopt_flags
         ("--num_generations", "2"),
         ("--num_generations", "4"),
     ):
-        grpo_config(model_dir, tmp_path, "--num_generations", "3", "--per_device_train_batch_size", "4", *fix)
+        check_before_loading(
+            grpo_config(model_dir, tmp_path, "--num_generations", "3", "--per_device_train_batch_size", "4", *fix)
+        )
     # processes count (torchrun and accelerate set WORLD_SIZE), and --steps_per_generation replaces accumulation
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(LoptError, match=r"--steps_per_generation 1 x 2 processes\); .* --steps_per_generation 3"):
-        grpo_config(model_dir, tmp_path, "--num_generations", "3", "--steps_per_generation", "1")
+        check_before_loading(grpo_config(model_dir, tmp_path, "--num_generations", "3", "--steps_per_generation", "1"))
     with pytest.raises(LoptError, match="--num_generations must be at least 2"):
         grpo_config(model_dir, tmp_path, "--num_generations", "1")
 

@@ -6,12 +6,16 @@ import custom_rewards
 from lopt.cli import main
 from lopt.config import GRPOConfig, parse_config
 from lopt.errors import LoptError
+from lopt.recipes.grpo import check_before_loading
 from lopt.rewards import check_reward_arguments, load_reward_func, reward_name
 from lopt.tasks import grpo_rewards
 
 
 def config(tmp_path, *flags):
-    return parse_config(["--output_dir", str(tmp_path / "run"), *flags], GRPOConfig, prog="lopt grpo")
+    """A parsed config whose rewards the recipe has checked, as `lopt grpo` does before anything loads."""
+    parsed = parse_config(["--output_dir", str(tmp_path / "run"), *flags], GRPOConfig, prog="lopt grpo")
+    check_before_loading(parsed)
+    return parsed
 
 
 def test_a_module_function_and_a_file_function_load(tmp_path, monkeypatch):

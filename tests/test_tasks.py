@@ -6,9 +6,9 @@ import pytest
 
 from lopt.answers import ANSWER_INSTRUCTIONS, ANSWER_STYLES
 from lopt.data.presets import grpo_records
+from lopt.data.tasks import EVALUABLE_TASKS, TASKS, get_task
 from lopt.errors import LoptError, did_you_mean, unknown_choice
 from lopt.evaluation.task import load_task, score
-from lopt.tasks import EVALUABLE_TASKS, TASKS, get_task
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 from trl import DPOConfig as TRLDPOConfig
 
-from lopt.config import DPOConfig, SFTConfig, parse_config
+from lopt.config import DPOConfig, SFTConfig, parse_config, report_to
 from lopt.errors import LoptError
 from lopt.recipes.dpo import run_dpo
 from lopt.recipes.sft import run_sft
@@ -160,7 +160,7 @@ def test_a_missing_tracker_library_names_the_extra(monkeypatch, tmp_path):
     def find_spec(name):
         return None if name == "wandb" else importlib.util.find_spec(name)
 
-    monkeypatch.setattr(trackers, "importlib", SimpleNamespace(util=SimpleNamespace(find_spec=find_spec)))
+    monkeypatch.setattr(report_to, "importlib", SimpleNamespace(util=SimpleNamespace(find_spec=find_spec)))
     config = DPOConfig(output_dir=str(tmp_path / "run"))
     for call in (
         lambda: parse_report_to("tensorboard,wandb"),

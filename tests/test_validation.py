@@ -26,6 +26,7 @@ from lopt.data.order import eval_batches
 from lopt.data.presets import hold_out, sft_records, with_validation
 from lopt.errors import LoptError
 from lopt.parallel.fsdp import FSDPSettings, reshard, shard_model
+from lopt.recipes.grpo import check_before_loading
 from lopt.recipes.registry import RECIPES
 from lopt.training import validation
 from lopt.training.checkpoint import prune_checkpoints
@@ -327,16 +328,23 @@ def test_early_stopping_stops_after_patience_validations_without_improvement(
             ["--eval_ratio", "0.1", "--load_best_model_at_end", "--eval_steps", "30"],
             r"--save_steps 500 is not a multiple of --eval_steps 30\. Pass --save_steps 480",
         ),
-        (
-            GRPOConfig,
-            ["--eval_ratio", "0.1", "--per_device_eval_batch_size", "3", "--num_generations", "2"],
-            r"does not divide the 3 completions validated at a time .* use --per_device_eval_batch_size 4",
-        ),
     ],
 )
 def test_validation_flag_errors_name_the_flags_and_the_fix(cls, argv, message):
     with pytest.raises(LoptError, match=message):
         parse_config([*argv, "--output_dir", "o"], cls)
+
+
+def test_a_grpo_validation_batch_that_splits_a_group_names_the_flag_and_the_fix():
+    # the number of processes is known at launch: `lopt grpo` checks the batches before anything loads
+    config = parse_config(
+        ["--eval_ratio", "0.1", "--per_device_eval_batch_size", "3", "--num_generations", "2", "--output_dir", "o"],
+        GRPOConfig,
+    )
+    with pytest.raises(
+        LoptError, match=r"does not divide the 3 completions validated at a time .* use --per_device_eval_batch_size 4"
+    ):
+        check_before_loading(config)
 
 
 def test_the_defaults_and_accepted_combinations():

@@ -134,7 +134,7 @@ def reward_model_name(name_or_path: str) -> str:
 
 
 def split_list(value: str | None) -> list[str]:
-    """The items of a comma-separated flag value; a YAML list arrives as its str() (config.py reads str fields
+    """The items of a comma-separated flag value; a YAML list arrives as its str() (config/parse.py reads str fields
     as strings), so brackets and quotes around the items are dropped too."""
     if not value:
         return []

@@ -3,7 +3,7 @@
 Each recipe asks here for its records; the answer is the same shape whatever the source: a list of
 plain dicts. The precedence is always `--train_file` > `--dataset_name` > the preset or task's own
 data. Files and the hub are read by sources.py, offline data is made by generated.py, and what a
-task is (its source, answer style, reward) is in lopt/tasks.py.
+task is (its source, answer style, reward) is in data/tasks.py.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from lopt.data.generated import (
     gsm_symbolic_reasoning_pairs,
 )
 from lopt.data.sources import load_hub, read_file, select_records
+from lopt.data.tasks import get_task
 from lopt.errors import LoptError, unknown_choice
-from lopt.tasks import get_task
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Preset:
     description: str
-    hub_id: str | None = None  # None: the problems of the offline task of the same name (lopt/tasks.py)
+    hub_id: str | None = None  # None: the problems of the offline task of the same name (data/tasks.py)
 
     @property
     def source(self) -> str:

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 
 from rich.table import Table
 
+from lopt.data.tasks import EVALUABLE_TASKS, get_task
 from lopt.errors import LoptError
 from lopt.keep_previous import keep_previous
 from lopt.models.lora import adapter_base_model, is_adapter_folder
 from lopt.output import LOG_LEVELS, console, phase, plural
 from lopt.runs import saved_parameters
-from lopt.tasks import EVALUABLE_TASKS, get_task
 
 if TYPE_CHECKING:
     import torch

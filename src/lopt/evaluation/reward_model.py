@@ -18,8 +18,8 @@ import torch
 
 from lopt.data.generated import DEFAULT_GSM_SAMPLES, answer_pairs, reasoning_pairs
 from lopt.data.presets import PREFERENCE_HUB, preference_records
+from lopt.data.tasks import EVAL_SEED, TASKS
 from lopt.errors import LoptError
-from lopt.tasks import EVAL_SEED, TASKS
 
 DEFAULT_PAIRS = "gsm-symbolic-reasoning-pairs"
 # the offline presets, built from held-out problems

@@ -1,4 +1,4 @@
-"""Task accuracy: greedy answers to a task's held-out problems (lopt/tasks.py), scored by their final answer.
+"""Task accuracy: greedy answers to a task's held-out problems (lopt/data/tasks.py), scored by their final answer.
 
 Questions are prompted exactly as SFT trains on them (`build_prompt` over the question followed by
 the task's answer instruction), so a fine-tuned model is asked in the format it learned. The final
@@ -17,8 +17,8 @@ import torch
 from lopt.answers import answers_match, extract_final_answer
 from lopt.data.collate import build_prompt
 from lopt.data.generated import DEFAULT_GSM_SAMPLES
+from lopt.data.tasks import TASKS, get_task
 from lopt.evaluation.statistics import wilson_interval
-from lopt.tasks import TASKS, get_task
 
 
 def training_questions(run_dir: Path) -> set[str]:
@@ -36,7 +36,7 @@ def training_questions(run_dir: Path) -> set[str]:
 
 
 def load_task(task: str, n: int, exclude: set[str]) -> list[dict]:
-    """`n` held-out problems of `task` (lopt/tasks.py), none of them in `exclude`."""
+    """`n` held-out problems of `task` (lopt/data/tasks.py), none of them in `exclude`."""
     return get_task(task, evaluable=True).heldout(n, exclude)
 
 

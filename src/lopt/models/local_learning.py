@@ -53,8 +53,24 @@ def normalized_squared_error(prediction: torch.Tensor, target: torch.Tensor) -> 
     return squared_error(prediction, target) / (variance + VARIANCE_EPS)
 
 
-# --aux_loss: the per-token reconstruction error of each value (config.py lists the same names for --help)
+# --aux_loss: the per-token reconstruction error of each value (config/method.py lists the same names for --help)
 RECONSTRUCTION_LOSSES = {"recon": squared_error, "recon_normalized": normalized_squared_error}
+
+
+@dataclass(frozen=True)
+class LoptSettings:
+    """LoPT's settings, as one object: the run config makes it (`config.lopt`, None for end-to-end training) and the
+    wrapper (`LocalLearningLM.from_settings`), the step, the optimizer, the TRL mixin and the backends read it, so
+    "is this LoPT" has one answer. The defaults are the paper's."""
+
+    num_blocks: int = 2  # contiguous blocks k
+    lambda_aux: float = 10.0  # weight of the mean local loss in the objective
+    early_blocks: str = "recon"  # EARLY_BLOCK_MODES: trained by their local loss, or frozen (ablation)
+    aux_loss: str = "recon"  # RECONSTRUCTION_LOSSES: the non-final blocks' local objective
+    backward: str = "local"  # local (block by block, frees activations) or joint (one backward over the sum)
+    lr_k1: float | None = None  # learning rate of embeddings, early blocks and heads (None: the learning rate)
+    clip_per_block: bool = False  # clip each block by its own gradient norm, not all by the global norm
+    block_step: bool = False  # step each block right after its backward (the SFT loop, replicated backend)
 
 
 def split_blocks(num_layers: int, num_blocks: int) -> list[range]:
@@ -168,6 +184,8 @@ class LocalLearningLM(nn.Module):
         self.aux_heads = nn.ModuleList(ReconstructionHead(hidden_size) for _ in range(heads))
         self.aux_heads.to(device=self.parts.embeddings[0].weight.device)
         self._step: _BoundaryStep | None = None
+        # LoPT's settings (None: end-to-end); `from_settings` gives the whole object, with the step's and optimizer's
+        self.settings = LoptSettings(num_blocks, lambda_aux, early_blocks, aux_loss) if num_blocks > 1 else None
         if num_blocks > 1:
             self._untie_embeddings()
             if early_blocks == "frozen":
@@ -178,10 +196,24 @@ class LocalLearningLM(nn.Module):
                 )
                 self.parts.layers[block.stop - 1].register_forward_hook(functools.partial(self._close_block, i))
 
+    @classmethod
+    def from_settings(cls, model: nn.Module, lopt: LoptSettings | None) -> LocalLearningLM:
+        """`model` in the blocks `lopt` asks for, carrying the settings; None: end-to-end (one block)."""
+        if lopt is None:
+            return cls(model, num_blocks=1)
+        wrapped = cls(model, lopt.num_blocks, lopt.lambda_aux, lopt.early_blocks, lopt.aux_loss)
+        wrapped.settings = lopt
+        return wrapped
+
     # ---- structure -------------------------------------------------------------------------------
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+    @property
+    def backward_mode(self) -> str:
+        """How the step back-propagates: LoPT's --backward, local for end-to-end (one block: the same)."""
+        return self.settings.backward if self.settings is not None else "local"
 
     @property
     def base_model(self) -> nn.Module:

@@ -21,10 +21,35 @@ from pathlib import Path
 import torch
 
 from lopt.errors import LoptError
-from lopt.models.local_learning import LocalLearningLM
+from lopt.models.local_learning import LocalLearningLM, LoptSettings
 
 # check(grad_norm, step_taken=...): raises before (or, with step_taken, right after) a step on non-finite values
 FiniteCheck = Callable[[float, bool], None]
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What a backend takes from the run's flags: how to clip and step (fp16's loss scaling), the batch shape the
+    DeepSpeed config repeats, and what the sharded backends refuse (adapters, 8-bit state, the KL reference model, and
+    LoPT's block steps). `of(config)` reads them from an SFT config."""
+
+    max_grad_norm: float = 1.0  # 0: no clipping
+    fp16: bool = False
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    use_peft: bool = False
+    optim: str = "adamw_torch"
+    kl_beta: float = 0.0
+    lopt: LoptSettings | None = None  # LoPT's backward, clip_per_block and block_step; None for E2E
+
+    @classmethod
+    def of(cls, config) -> StepSettings:
+        return cls(
+            max_grad_norm=config.max_grad_norm, fp16=config.fp16,
+            per_device_train_batch_size=config.per_device_train_batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps, use_peft=config.use_peft,
+            optim=config.optim, kl_beta=config.kl_beta, lopt=config.lopt,
+        )  # fmt: skip
 
 
 class ParallelBackend:
@@ -115,19 +140,19 @@ def optimizer_sharded_error(optim: str, backend_name: str) -> LoptError:
     )
 
 
-def refuse_unsharded_extras(config, backend_name: str) -> None:
+def refuse_unsharded_extras(settings: StepSettings, backend_name: str) -> None:
     """What the sharded backends (FSDP2, ZeRO) refuse at construction: LoRA adapters, 8-bit optimizer state, block
     steps and the KL reference model are data-parallel only (the replicated backend, torchrun)."""
-    if config.use_peft:
+    if settings.use_peft:
         raise adapters_sharded_error(backend_name)
-    if config.optim != "adamw_torch":
-        raise optimizer_sharded_error(config.optim, backend_name)
-    if getattr(config, "block_step", False):
+    if settings.optim != "adamw_torch":
+        raise optimizer_sharded_error(settings.optim, backend_name)
+    if settings.lopt is not None and settings.lopt.block_step:
         raise LoptError(
             f"--block_step under {backend_name}: a block's step would need its sharded gradients reduced and its "
             "optimizer shard stepped on its own; launch with torchrun (data parallel), or drop --block_step."
         )
-    if getattr(config, "kl_beta", 0.0) > 0:
+    if settings.kl_beta > 0:
         raise LoptError(
             f"--kl_beta under {backend_name}: the frozen starting model would be a full unsharded copy on every "
             "process, which defeats the sharding; launch with torchrun (data parallel), where --use_peft makes the "

@@ -24,7 +24,6 @@ processes (training_state.pt records both and a mismatch is refused before train
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -32,11 +31,17 @@ from pathlib import Path
 
 import torch
 
-from lopt.config import SFTConfig
 from lopt.errors import LoptError, unsupported_setting
 from lopt.models.local_learning import LocalLearningLM
 from lopt.parallel import distributed
-from lopt.parallel.backend import FiniteCheck, FullState, ParallelBackend, refuse_unsharded_extras, split_full_weights
+from lopt.parallel.backend import (
+    FiniteCheck,
+    FullState,
+    ParallelBackend,
+    StepSettings,
+    refuse_unsharded_extras,
+    split_full_weights,
+)
 
 ZERO_CONFIGS = "configs/accelerate_deepspeed_zero2.yaml or configs/accelerate_deepspeed_zero3.yaml"
 ENGINE_FOLDER = "deepspeed"  # inside checkpoint-N/: DeepSpeed's partitioned optimizer state
@@ -50,7 +55,7 @@ class ZeroSettings:
 _refuse = functools.partial(unsupported_setting, see=ZERO_CONFIGS)
 
 
-def zero_settings_from_environment(config: SFTConfig) -> ZeroSettings | None:
+def zero_settings_from_environment(step: StepSettings) -> ZeroSettings | None:
     """What `accelerate launch` asks for: None (no DeepSpeed), ZeRO settings, or a LoptError."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").strip().lower() not in ("1", "true"):
         return None
@@ -103,19 +108,19 @@ def zero_settings_from_environment(config: SFTConfig) -> ZeroSettings | None:
             "Set zero3_init_flag: false",
         )
     accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
-    if accumulation and int(accumulation) != config.gradient_accumulation_steps:
+    if accumulation and int(accumulation) != step.gradient_accumulation_steps:
         raise LoptError(
             f"gradient_accumulation_steps: {accumulation} in the accelerate config differs from "
-            f"--gradient_accumulation_steps {config.gradient_accumulation_steps}. Remove it from the "
+            f"--gradient_accumulation_steps {step.gradient_accumulation_steps}. Remove it from the "
             "config (lopt's flag decides) or pass the same value."
         )
     clipping = os.environ.get("ACCELERATE_GRADIENT_CLIPPING")
-    if clipping and float(clipping) != config.max_grad_norm:
+    if clipping and float(clipping) != step.max_grad_norm:
         raise LoptError(
             f"gradient_clipping: {clipping} in the accelerate config differs from --max_grad_norm "
-            f"{config.max_grad_norm}. Remove it from the config (lopt's flag decides) or pass the same value."
+            f"{step.max_grad_norm}. Remove it from the config (lopt's flag decides) or pass the same value."
         )
-    if config.fp16:
+    if step.fp16:
         raise LoptError(
             "--fp16 is not supported with DeepSpeed: its loss scaling is not verified with local backward. "
             "Use --bf16 (no loss scaling needed)."
@@ -123,13 +128,13 @@ def zero_settings_from_environment(config: SFTConfig) -> ZeroSettings | None:
     return ZeroSettings(stage=int(stage))
 
 
-def deepspeed_config(settings: ZeroSettings, config: SFTConfig, dtype: torch.dtype) -> dict:
+def deepspeed_config(settings: ZeroSettings, step: StepSettings, dtype: torch.dtype) -> dict:
     return {
-        "train_micro_batch_size_per_gpu": config.per_device_train_batch_size,
-        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "train_micro_batch_size_per_gpu": step.per_device_train_batch_size,
+        "gradient_accumulation_steps": step.gradient_accumulation_steps,
         "managed_gradient_accumulation": False,  # see the module docstring
         "zero_optimization": {"stage": settings.stage},
-        "gradient_clipping": config.max_grad_norm,  # 0 turns clipping off, as --max_grad_norm 0 does
+        "gradient_clipping": step.max_grad_norm,  # 0 turns clipping off, as --max_grad_norm 0 does
         "bf16": {"enabled": dtype == torch.bfloat16},  # DeepSpeed then keeps float32 master weights
         "steps_per_print": 2**31 - 1,  # lopt reports progress itself
     }
@@ -177,13 +182,13 @@ class DeepSpeedBackend(ParallelBackend):
     """
 
     def __init__(
-        self, device: torch.device, settings: ZeroSettings, config: SFTConfig, extra_config: dict | None = None
+        self, device: torch.device, settings: ZeroSettings, step: StepSettings, extra_config: dict | None = None
     ):
         super().__init__(device)
-        self.settings, self.config, self.extra_config = settings, config, extra_config or {}
+        self.settings, self.step_settings, self.extra_config = settings, step, extra_config or {}
         self.name = f"DeepSpeed ZeRO-{settings.stage}"
-        refuse_unsharded_extras(config, self.name)
-        if getattr(config, "clip_per_block", False):
+        refuse_unsharded_extras(step, self.name)
+        if step.lopt is not None and step.lopt.clip_per_block:
             raise LoptError(
                 f"--clip_per_block under {self.name}: DeepSpeed clips by the global norm inside its own step; launch "
                 "with torchrun (data parallel) or the FSDP2 config, or drop --clip_per_block."
@@ -192,7 +197,7 @@ class DeepSpeedBackend(ParallelBackend):
 
     def prepare_optimizer(self, model: LocalLearningLM, optimizer: torch.optim.Optimizer) -> None:
         dtype = next(model.parameters()).dtype  # the weights' dtype decides DeepSpeed's bf16 mode
-        config = {**deepspeed_config(self.settings, self.config, dtype), **self.extra_config}
+        config = {**deepspeed_config(self.settings, self.step_settings, dtype), **self.extra_config}
         self.engine, self.model = initialize(model, optimizer, config), model
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -267,31 +272,6 @@ def release_module_stack(model: LocalLearningLM) -> None:
     if isinstance(stack, list):
         ours = {id(module) for module in model.modules()}
         stack[:] = [module for module in stack if id(module) not in ours]
-
-
-def destroy_process_group() -> None:
-    """Destroy torch's process groups, and what DeepSpeed keeps of them (distributed.shutdown calls it once DeepSpeed
-    is imported, by lopt or by transformers or accelerate wherever it is installed).
-
-    Besides the groups deepspeed.utils.groups keeps in module globals (released by deepspeed.comm's destroy),
-    TorchBackend.barrier and monitored_barrier (deepspeed.comm.torch, 0.19.8) take torch's world group as it is when
-    DeepSpeed is imported as their default `group`: imported after the group was made, they would keep it, and its
-    threads, alive until the process exits. None, their default when imported before, means the world group to both.
-    """
-    from deepspeed import comm
-
-    backend = importlib.import_module("deepspeed.comm.torch")  # the attribute `torch` of deepspeed.comm is torch
-    for name in ("barrier", "monitored_barrier"):
-        function = getattr(getattr(backend, "TorchBackend", None), name, None)
-        defaults = getattr(function, "__defaults__", None)
-        if defaults and any(isinstance(value, torch.distributed.ProcessGroup) for value in defaults):
-            function.__defaults__ = tuple(
-                None if isinstance(value, torch.distributed.ProcessGroup) else value for value in defaults
-            )
-    if comm.is_initialized():  # torch's groups, then DeepSpeed's references to them
-        comm.destroy_process_group()
-    else:
-        torch.distributed.destroy_process_group()
 
 
 def check_resumable(checkpoint: Path, saved: dict | None, now: dict | None) -> None:

@@ -10,6 +10,7 @@ describes (`init_from_environment`), the few collectives lopt makes itself, and 
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import sys
 import tempfile
@@ -81,12 +82,35 @@ def shutdown() -> None:
     if fsdp is not None:
         fsdp.release_process_groups()
     if "deepspeed.comm" in sys.modules:  # imported by lopt, or by transformers or accelerate wherever it is installed
-        from lopt.parallel.deepspeed import destroy_process_group
-
-        destroy_process_group()
+        destroy_deepspeed_process_groups()
     else:
         dist.destroy_process_group()
     gc.collect()
+
+
+def destroy_deepspeed_process_groups() -> None:
+    """Destroy torch's process groups, and what DeepSpeed keeps of them (`shutdown` calls it once DeepSpeed is
+    imported, by lopt or by transformers or accelerate wherever it is installed, whichever backend the run used).
+
+    Besides the groups deepspeed.utils.groups keeps in module globals (released by deepspeed.comm's destroy),
+    TorchBackend.barrier and monitored_barrier (deepspeed.comm.torch, 0.19.8) take torch's world group as it is when
+    DeepSpeed is imported as their default `group`: imported after the group was made, they would keep it, and its
+    threads, alive until the process exits. None, their default when imported before, means the world group to both.
+    """
+    from deepspeed import comm
+
+    backend = importlib.import_module("deepspeed.comm.torch")  # the attribute `torch` of deepspeed.comm is torch
+    for name in ("barrier", "monitored_barrier"):
+        function = getattr(getattr(backend, "TorchBackend", None), name, None)
+        defaults = getattr(function, "__defaults__", None)
+        if defaults and any(isinstance(value, torch.distributed.ProcessGroup) for value in defaults):
+            function.__defaults__ = tuple(
+                None if isinstance(value, torch.distributed.ProcessGroup) else value for value in defaults
+            )
+    if comm.is_initialized():  # torch's groups, then DeepSpeed's references to them
+        comm.destroy_process_group()
+    else:
+        torch.distributed.destroy_process_group()
 
 
 def world_size() -> int:

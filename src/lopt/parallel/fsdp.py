@@ -44,11 +44,10 @@ try:  # FSDP2's public API; lopt's unsharded training also runs on torch release
 except ImportError:
     FSDPModule = DTensor = None
 
-from lopt.config import SFTConfig
 from lopt.errors import LoptError, unsupported_setting
 from lopt.models.local_learning import LocalLearningLM
 from lopt.parallel import distributed
-from lopt.parallel.backend import FullState, refuse_unsharded_extras, split_full_weights
+from lopt.parallel.backend import FullState, StepSettings, refuse_unsharded_extras, split_full_weights
 from lopt.parallel.replicated import ReplicatedBackend
 
 FSDP2_CONFIG = "configs/accelerate_fsdp2.yaml"
@@ -81,7 +80,7 @@ def _flag(name: str, default: str) -> bool:
 _refuse = functools.partial(unsupported_setting, see=FSDP2_CONFIG)
 
 
-def fsdp_settings_from_environment(config: SFTConfig) -> FSDPSettings | None:
+def fsdp_settings_from_environment(step: StepSettings) -> FSDPSettings | None:
     """What `accelerate launch` asks for: None (no FSDP), FSDP2 settings, or a LoptError.
 
     FSDP1 is refused rather than ignored: running replicated under a sharding config would silently
@@ -144,13 +143,13 @@ def fsdp_settings_from_environment(config: SFTConfig) -> FSDPSettings | None:
             "every parameter is sharded.",
             "Remove the setting",
         )
-    if config.backward != "local":
+    if step.lopt is not None and step.lopt.backward != "local":
         raise LoptError(
-            f"--backward {config.backward} is not supported with FSDP: its single backward reaches each "
+            f"--backward {step.lopt.backward} is not supported with FSDP: its single backward reaches each "
             "block's last layer through the local loss only, after FSDP has freed that layer's gathered "
             "weights. Use --backward local (the default; same gradients)."
         )
-    if config.fp16:
+    if step.fp16:
         raise LoptError(
             "--fp16 is not supported with FSDP: its loss scaler is not verified on sharded gradients. "
             "Use --bf16 (no loss scaling needed)."
@@ -228,9 +227,9 @@ class FSDPBackend(ReplicatedBackend):
 
     name = "FSDP2"
 
-    def __init__(self, device: torch.device, config: SFTConfig, settings: FSDPSettings):
-        super().__init__(device, config)
-        refuse_unsharded_extras(config, self.name)
+    def __init__(self, device: torch.device, step: StepSettings, settings: FSDPSettings):
+        super().__init__(device, step)
+        refuse_unsharded_extras(step, self.name)
         self.settings = settings
 
     def prepare_model(self, model: LocalLearningLM) -> None:

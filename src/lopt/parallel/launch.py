@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from lopt.config import SFTConfig
 from lopt.parallel import distributed
-from lopt.parallel.backend import ParallelBackend
+from lopt.parallel.backend import ParallelBackend, StepSettings
 from lopt.parallel.deepspeed import DeepSpeedBackend, zero_settings_from_environment
 from lopt.parallel.fsdp import FSDPBackend, fsdp_settings_from_environment
 from lopt.parallel.replicated import ReplicatedBackend
@@ -17,11 +17,12 @@ from lopt.parallel.replicated import ReplicatedBackend
 
 def backend_from_environment(config: SFTConfig) -> ParallelBackend:
     """Join the launcher's process group and return the backend for this process's device."""
-    fsdp = fsdp_settings_from_environment(config)  # None unless launched with accelerate's FSDP2 config
-    zero = zero_settings_from_environment(config)  # None unless launched with a DeepSpeed config
+    step = StepSettings.of(config)  # all a backend takes from the run's flags
+    fsdp = fsdp_settings_from_environment(step)  # None unless launched with accelerate's FSDP2 config
+    zero = zero_settings_from_environment(step)  # None unless launched with a DeepSpeed config
     device = distributed.init_from_environment("FSDP" if fsdp else "DeepSpeed" if zero else None)
     if fsdp is not None:
-        return FSDPBackend(device, config, fsdp)
+        return FSDPBackend(device, step, fsdp)
     if zero is not None:
-        return DeepSpeedBackend(device, zero, config)
-    return ReplicatedBackend(device, config)
+        return DeepSpeedBackend(device, zero, step)
+    return ReplicatedBackend(device, step)

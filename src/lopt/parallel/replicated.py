@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
-from lopt.config import RunConfig
 from lopt.models.local_learning import LocalLearningLM
-from lopt.parallel.backend import FiniteCheck, FullState, ParallelBackend
+from lopt.parallel.backend import FiniteCheck, FullState, ParallelBackend, StepSettings
 from lopt.parallel.deepspeed import check_resumable
 from lopt.parallel.distributed import all_reduce_gradients
 from lopt.training.optim import clip_gradients
@@ -31,12 +30,11 @@ from lopt.training.optim import clip_gradients
 class ReplicatedBackend(ParallelBackend):
     name = "replicated"
 
-    def __init__(self, device: torch.device, config: RunConfig):
+    def __init__(self, device: torch.device, settings: StepSettings):
         super().__init__(device)
-        self.max_grad_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-        # an SFT flag: other recipes' configs, and the plain namespaces of tests and the benchmark, lack it
-        self.clip_per_block = getattr(config, "clip_per_block", False)
-        self.fp16 = config.fp16
+        self.step_settings = settings  # `step` reads LoPT's clip_per_block there; `step_block` needs only these two
+        self.max_grad_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
+        self.fp16 = settings.fp16
         self.scaler: torch.amp.GradScaler | None = None
 
     def prepare_optimizer(self, model: LocalLearningLM, optimizer: torch.optim.Optimizer) -> None:
@@ -59,7 +57,8 @@ class ReplicatedBackend(ParallelBackend):
         self.reduce_gradients([p for block in blocks for p in block])
         if self.scaler:
             self.scaler.unscale_(optimizer)
-        block_norms = clip_gradients(blocks, self.max_grad_norm, self.clip_per_block)
+        lopt = self.step_settings.lopt
+        block_norms = clip_gradients(blocks, self.max_grad_norm, lopt is not None and lopt.clip_per_block)
         grad_norm = math.hypot(*block_norms)
         check(0.0 if self.scaler else grad_norm, step_taken=False)  # with fp16 the scaler skips inf steps itself
         if self.scaler:

@@ -12,18 +12,21 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from lopt.config import PolicyRLConfig, RLOOConfig
+from lopt.config.policy_rl import check_generation_batch
 from lopt.data.collate import build_prompt
 from lopt.data.presets import grpo_records, source_options, with_validation
+from lopt.data.tasks import get_task
 from lopt.errors import LoptError
 from lopt.models.reward_model import load_reward_model, tokenizer_note
 from lopt.output import console
 from lopt.recipes.registry import RECIPES
 from lopt.rewards import check_reward_arguments, completion_text
-from lopt.tasks import get_task, grpo_rewards
+from lopt.tasks import grpo_rewards
 from lopt.training.callbacks import Callback
 from lopt.training.run import build_model, weights_dtype
 from lopt.training.trl_integration import (
@@ -212,8 +215,16 @@ def build_grpo_trainer(config: PolicyRLConfig, out: Path, callbacks: Sequence[Ca
     return trainer
 
 
+def check_before_loading(config: PolicyRLConfig) -> None:
+    """What the flags alone cannot tell, checked before anything loads: the generation batches across this launch's
+    processes, and the rewards (--reward_funcs import, --reward_weights one per function)."""
+    check_generation_batch(config, int(os.environ.get("WORLD_SIZE", "1")))  # set by torchrun and accelerate launch
+    grpo_rewards(config)  # imports the user's reward modules
+
+
 def run_grpo(config: PolicyRLConfig, callbacks: Sequence[Callback] = ()) -> TRLRunResult:
     """A GRPO run, or an RLOO run for an RLOOConfig."""
+    check_before_loading(config)
     return run_trl_recipe(
         _recipe(config),
         config,

@@ -183,7 +183,7 @@ def _set_up(config: SFTConfig, task_loss: TaskLoss | None, listeners: list[Callb
         )
     steps_per_epoch = max(per_epoch // config.gradient_accumulation_steps, 1)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
-    optimizer = build_optimizer(model, config.learning_rate, config.lr_k1, config.weight_decay, config.optim)
+    optimizer = build_optimizer(model, config.learning_rate, weight_decay=config.weight_decay, optim=config.optim)
     scheduler = build_scheduler(optimizer, config.lr_scheduler_type, config.warmup_ratio, total_steps)
     backend.prepare_optimizer(model, optimizer)
     run = _Run(

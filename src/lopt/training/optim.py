@@ -5,29 +5,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from lopt.config.optimizers import OPTIMIZERS
 from lopt.errors import LoptError, unknown_choice
 
-if TYPE_CHECKING:  # the config imports OPTIMIZERS for --help, which must not wait for torch or transformers
+if TYPE_CHECKING:  # annotations only: each function imports torch where it runs
     import torch
 
     from lopt.models.local_learning import LocalLearningLM
-
-# `--optim`, by transformers' names for the same optimizers (TrainingArguments.optim), so a TRL user's value means
-# what it means there. The 8-bit ones keep AdamW's two moments block-wise quantized to 8 bits (bitsandbytes; tensors
-# under 4,096 elements keep 32-bit state): a quarter of the state's memory.
-OPTIMIZERS = {
-    "adamw_torch": "torch.optim.AdamW, 32-bit state (8 bytes per trainable parameter)",
-    "adamw_8bit": "bitsandbytes' AdamW8bit: 8-bit state (about 2 bytes per trainable parameter), CPU and CUDA",
-    "paged_adamw_8bit": "bitsandbytes' PagedAdamW8bit: the 8-bit state in CUDA unified memory, paged out to CPU RAM "
-    "when the GPU runs short (CUDA only)",
-}
 
 
 def optimizer_class(name: str, device_type: str) -> type[torch.optim.Optimizer]:
     """The optimizer `--optim name` builds on `device_type` ("cpu", "cuda"); a LoptError naming what can run instead."""
     import torch
 
-    if name not in OPTIMIZERS:
+    if name not in OPTIMIZERS:  # parse_config refuses it (the flag's choices); this is for direct callers
         raise unknown_choice("--optim", name, OPTIMIZERS)
     if name == "adamw_torch":
         return torch.optim.AdamW
@@ -52,10 +43,17 @@ def _no_decay(param: torch.nn.Parameter) -> bool:
 
 
 def build_optimizer(
-    model: LocalLearningLM, learning_rate: float, lr_k1: float | None, weight_decay: float, optim: str = "adamw_torch"
+    model: LocalLearningLM,
+    learning_rate: float,
+    lr_k1: float | None = None,
+    weight_decay: float = 0.0,
+    optim: str = "adamw_torch",
 ) -> torch.optim.Optimizer:
-    """Early blocks, embeddings and reconstruction heads train at `lr_k1` (default: `learning_rate`);
-    the final block, final norm and LM head at `learning_rate`. Each group is split by weight decay."""
+    """Early blocks, embeddings and reconstruction heads train at `lr_k1` (default: the wrapper's LoPT settings'
+    lr_k1, else `learning_rate`); the final block, final norm and LM head at `learning_rate`. Each group is split by
+    weight decay."""
+    if lr_k1 is None and model.settings is not None:
+        lr_k1 = model.settings.lr_k1
     rates = {"early": learning_rate if lr_k1 is None else lr_k1, "final": learning_rate}
     groups = []
     for name, params in model.parameter_groups().items():

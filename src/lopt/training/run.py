@@ -113,11 +113,7 @@ def wrap_model(
             # lopt checkpoints layers itself (enable_gradient_checkpointing below), so peft must not.
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = load_adapter(model, weights, trainable=True) if weights else add_lora(model, config)
-    num_blocks = config.num_blocks if config.canonical_method == "lopt" else 1
-    wrapped = LocalLearningLM(
-        model, num_blocks=num_blocks, lambda_aux=config.lambda_aux, early_blocks=config.early_blocks,
-        aux_loss=config.aux_loss,
-    )  # fmt: skip
+    wrapped = LocalLearningLM.from_settings(model, config.lopt)
     if not quantized:  # quantized weights were placed on the GPU by bitsandbytes and cannot move
         wrapped.to(device)
     if config.gradient_checkpointing:

@@ -45,7 +45,7 @@ class StepResult:
 def forward_backward(
     model: LocalLearningLM,
     micro_batches: list[dict[str, torch.Tensor]],
-    backward: str = "local",
+    backward: str | None = None,
     run_backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     task_loss: TaskLoss | None = None,
     lm_head_context: Callable[[], AbstractContextManager] = nullcontext,
@@ -59,9 +59,11 @@ def forward_backward(
     per-micro-batch mean, averaged over the window. `run_backward` back-propagates one loss (the
     parallel backend's: through the fp16 loss scaler or DeepSpeed's engine when they are used);
     `lm_head_context` is entered around the task loss and its backward (ZeRO-3 gathers the LM head's
-    weight there). `step_block(block)` (--block_step) runs right after each block's backward, the final block's
+    weight there). `backward` (local or joint) defaults to the wrapper's LoPT settings' (`model.backward_mode`).
+    `step_block(block)` (--block_step) runs right after each block's backward, the final block's
     after the task loss's: with local backward and one micro-batch, that block's gradients are final there.
     """
+    backward = backward or model.backward_mode
     if backward not in BACKWARD_MODES:
         raise unknown_choice("--backward", backward, BACKWARD_MODES)
     if step_block is not None and (backward != "local" or len(micro_batches) != 1):

@@ -46,20 +46,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lopt.errors import LoptError, unknown_choice
+from lopt.config.report_to import INSTALL, TRACKER_MODULES, parse_report_to
+from lopt.errors import LoptError
 from lopt.training.callbacks import Callback, RunInfo
 from lopt.training.metrics import EVAL_FIELDS, FIELDS, StepMetrics
 
 if TYPE_CHECKING:
     from lopt.config import RunConfig
-
-TRACKERS = {
-    "trackio": "Trackio, local-first (TRL's recommended tracker): a local database, `trackio show` to view",
-    "tensorboard": "TensorBoard event files in <output_dir>/runs/",
-    "wandb": "Weights & Biases, offline in <output_dir>/wandb/ unless WANDB_MODE says otherwise",
-}
-_MODULES = {"trackio": "trackio", "tensorboard": "tensorboard", "wandb": "wandb"}
-INSTALL = "pip install 'lopt[tracking]'"
 
 # Contract fields the Trainer logs itself, under these names; lopt keeps them (GRPO/DPO log them as TRL does).
 TRAINER_NAMES = ("epoch", "grad_norm")
@@ -73,26 +66,6 @@ CONFIG_TEXT = "lopt_config"  # TensorBoard's text tag for the run's config
 def lopt_key(field: str) -> str:
     """The name of a contract field in TRL's logs and in the trackers (without the `train/` prefix)."""
     return f"lopt/{field}"
-
-
-def parse_report_to(report_to: str | None) -> list[str]:
-    """The trackers `--report_to` names, checked: [] for `none`. Each must be known and installed."""
-    names = list(dict.fromkeys(name.strip() for name in (report_to or "none").split(",") if name.strip()))
-    if names in ([], ["none"]):
-        return []
-    if "none" in names:
-        raise LoptError(f"--report_to {report_to}: 'none' cannot be combined with trackers; pass one or the other.")
-    for name in names:
-        if name not in TRACKERS:
-            options = {"none": "no tracker (the default)", **TRACKERS}
-            raise unknown_choice("--report_to tracker", name, options, "Pass several separated by commas.")
-    missing = [name for name in names if importlib.util.find_spec(_MODULES[name]) is None]
-    if missing:
-        raise LoptError(
-            f"--report_to {','.join(missing)}: {' and '.join(_MODULES[m] for m in missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} not installed. Install the trackers with: {INSTALL}"
-        )
-    return names
 
 
 def tracker_names(output_dir: str | os.PathLike) -> tuple[str, str]:
@@ -127,7 +100,7 @@ def tracker_scalars(metrics: StepMetrics) -> dict[str, float]:
 
 def import_tracker(name: str, module: str | None = None):
     """The library of tracker `name` (or its `module`), imported now; a broken install raises LoptError."""
-    module = module or _MODULES[name]
+    module = module or TRACKER_MODULES[name]
     try:
         return importlib.import_module(module)
     except ImportError as error:

@@ -59,6 +59,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from lopt.config import RunConfig, eval_steps, validates
+from lopt.config.report_to import TRACKERS, parse_report_to
 from lopt.errors import LoptError
 from lopt.models.local_learning import LocalLearningLM
 from lopt.output import console, phase, plural
@@ -86,11 +87,9 @@ from lopt.training.trackers import (
     AUX_LOSS_KEY,
     BLOCK_GRAD_NORM_KEY,
     CONFIG_TEXT,
-    TRACKERS,
     config_text,
     import_tracker,
     lopt_key,
-    parse_report_to,
     start_wandb,
     tracker_names,
 )
@@ -175,20 +174,9 @@ class _ContractClock(TrainerCallback):
 class LoptTrainerMixin:
     """Put before a TRL trainer class: ``class LoptGRPOTrainer(LoptTrainerMixin, GRPOTrainer)``."""
 
-    def __init__(
-        self,
-        *args,
-        lopt: LocalLearningLM,
-        backward: str = "local",
-        lr_k1: float | None = None,
-        clip_per_block: bool = False,
-        save_total_limit: int | None = None,
-        **kwargs,
-    ):
-        self.lopt = lopt
-        self.lopt_backward = backward
-        self.lopt_lr_k1 = lr_k1
-        self.lopt_clip_per_block = clip_per_block
+    def __init__(self, *args, lopt: LocalLearningLM, save_total_limit: int | None = None, **kwargs):
+        self.lopt = lopt  # the wrapper, with LoPT's settings (`lopt.settings`, None for E2E)
+        self.lopt_backward = lopt.backward_mode
         self.block_grad_norms: list[float] | None = None  # the last optimizer step's, block 1 first
         self.lopt_save_total_limit = save_total_limit
         self.saved_meter = SavedTensorMeter(lopt.parameters())
@@ -200,7 +188,7 @@ class LoptTrainerMixin:
         self.lopt_optim = getattr(self.args.optim, "value", self.args.optim)  # transformers keeps an enum member
         if sharded and self.lopt_optim != "adamw_torch":
             raise optimizer_sharded_error(self.lopt_optim, self.accelerator.distributed_type.value)
-        if lopt.num_blocks > 1 and sharded:
+        if lopt.settings is not None and sharded:
             # training_step averages whole gradients across processes, which assumes every process
             # holds the whole model (data parallel); sharded gradients would be averaged wrongly.
             raise LoptError(
@@ -271,7 +259,7 @@ class LoptTrainerMixin:
         stop_unless_finite(values, self.state.global_step + 1)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        lopt = self.lopt.num_blocks > 1
+        lopt = self.lopt.settings is not None
         # DistributedDataParallel expects one backward per forward and all-reduces during it; local
         # backward runs one per block, and the heads are not in DDP's module at all. So for LoPT DDP
         # never syncs, and the gradients are averaged below instead (a no-op on one process).
@@ -286,12 +274,12 @@ class LoptTrainerMixin:
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             self.optimizer = build_optimizer(
-                self.lopt, self.args.learning_rate, self.lopt_lr_k1, self.args.weight_decay, self.lopt_optim
+                self.lopt, self.args.learning_rate, weight_decay=self.args.weight_decay, optim=self.lopt_optim
             )
         return self.optimizer
 
     def _clip_grad_norm(self, model):
-        if self.lopt.num_blocks == 1:  # E2E: accelerate's clip, which FSDP and DeepSpeed need; one block's norm
+        if self.lopt.settings is None:  # E2E: accelerate's clip, which FSDP and DeepSpeed need; one block's norm
             norm = self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
             self.block_grad_norms = None if norm is None else [float(norm)]
             return norm
@@ -299,7 +287,7 @@ class LoptTrainerMixin:
         # (outside the model TRL trains) with theirs; fp16's loss scale comes off first, as accelerate's clip does.
         self.accelerator.unscale_gradients()
         self.block_grad_norms = clip_gradients(
-            self.lopt.block_parameters(), self.args.max_grad_norm, self.lopt_clip_per_block
+            self.lopt.block_parameters(), self.args.max_grad_norm, self.lopt.settings.clip_per_block
         )
         return torch.tensor(math.hypot(*self.block_grad_norms))
 
@@ -513,9 +501,8 @@ def build_lopt_trainer(trainer_class, config: RunConfig, wrapper: LocalLearningL
     refused by name."""
     try:
         trainer = trainer_class(
-            model=wrapper.model, args=args, lopt=wrapper, backward=config.backward, lr_k1=config.lr_k1,
-            clip_per_block=config.clip_per_block, save_total_limit=config.save_total_limit, **trl_kwargs,
-        )  # fmt: skip
+            model=wrapper.model, args=args, lopt=wrapper, save_total_limit=config.save_total_limit, **trl_kwargs
+        )
     except (ValueError, ImportError, TypeError) as error:  # TRL's checks of the settings and the data
         trl_name = next(c.__name__ for c in trainer_class.__mro__[1:] if c.__module__.startswith("trl."))
         raise LoptError(f"TRL's {trl_name} rejected these settings or data: {error}") from error

@@ -1,0 +1,56 @@
+"""The flags of the recipes trained on preference pairs: DPO (TRL's DPOTrainer) and reward models (RewardTrainer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from lopt.config.fields import option
+from lopt.config.schema import RunConfig
+
+
+@dataclass
+class PreferenceConfig(RunConfig):
+    """What the recipes trained on preference pairs share (DPO, reward models): the pair data and its validation."""
+
+    AT_LEAST_ONE: ClassVar[tuple[str, ...]] = RunConfig.AT_LEAST_ONE + ("max_seq_length",)
+    BEST_MODEL_METRICS: ClassVar[dict[str, bool]] = {
+        "eval_task_loss": False, "eval_reward_accuracy": True, "eval_reward_margin": True,
+    }  # fmt: skip
+    PRESETS_HELP: ClassVar[str] = (
+        "gsm-symbolic-pairs, gsm-symbolic-reasoning-pairs (synthetic, offline), hh-rlhf, ultrafeedback (hub)"
+    )
+
+    dataset_preset: str = option("gsm-symbolic-pairs", f"preference preset: {PRESETS_HELP}")
+    max_seq_length: int = option(1024, "truncate prompt + answer to this many tokens")
+
+
+@dataclass
+class DPOConfig(PreferenceConfig):
+    """DPO with TRL's DPOTrainer; the reference model is the frozen starting model."""
+
+    learning_rate: float = option(1e-6, "learning rate of the final block, final norm and LM head (all of E2E)")
+    metric_for_best_model: str = option(
+        "eval_task_loss",
+        "validation metric that decides the best model: eval_task_loss (the DPO loss, lower is better), "
+        "eval_reward_accuracy or eval_reward_margin (higher is better)",
+    )
+    beta: float = option(0.1, "DPO temperature: how far the policy may move from the reference model")
+    loss_type: str = option("sigmoid", "TRL's DPO loss: sigmoid, ipo, hinge, ... (passed through)")
+
+
+@dataclass
+class RMConfig(PreferenceConfig):
+    """A reward model with TRL's RewardTrainer: a one-score head on the model, Bradley-Terry loss on pairs."""
+
+    learning_rate: float = option(1e-5, "learning rate of the final block, final norm and score head (all of E2E)")
+    metric_for_best_model: str = option(
+        "eval_reward_accuracy",
+        "validation metric that decides the best model: eval_reward_accuracy or eval_reward_margin (higher is "
+        "better), eval_task_loss (the pairwise loss, lower is better)",
+    )
+    dataset_preset: str = option("gsm-symbolic-reasoning-pairs", f"preference preset: {PreferenceConfig.PRESETS_HELP}")
+    max_seq_length: int = option(1024, "pairs whose prompt + answer is longer than this many tokens are left out")
+    center_rewards_coefficient: float | None = option(
+        None, "weight of a penalty on the mean squared reward, which keeps rewards centred on 0 (TRL's; off: None)"
+    )
