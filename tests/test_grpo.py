@@ -16,8 +16,8 @@ from lopt.data.presets import grpo_records
 from lopt.errors import LoptError
 from lopt.recipes.grpo import build_grpo_trainer, check_before_loading, prepare_prompts, run_grpo
 from lopt.recipes.registry import RECIPES
+from lopt.recipes.trl.arguments import trl_arguments
 from lopt.training.metrics import contract_errors
-from lopt.training.trl_integration import trl_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,7 +168,7 @@ def test_flags_trl_does_not_know_are_reported_once(model_dir, tmp_path, caplog):
     from trl import GRPOConfig as TRLGRPOConfig
 
     config = grpo_config(model_dir, tmp_path / "x")
-    with caplog.at_level(logging.WARNING, logger="lopt.training.trl_integration"):
+    with caplog.at_level(logging.WARNING, logger="lopt.recipes.trl.arguments"):
         args = trl_arguments(TRLGRPOConfig, config, num_generations=2, not_a_trl_setting=3)
     reports = [r.getMessage() for r in caplog.records if "not_a_trl_setting" in r.getMessage()]
     assert len(reports) == 1 and "--not_a_trl_setting" in reports[0]

@@ -18,10 +18,10 @@ from lopt.config import DPOConfig, SFTConfig, parse_config, report_to
 from lopt.errors import LoptError
 from lopt.recipes.dpo import run_dpo
 from lopt.recipes.sft import run_sft
+from lopt.recipes.trl.arguments import trl_arguments
 from lopt.training import trackers
 from lopt.training.metrics import StepMetrics
 from lopt.training.trackers import parse_report_to, tracker_callbacks, tracker_names, tracker_scalars
-from lopt.training.trl_integration import trl_arguments
 from test_dpo import dpo_flags
 from tiny_data import sft_args
 

@@ -11,7 +11,8 @@ from dataclasses import field
 
 
 def option(default, help: str, **extra):
-    """A flag's field: its default and help (`extra`: `choices`, or `secret` for a value never recorded)."""
+    """A flag's field: its default and help (`extra`: `choices`; `secret` for a value never recorded; `group`, the
+    section of `--help` a recipe's own flag goes in when FLAG_GROUPS does not list it)."""
     return field(default=default, metadata={"help": help, **extra})
 
 

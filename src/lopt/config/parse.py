@@ -17,26 +17,31 @@ from lopt.errors import LoptError, did_you_mean
 
 
 def build_parser(cls=SFTConfig, prog: str = "lopt sft", description: str = "") -> argparse.ArgumentParser:
-    """An argparse parser with one flag per config field, in the sections of FLAG_GROUPS; unset flags stay absent
-    (not defaulted)."""
+    """An argparse parser with one flag per config field, in the sections of FLAG_GROUPS (a recipe's own flag may
+    name its section in its field: `option(..., group=...)`, after the section's listed flags); unset flags stay
+    absent (not defaulted)."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False
     )
     fields = flag_fields(cls)
-    names = {f.name for f in fields}
-    groups = {}
-    for title, members in FLAG_GROUPS.items():
-        if names & set(members):
-            group = parser.add_argument_group(title)
-            groups.update(dict.fromkeys(members, group))
+    titles = {
+        f.name: f.metadata.get("group")
+        or next((title for title, names in FLAG_GROUPS.items() if f.name in names), None)
+        for f in fields
+    }
+    groups = {title: parser.add_argument_group(title) for title in FLAG_GROUPS if title in titles.values()}
     parser.add_argument_group("distributed", DISTRIBUTED_HELP)
     listed = [name for members in FLAG_GROUPS.values() for name in members]
-    for f in sorted(fields, key=lambda f: listed.index(f.name) if f.name in listed else -1):  # as FLAG_GROUPS lists
+
+    def position(f) -> int:  # as FLAG_GROUPS lists them; a flag in no section first (under "options")
+        return listed.index(f.name) if f.name in listed else len(listed) if titles[f.name] else -1
+
+    for f in sorted(fields, key=position):
         kind = value_type(f)
         help_text = f.metadata["help"]
         if "(default:" not in help_text:  # a help that explains its default says it once
             help_text += f" (default: {f.default})"
-        section = groups.get(f.name, parser)
+        section = groups[titles[f.name]] if titles[f.name] else parser
         if kind is bool:
             section.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
         else:

@@ -74,6 +74,9 @@ class PolicyRLConfig(RunConfig):
     )
     use_vllm: bool = option(False, "generate with vLLM (needs vllm installed and a GPU)")
 
+    def check_own_flags(self) -> None:
+        validate_policy_rl(self)
+
 
 @dataclass
 class GRPOConfig(PolicyRLConfig):

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from lopt.config.fields import option
 from lopt.config.schema import RunConfig
+from lopt.errors import LoptError
 
 
 @dataclass
@@ -54,3 +55,12 @@ class RMConfig(PreferenceConfig):
     center_rewards_coefficient: float | None = option(
         None, "weight of a penalty on the mean squared reward, which keeps rewards centred on 0 (TRL's; off: None)"
     )
+
+    def check_own_flags(self) -> None:
+        if self.use_peft:
+            raise LoptError(
+                "--use_peft with lopt rm: the score head is new and must train in full beside the adapters, which "
+                "lopt's adapter checkpoints do not hold yet; train the reward model without --use_peft (it is the size "
+                "of the policy), or with --method lopt to cut its activation memory."
+            )
+

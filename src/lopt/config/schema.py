@@ -137,6 +137,9 @@ class RunConfig(ValidationFlags, DataFlags, AdapterFlags, MethodFlags, ModelFlag
     # which fields the user set (YAML or CLI); not a flag
     explicit: frozenset = field(default=frozenset(), repr=False, metadata={"internal": True})
 
+    def check_own_flags(self) -> None:
+        """The checks of the flags a recipe's config adds (none here): `validate` calls it after the shared ones."""
+
     def to_json(self) -> dict[str, Any]:
         """The flags' values, as training_args.json and the trackers record them; secrets (the hub token) left out."""
         kept = [f for f in dataclasses.fields(self) if not (f.metadata.get("internal") or f.metadata.get("secret"))]

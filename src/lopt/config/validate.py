@@ -6,7 +6,6 @@ from __future__ import annotations
 from lopt.config.adapters import validate_adapters
 from lopt.config.fields import flag_fields
 from lopt.config.method import METHODS, validate_block_step, validate_clip_per_block, validate_method
-from lopt.config.policy_rl import PolicyRLConfig, validate_policy_rl
 from lopt.config.report_to import parse_report_to
 from lopt.config.validation import validate_validation
 from lopt.errors import LoptError, unknown_choice
@@ -51,8 +50,7 @@ def validate(config) -> None:
         raise LoptError(f"--kl_beta must be >= 0 (0 turns the KL term off), got {config.kl_beta}.")
     if getattr(config, "kl_beta", 0.0) > 0 and config.liger:
         raise LoptError("--kl_beta computes the LM head chunk by chunk itself; drop --liger to use it.")
-    if isinstance(config, PolicyRLConfig):
-        validate_policy_rl(config)
+    config.check_own_flags()
     parse_report_to(config.report_to)  # named and installed, before anything loads
     if not config.output_dir:
         raise LoptError("--output_dir is required: the folder where the run writes its model, metrics and checkpoints.")

@@ -1,7 +1,7 @@
 """GRPO and RLOO, end-to-end or with LoPT, on TRL's GRPOTrainer and RLOOTrainer (a group of completions sampled from
 the current policy for each prompt, each scored against the others of its group).
 
-How LoPT enters TRL is in training/trl_integration.py; this module adds what the two share: the prompts with a
+How LoPT enters TRL is in recipes/trl/; this module adds what the two share: the prompts with a
 verifiable answer, the rewards (the task's, your functions, a reward model from `lopt rm`), and `completions.jsonl`
 (sample completions with each reward's score, for the dashboard). They differ in TRL's trainer and its loss only:
 GRPO's clipped, group-normalized objective (--loss_type), RLOO's leave-one-out baseline with the KL in the reward.
@@ -25,19 +25,14 @@ from lopt.errors import LoptError
 from lopt.models.reward_model import load_reward_model, tokenizer_note
 from lopt.output import console
 from lopt.recipes.registry import RECIPES
+from lopt.recipes.trl.arguments import trl_arguments, validation_arguments
+from lopt.recipes.trl.bridge import add_lopt_callbacks
+from lopt.recipes.trl.mixin import LoptTrainerMixin
+from lopt.recipes.trl.runner import TRLRunResult, build_lopt_trainer, run_trl_recipe
 from lopt.rewards import check_reward_arguments, completion_text
 from lopt.tasks import grpo_rewards
 from lopt.training.callbacks import Callback
 from lopt.training.run import build_model, weights_dtype
-from lopt.training.trl_integration import (
-    LoptTrainerMixin,
-    TRLRunResult,
-    add_lopt_callbacks,
-    build_lopt_trainer,
-    run_trl_recipe,
-    trl_arguments,
-    validation_arguments,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +69,7 @@ def _trainer_and_config(config: PolicyRLConfig):
     )
 
     class LoptPolicyTrainer(LoptTrainerMixin, base):
-        """TRL's trainer with LoPT (training/trl_integration.py) that also writes each scored completion to a file."""
+        """TRL's trainer with LoPT (recipes/trl/) that also writes each scored completion to a file."""
 
         completions_path: Path | None = None
 

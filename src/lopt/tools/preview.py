@@ -200,7 +200,7 @@ def preview_dpo(config: DPOConfig, tokenizer, num_examples: int) -> tuple[list[_
     from trl import DPOTrainer
 
     from lopt.data.presets import preference_records, source_options
-    from lopt.training.trl_integration import trl_arguments
+    from lopt.recipes.trl.arguments import trl_arguments
 
     records = preference_records(config.dataset_preset, **source_options(config))
     args = trl_arguments(

@@ -1,7 +1,7 @@
 """Listeners of a training run: what the loop tells, and the listeners lopt ships.
 
 The SFT loop calls these events itself; the TRL recipes (GRPO, DPO) reach them through
-`TRLBridge` in trl_integration.py, which turns TRL's `TrainerCallback` events into the same calls.
+`TRLBridge` in recipes/trl/bridge.py, which turns TRL's `TrainerCallback` events into the same calls.
 The progress bar and the metrics file are listeners like any other, so a dashboard or a tracker is
 one more `Callback` in the list, with no change to any loop.
 

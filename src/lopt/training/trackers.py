@@ -6,7 +6,7 @@ tracker gets every field of the metrics contract (training/metrics.py) at each l
 run config (`config.to_json()`) as the run's config. Two entry points:
 
 - `tracker_callbacks(report_to, config)`: the SFT loop's listeners, one `Callback` per tracker.
-- `trl_arguments` (trl_integration.py) passes the names to TRL as its `report_to`, so GRPO and DPO log
+- `trl_arguments` (recipes/trl/arguments.py) passes the names to TRL as its `report_to`, so GRPO and DPO log
   through transformers' own integrations (every metric TRL logs, completion tables included). lopt's
   trainer mixin adds the contract's fields TRL does not log to TRL's logs, and `trl_reporting` there
   (around `trainer.train()`) starts wandb where lopt keeps it and adds lopt's config to each tracker's.
