@@ -1,4 +1,5 @@
-"""The flags of the recipes trained on preference pairs: DPO (TRL's DPOTrainer) and reward models (RewardTrainer)."""
+"""The flags of the recipes trained on preference data: DPO (TRL's DPOTrainer), reward models (RewardTrainer) and KTO
+(KTOTrainer, on the answers of the pairs unpaired)."""
 
 from __future__ import annotations
 
@@ -64,3 +65,36 @@ class RMConfig(PreferenceConfig):
                 "of the policy), or with --method lopt to cut its activation memory."
             )
 
+
+@dataclass
+class KTOConfig(PreferenceConfig):
+    """KTO with TRL's KTOTrainer: each answer of the preference data is an unpaired example, desirable (the chosen
+    one) or undesirable (the rejected one); the reference model is the frozen starting model."""
+
+    BEST_MODEL_METRICS: ClassVar[dict[str, bool]] = {"eval_task_loss": False, "eval_reward_margin": True}
+
+    learning_rate: float = option(1e-6, "learning rate of the final block, final norm and LM head (all of E2E)")
+    metric_for_best_model: str = option(
+        "eval_task_loss",
+        "validation metric that decides the best model: eval_task_loss (the KTO loss, lower is better) or "
+        "eval_reward_margin (higher is better)",
+    )
+    beta: float = option(0.1, "KTO temperature: how far the policy may move from the reference model")
+    loss_type: str = option(
+        "kto", "TRL's KTO loss: kto, or apo_zero_unpaired (passed through)", choices=["kto", "apo_zero_unpaired"]
+    )
+    desirable_weight: float = option(
+        1.0, "weight of the desirable (chosen) answers' losses (TRL's)", group="optimization"
+    )
+    undesirable_weight: float = option(
+        1.0, "weight of the undesirable (rejected) answers' losses (TRL's)", group="optimization"
+    )
+
+    def check_own_flags(self) -> None:
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, name) <= 0:
+                raise LoptError(
+                    f"--{name} must be above 0, got {getattr(self, name)}; TRL suggests weights that make "
+                    "desirable_weight x desirable examples about undesirable_weight x undesirable ones (1 and 1 for "
+                    "the answers of preference pairs)."
+                )

@@ -27,6 +27,7 @@ from lopt.config import (
     RunConfig,
     SFTConfig,
 )
+from lopt.config.preference import KTOConfig
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,12 @@ DPO_COLUMNS = {
     "reward_chosen": Column("mean implicit reward of the chosen answers", "rewards/chosen"),
     "reward_rejected": Column("mean implicit reward of the rejected answers", "rewards/rejected"),
 }
+KTO_COLUMNS = {
+    "reward_chosen": Column("mean implicit reward of the desirable answers", "rewards/chosen"),
+    "reward_rejected": Column("mean implicit reward of the undesirable answers", "rewards/rejected"),
+    "reward_margin": Column("reward_chosen minus reward_rejected", "rewards/margins"),
+    "kl": Column("KTO's estimate of KL(policy || reference), the reference point of its loss", "kl"),
+}
 RM_COLUMNS = {
     "reward_accuracy": Column("fraction of pairs the reward model scores chosen above rejected", "accuracy"),
     "reward_margin": Column("mean score of chosen minus rejected", "margin"),
@@ -230,6 +237,19 @@ RECIPES: dict[str, Recipe] = {
             eval_columns=_validated(RM_COLUMNS, "the validation pairs"),
             headline=ACCURACY_HEADLINE,
             scores=True,
+        ),
+        Recipe(
+            name="kto",
+            summary="KTO (TRL's KTOTrainer) on the answers of preference pairs, unpaired",
+            description="KTO on the answers of preference pairs, each desirable or undesirable (E2E or LoPT)",
+            config=KTOConfig,
+            run="lopt.recipes.kto:run_kto",
+            loss="KTO: TRL's loss on desirable and undesirable answers",
+            data="pairs",
+            result=FirstToLast("KTO loss"),
+            columns=KTO_COLUMNS,
+            eval_columns=_validated(KTO_COLUMNS, "the validation answers"),
+            headline=Headline("reward_margin", "reward margin", ".3f"),
         ),
     )
 }
