@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     # the recipes and their registry: leaves
     ("lopt.recipes",),
     # after training and watching: they read run folders and the registry
-    ("lopt.evaluation", "lopt.tools", "lopt.dashboard", "lopt.study", "lopt.reporting"),
+    ("lopt.evaluation", "lopt.tools", "lopt.dashboard", "lopt.study"),
     # the command
     ("lopt.cli",),
 ]
