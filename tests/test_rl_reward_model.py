@@ -13,7 +13,7 @@ from lopt.cli import main
 from lopt.config import RLOOConfig, parse_config
 from lopt.errors import LoptError
 from lopt.evaluation.reward_model import heldout_pairs, pairwise_accuracy
-from lopt.recipes.grpo import build_grpo_trainer
+from lopt.recipes.grpo import build_grpo_trainer, check_before_loading
 from lopt.recipes.registry import RECIPES
 from lopt.training.metrics import contract_errors
 from resume_check import assert_resumed_to, stop_after_checkpoint
@@ -112,7 +112,10 @@ def test_what_is_not_a_reward_model_is_refused_before_the_policy_loads(model_dir
         with pytest.raises(LoptError, match=message):
             build_grpo_trainer(_config(model_dir, tmp_path / "b", "--reward_model", str(broken)), tmp_path / "b")
     with pytest.raises(LoptError, match=r"--reward_weights 1 gives 1 weight\(s\) for 2 reward function\(s\)"):
-        _config(model_dir, tmp_path / "c", "--reward_model", str(reward_dir), "--reward_weights", "1")
+        # checked where the user's reward functions are imported: by the recipe, before anything loads
+        check_before_loading(
+            _config(model_dir, tmp_path / "c", "--reward_model", str(reward_dir), "--reward_weights", "1")
+        )
 
 
 def test_a_reward_model_with_another_tokenizer_is_said_to_re_tokenize(model_dir, reward_dir, tmp_path, capsys):
