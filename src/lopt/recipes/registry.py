@@ -28,6 +28,7 @@ from lopt.config import (
     SFTConfig,
 )
 from lopt.config.preference import KTOConfig
+from lopt.output import plural
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,9 @@ class Recipe:
         return "reward model" if self.scores else "model"
 
     def end_line(self, result) -> str:
-        steps = f"{result.steps} step{'s' if result.steps != 1 else ''}"
         return (
-            f"done: {steps} in {result.elapsed_s:.1f} s, {self.result(result)}; {self.made} saved to "
-            f"{result.output_dir}"
+            f"done: {plural(result.steps, 'step')} in {result.elapsed_s:.1f} s, {self.result(result)}; {self.made} "
+            f"saved to {result.output_dir}"
         )
 
     def trl_keys(self) -> dict[str, str]:
